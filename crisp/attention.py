@@ -1,0 +1,219 @@
+"""Top-k sparse attention, plugged into transformers' attention-function registry.
+
+Any model whose attention modules dispatch through ``ALL_ATTENTION_FUNCTIONS`` (BERT, DistilBERT,
+RoBERTa, ...) becomes sparse with ``attn_implementation="crisp"``: no modeling code is copied.
+
+Per attention module, crisp keeps three attributes (set with :func:`set_sparsity` and
+:func:`configure`): ``crisp_sparsity`` (float in [0, 1)), ``crisp_apply_in_eval`` (bool) and
+``crisp_track_stats`` (bool). The semantics are those of DESIGN.md: for every valid query row with
+``n`` valid keys, keep ``k = max(1, n - floor(s * n))`` keys with the highest pre-softmax scores,
+ties broken by key position, and give every other key -inf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "crisp"
+# floor(s * n) must not fall one short when s * n is an integer that floats round down (0.7 * 10).
+_FLOOR_EPS = 1e-6
+
+
+def kept_keys(n: torch.Tensor | int, sparsity: float) -> torch.Tensor | int:
+    """Number of keys kept out of ``n`` valid keys at ``sparsity``: ``max(1, n - floor(s * n))``."""
+    if isinstance(n, int):
+        return max(1, n - math.floor(n * sparsity + _FLOOR_EPS))
+    dropped = torch.floor(n.to(torch.float64) * sparsity + _FLOOR_EPS).to(n.dtype)
+    return (n - dropped).clamp_min(1)
+
+
+def valid_key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Boolean mask (True = key may be attended) from a boolean or additive float mask."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+def topk_keep_mask(scores: torch.Tensor, valid: torch.Tensor | None, sparsity: float) -> torch.Tensor:
+    """Boolean mask with exactly k kept keys per query row (see :func:`kept_keys`).
+
+    Ties are broken by key position (a stable descending sort), so exactly k keys survive even
+    when bf16 scores collide. Padding keys never survive.
+    """
+    num_keys = scores.size(-1)
+    if valid is None:
+        k: torch.Tensor | int = kept_keys(num_keys, sparsity)
+    else:
+        k = kept_keys(valid.sum(-1, keepdim=True), sparsity)
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(num_keys, device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    keep = rank < k
+    return keep if valid is None else keep & valid
+
+
+def _active_sparsity(module: nn.Module) -> float:
+    sparsity = getattr(module, "crisp_sparsity", 0.0)
+    if not module.training and not getattr(module, "crisp_apply_in_eval", True):
+        return 0.0
+    return sparsity
+
+
+@torch.no_grad()
+def _record_stats(module: nn.Module, probs: torch.Tensor, valid: torch.Tensor | None) -> None:
+    """Store [achieved sparsity, mean normalized entropy] over valid query rows, on the device.
+
+    No host synchronisation happens here; :func:`attention_stats` reads the numbers later.
+    """
+    probs = probs.float()
+    num_queries, num_keys = probs.shape[-2:]
+    if valid is None:
+        pairs = torch.ones_like(probs, dtype=torch.bool)
+    else:
+        pairs = valid.expand_as(probs)
+        if num_queries == num_keys:
+            # a padded query row is a padded token: its own key is masked on the diagonal
+            pairs = pairs & pairs.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    zero = (probs == 0) & pairs
+    achieved = zero.sum() / pairs.sum().clamp_min(1)
+    n = pairs.sum(-1)
+    entropy = -torch.special.xlogy(probs, probs).masked_fill(~pairs, 0).sum(-1)
+    rows = n > 1
+    normalized = entropy / torch.log(n.clamp_min(2).float())
+    mean_entropy = (normalized * rows).sum() / rows.sum().clamp_min(1)
+    module.crisp_stats = torch.stack([achieved, mean_entropy])
+
+
+def crisp_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with a top-k sparsifier; at sparsity 0 it computes exactly what eager does."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    valid = valid_key_mask(attention_mask)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            # the same number eager's additive mask puts there, so s=0 matches eager bit for bit
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+
+    sparsity = _active_sparsity(module)
+    if sparsity > 0:
+        keep = topk_keep_mask(scores.detach(), valid, sparsity)
+        scores = scores.masked_fill(~keep, float("-inf"))
+
+    probs = nn.functional.softmax(scores, dim=-1)
+    if getattr(module, "crisp_track_stats", True):
+        _record_stats(module, probs, valid)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def register() -> None:
+    """Register ``"crisp"`` with transformers (attention function and its mask format)."""
+    AttentionInterface.register(NAME, crisp_attention_forward)
+    # boolean masks (True = attend), materialised only when there is padding
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-level API
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of ``model`` in depth order (those that call the attention function).
+
+    They are the innermost modules whose class name ends in "Attention" and that carry the model
+    config through which transformers dispatches to the registry.
+    """
+    found = []
+    for module in model.modules():
+        if not type(module).__name__.endswith("Attention") or not hasattr(module, "config"):
+            continue
+        inner = [m for m in module.modules() if m is not module and type(m).__name__.endswith("Attention")]
+        if not inner:
+            found.append(module)
+    return found
+
+
+def _require_crisp(model: nn.Module) -> list[nn.Module]:
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if config is not None and implementation != NAME:
+        raise ValueError(
+            f"model uses attn_implementation={implementation!r}; load it with attn_implementation='crisp' "
+            "(or call model.set_attn_implementation('crisp')) so that sparsity takes effect"
+        )
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(f"no attention modules found in {type(model).__name__}")
+    return modules
+
+
+def check_sparsity(value: object, key: str = "sparsity") -> float:
+    """Return ``value`` as a float in [0, 1) or raise a ValueError naming key, value and range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
+        raise ValueError(f"{key}={value!r} is not allowed: it must be a number in [0, 1)")
+    return float(value)
+
+
+def set_sparsity(model: nn.Module, sparsity: float | Sequence[float]) -> list[float]:
+    """Set every attention layer's sparsity from one float or a per-layer list; returns the values."""
+    modules = _require_crisp(model)
+    if isinstance(sparsity, Sequence) and not isinstance(sparsity, str):
+        if len(sparsity) != len(modules):
+            raise ValueError(f"sparsity has {len(sparsity)} values but the model has {len(modules)} attention layers")
+        values = [check_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(sparsity)]
+    else:
+        values = [check_sparsity(sparsity)] * len(modules)
+    for module, value in zip(modules, values, strict=True):
+        module.crisp_sparsity = value
+    return values
+
+
+def configure(model: nn.Module, *, apply_in_eval: bool | None = None, track_stats: bool | None = None) -> None:
+    """Switch sparsity in eval mode and per-forward statistics on or off for every layer."""
+    for module in _require_crisp(model):
+        if apply_in_eval is not None:
+            module.crisp_apply_in_eval = bool(apply_in_eval)
+        if track_stats is not None:
+            module.crisp_track_stats = bool(track_stats)
+
+
+def get_sparsity(model: nn.Module) -> list[float]:
+    return [getattr(m, "crisp_sparsity", 0.0) for m in _require_crisp(model)]
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    achieved_sparsity: float
+    entropy: float
+
+
+def attention_stats(model: nn.Module) -> list[LayerStats]:
+    """Per layer: achieved sparsity and mean normalized entropy of the last forward that tracked stats."""
+    modules = _require_crisp(model)
+    missing = [i for i, m in enumerate(modules) if getattr(m, "crisp_stats", None) is None]
+    if missing:
+        raise RuntimeError(f"no attention statistics yet for layers {missing}: run a forward pass with stats tracked")
+    values = torch.stack([m.crisp_stats for m in modules]).tolist()  # one host sync for all layers
+    return [LayerStats(achieved_sparsity=a, entropy=h) for a, h in values]

@@ -1,0 +1,73 @@
+"""The per-run results file: ``results.json`` in the run's output directory.
+
+It is the only thing the report reads. Written atomically (temp file + rename), so a reader sees
+either the previous file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FILENAME = "results.json"
+SCHEMA_VERSION = 1
+COMPLETED, FAILED = "completed", "failed"
+
+# Keys that say where or how a run is watched, not what it computes: they stay out of the run_key.
+_NOT_IN_KEY = ("hydra", "logger", "paths", "report")
+
+
+def effective_strategy(strategy: str, sparsity: float) -> str:
+    """``sparsity=0`` is dense whatever the strategy."""
+    return "dense" if sparsity == 0 else strategy
+
+
+def run_key(config: dict[str, Any]) -> str:
+    """Stable hash of the effective config (without output paths, logging or the strategy of a dense run)."""
+    keyed = {k: v for k, v in config.items() if k not in _NOT_IN_KEY}
+    if keyed.get("sparsity") == 0 and isinstance(keyed.get("strategy"), dict):
+        keyed["strategy"] = {"name": "dense"}
+    blob = json.dumps(keyed, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    """The results in ``path`` (a file or a run directory), or None if there are none or they are unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_completed(run_dir: Path, key: str) -> bool:
+    """True when ``run_dir`` already holds a completed run with this run_key (so a resumed sweep skips it)."""
+    found = read(run_dir)
+    return bool(found) and found.get("status") == COMPLETED and found.get("run_key") == key
+
+
+def find_all(*dirs: Path) -> list[Path]:
+    """Every results.json below ``dirs``, sorted."""
+    return sorted({p for d in dirs for p in Path(d).rglob(FILENAME)})
