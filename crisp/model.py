@@ -1,0 +1,164 @@
+"""The LightningModule: a sequence classifier whose attention layers are sparsified by crisp."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn import functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy, BinaryF1Score
+from transformers import get_linear_schedule_with_warmup
+
+import crisp
+from crisp.attention import attention_modules
+from crisp.strategies import STRATEGIES
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class LayerStatsMeter:
+    """Mean of per-layer [achieved sparsity, entropy] over the batches that tracked them, kept on the device."""
+
+    def __init__(self):
+        self.total, self.count = None, 0
+
+    def update(self, modules) -> None:
+        stats = torch.stack([m.crisp_stats for m in modules])
+        self.total = stats if self.total is None else self.total + stats
+        self.count += 1
+
+    def compute(self) -> list[list[float]] | None:
+        if self.total is None:
+            return None
+        values = (self.total / self.count).tolist()
+        self.total, self.count = None, 0
+        return values
+
+
+class SparseClassifier(pl.LightningModule):
+    def __init__(self, encoder: torch.nn.Module, cfg: DictConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.sparsity = cfg.sparsity
+        self.strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
+        self.optim = cfg.optim
+        self.apply_in_eval = cfg.sparsifier.apply_in_eval
+        self.stats_every = max(1, cfg.sparsifier.stats_every_n_steps)
+        self.calibration_count = cfg.data.calibration_batches
+        self.attention = attention_modules(encoder)
+        # no input checks: they would wait for the GPU on every step; a NaN loss is caught per epoch
+        self.train_loss, self.val_loss = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
+        self.train_acc = BinaryAccuracy(validate_args=False)
+        self.val_acc, self.val_f1 = BinaryAccuracy(validate_args=False), BinaryF1Score(validate_args=False)
+        self.train_stats, self.val_stats = LayerStatsMeter(), LayerStatsMeter()
+        self.layer_sparsity: list[float] = []
+        self.history: list[dict] = []
+        self.last_val: dict = {}
+        self.last_layers: dict = {}
+
+    # -- sparsity -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        params = {k: v for k, v in self.strategy.items() if k != "name"}
+        name = self.strategy["name"]
+        batches = None
+        if STRATEGIES[name].needs_entropy and self.sparsity > 0:
+            batches = self.trainer.datamodule.calibration_batches(self.calibration_count)
+        self.layer_sparsity = crisp.apply_strategy(self.encoder, name, self.sparsity, batches, **params)
+        crisp.configure(self.encoder, apply_in_eval=self.apply_in_eval, track_stats=False)
+        allocation = ", ".join(f"{s:.3f}" for s in self.layer_sparsity)
+        print(f"crisp: strategy={name} sparsity={self.sparsity:g} -> per-layer sparsity [{allocation}]")
+
+    def _track(self, enabled: bool) -> None:
+        for module in self.attention:
+            module.crisp_track_stats = enabled
+
+    # -- steps ----------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encoder(**{k: v for k, v in batch.items() if k in _MODEL_INPUTS}).logits
+
+    def training_step(self, batch, batch_idx):
+        track = batch_idx % self.stats_every == 0
+        self._track(track)
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["labels"])
+        if track:
+            self.train_stats.update(self.attention)
+        # metrics accumulate on the device: no host synchronisation in the hot loop
+        self.train_loss.update(loss.detach())
+        self.train_acc.update(logits.detach().argmax(-1), batch["labels"])
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._track(True)
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        self.val_stats.update(self.attention)
+        self.val_loss.update(loss / len(logits), weight=len(logits))
+        preds = logits.argmax(-1)
+        self.val_acc.update(preds, batch["labels"])
+        self.val_f1.update(preds, batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val = {
+            "val_loss": self.val_loss.compute().item(),
+            "val_acc": self.val_acc.compute().item(),
+            "val_f1": self.val_f1.compute().item(),
+        }
+        for metric in (self.val_loss, self.val_acc, self.val_f1):
+            metric.reset()
+        layers = self.val_stats.compute()
+        metrics = {f"val/{k.removeprefix('val_')}": v for k, v in self.last_val.items()}
+        if layers is not None:
+            self.last_layers["val_achieved"] = [a for a, _ in layers]
+            self.last_layers["val_entropy"] = [h for _, h in layers]
+            for i, (achieved, entropy) in enumerate(layers):
+                metrics[f"layers/{i}/val_achieved_sparsity"] = achieved
+                metrics[f"layers/{i}/val_entropy"] = entropy
+        if not self.trainer.sanity_checking:
+            self.log_dict(metrics, prog_bar=False)
+
+    def on_train_epoch_end(self) -> None:
+        train_loss = self.train_loss.compute().item()
+        train_acc = self.train_acc.compute().item()
+        self.train_loss.reset()
+        self.train_acc.reset()
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"the training loss became {train_loss} in epoch {self.current_epoch}")
+        metrics = {"train/epoch_loss": train_loss, "train/acc": train_acc}
+        layers = self.train_stats.compute()
+        if layers is not None:
+            self.last_layers["train_achieved"] = [a for a, _ in layers]
+            self.last_layers["train_entropy"] = [h for _, h in layers]
+            for i, (achieved, entropy) in enumerate(layers):
+                metrics[f"layers/{i}/train_achieved_sparsity"] = achieved
+                metrics[f"layers/{i}/train_entropy"] = entropy
+        self.log_dict(metrics)
+        record = {"epoch": self.current_epoch, "train_loss": train_loss, "train_acc": train_acc, **self.last_val}
+        self.history.append(record)
+        val = " ".join(f"{k}={v:.4f}" for k, v in self.last_val.items())
+        print(f"epoch {self.current_epoch}: train_loss={train_loss:.4f} train_acc={train_acc:.4f} {val}")
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.encoder.named_parameters():
+            if param.requires_grad:
+                # biases and LayerNorm weights are not decayed (the usual BERT fine-tuning recipe)
+                (no_decay if param.ndim < 2 else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = self.optim.fused
+        on_cuda = next(self.encoder.parameters()).is_cuda
+        fused = on_cuda if fused == "auto" else bool(fused)
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, fused=fused or None
+        )
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(optimizer, round(self.optim.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

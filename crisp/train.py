@@ -1,0 +1,151 @@
+"""One fine-tuning run, from a validated config to the numbers that go into results.json."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import TQDMProgressBar
+
+import crisp
+from crisp import loggers
+from crisp.config import validate
+from crisp.data import SST2DataModule, load_splits
+from crisp.encoder import build_encoder, build_tokenizer
+from crisp.hub import resolve_model
+from crisp.model import SparseClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Lightning's start-up banner and tips, and warnings that say nothing about a crisp run
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(accelerator: str) -> dict[str, Any]:
+    device = torch.cuda.get_device_name() if accelerator == "gpu" else platform.processor() or platform.machine()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": pl.__version__,
+        "crisp": crisp.__version__,
+        "accelerator": accelerator,
+        "device": device,
+        "host": platform.node(),
+        "git_commit": _git_commit(),
+    }
+
+
+def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Concrete accelerator, devices, precision and progress-bar refresh for this machine and job."""
+    t = cfg.trainer
+    accelerator = t.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if accelerator == "gpu" else "32-true")
+    devices = t.devices
+    if accelerator == "gpu" and devices == 1 and torch.cuda.device_count() > 1:
+        # parallel sweeps: spread runs over the visible GPUs by job number
+        devices = [HydraConfig.get().job.get("num", 0) % torch.cuda.device_count()]
+    refresh = t.progress_refresh_rate
+    if refresh == "auto":
+        refresh = 50 if accelerator == "gpu" else 10
+    return {"accelerator": accelerator, "devices": devices, "precision": precision, "refresh": refresh}
+
+
+def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    validate(cfg)  # before anything heavy
+    if cfg.model.name_or_path:
+        resolve_model(cfg.model.name_or_path)  # an unreachable hub fails now, not after the data
+    settings = trainer_settings(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    splits = load_splits(cfg.data)
+    tokenizer = build_tokenizer(cfg.model, splits["train"].texts)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's random init depends on the seed only
+    encoder = build_encoder(cfg.model, tokenizer)
+    datamodule = SST2DataModule(
+        cfg.data, tokenizer, splits, seed=cfg.seed,
+        pin_memory=settings["accelerator"] == "gpu" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory),
+    )
+    module = SparseClassifier(encoder, cfg)
+    if cfg.trainer.compile:
+        module.encoder = torch.compile(module.encoder, dynamic=True)
+    logger = loggers.make_logger(cfg, config, output_dir)
+    trainer = pl.Trainer(
+        accelerator=settings["accelerator"],
+        devices=settings["devices"],
+        strategy=cfg.trainer.strategy,
+        precision=settings["precision"],
+        max_epochs=cfg.trainer.max_epochs,
+        logger=logger,
+        callbacks=[TQDMProgressBar(refresh_rate=settings["refresh"])],
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_checkpointing=cfg.trainer.save_checkpoint,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=cfg.trainer.deterministic,
+        default_root_dir=str(output_dir),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    wandb_run = None
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        fit_seconds = time.perf_counter() - start
+        wandb_run = loggers.finish(logger)
+    if trainer.interrupted or len(module.history) < cfg.trainer.max_epochs:
+        raise RuntimeError(f"training stopped after {len(module.history)} of {cfg.trainer.max_epochs} epochs")
+    return summarize(module, datamodule, settings, fit_seconds, wandb_run)
+
+
+def summarize(module: SparseClassifier, datamodule, settings, fit_seconds: float, wandb_run) -> dict[str, Any]:
+    history = module.history
+    final = history[-1]
+    best = max(history, key=lambda r: r["val_acc"])  # first epoch wins a tie
+    layers = module.last_layers
+    seen = len(datamodule.train) * len(history)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if settings["accelerator"] == "gpu" else None
+    return {
+        "layers": {
+            "configured": module.layer_sparsity,
+            "achieved": layers.get("train_achieved"),
+            "achieved_val": layers.get("val_achieved"),
+            "entropy": layers.get("val_entropy"),
+            "entropy_train": layers.get("train_entropy"),
+            "calibration_entropy": getattr(module.encoder, "crisp_calibration_entropy", None),
+        },
+        "history": history,
+        "final": {k: final[k] for k in ("val_acc", "val_loss", "val_f1", "epoch")},
+        "best": {"val_acc": best["val_acc"], "val_loss": best["val_loss"], "epoch": best["epoch"]},
+        "timing": {
+            "fit_seconds": round(fit_seconds, 3),
+            "train_samples_per_second": round(seen / fit_seconds, 1),
+            "train_examples": len(datamodule.train),
+            "peak_gpu_memory_mb": None if peak is None else round(peak, 1),
+        },
+        "environment": environment(settings["accelerator"]),
+        "wandb": wandb_run,
+    }

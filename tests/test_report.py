@@ -1,0 +1,322 @@
+"""The ablation report: numbers checked against values worked out by hand from fabricated results.json files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from crisp.report import COLUMNS, collect, main, summarize, write_report
+
+T975_DF1 = 12.706204736174707  # scipy.stats.t.ppf(0.975, 1)
+T975_DF2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2)
+OUTPUTS = ("report.md", "report.csv", "report.png")
+
+
+def write_run(
+    root: Path,
+    where: str,
+    *,
+    strategy: str = "uniform",
+    sparsity: float = 0.8,
+    seed: int = 1,
+    acc: float | None = 0.9,
+    best: float | None = None,
+    loss: float = 0.3,
+    status: str = "completed",
+    error: dict | None = None,
+    run_key: str | None = None,
+    finished_at: str = "2024-05-01T12:00:00+00:00",
+) -> Path:
+    """A results.json at ``root/where``; a failed run (acc=None) has no final/best/history."""
+    key = run_key or hashlib.sha256(f"{strategy}/{sparsity}/{seed}".encode()).hexdigest()[:16]
+    record = {
+        "schema": 1,
+        "run_key": key,
+        "status": status,
+        "error": error,
+        "name": f"{strategy}_s{sparsity}_seed{seed}",
+        "strategy": strategy,
+        "sparsity": sparsity,
+        "seed": seed,
+        "model": "distilbert-base-uncased",
+        "data": "sst2",
+        "config": {"sparsity": sparsity, "seed": seed},
+        "overrides": [f"sparsity={sparsity}", f"seed={seed}"],
+        "layers": {"configured": [sparsity] * 6, "achieved": [sparsity] * 6, "entropy": [0.5] * 6},
+        "history": None if acc is None else [{"epoch": 0, "train_loss": 0.4, "val_loss": loss, "val_acc": acc}],
+        "final": None if acc is None else {"val_acc": acc, "val_loss": loss, "val_f1": acc, "epoch": 2},
+        "best": None if acc is None else {"val_acc": acc if best is None else best, "val_loss": loss, "epoch": 1},
+        "timing": {"fit_seconds": 100.0, "train_samples_per_second": 2000.0},
+        "started_at": "2024-05-01T11:00:00+00:00",
+        "finished_at": finished_at,
+    }
+    path = root / where / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """dense x3 seeds; uniform 0.8 x3 (+1 failed); uniform 0.6 x1; ramp 0.6 on seeds 1, 2, 4; one broken file."""
+    root = tmp_path / "sweep"
+    for seed, acc, best, loss in [(1, 0.90, 0.91, 0.30), (2, 0.91, 0.92, 0.32)]:
+        write_run(root, f"0/{seed}", strategy="dense", sparsity=0.0, seed=seed, acc=acc, best=best, loss=loss)
+    # sparsity 0 is dense whatever strategy the config named
+    write_run(root, "a/b/c/3", strategy="uniform", sparsity=0.0, seed=3, acc=0.92, best=0.93, loss=0.34)
+    for seed, acc, best in [(1, 0.91, 0.92), (2, 0.93, 0.94), (3, 0.92, 0.92)]:
+        write_run(root, f"1/{seed}", strategy="uniform", sparsity=0.8, seed=seed, acc=acc, best=best)
+    oom = {"type": "RuntimeError", "message": "CUDA out of memory.\nTried to allocate 2 GiB", "traceback": "..."}
+    write_run(root, "1/4", strategy="uniform", sparsity=0.8, seed=4, acc=None, status="failed", error=oom)
+    write_run(root, "2/1", strategy="uniform", sparsity=0.6, seed=1, acc=0.93)
+    for seed, acc in [(1, 0.90), (2, 0.92), (4, 0.95)]:
+        write_run(root, f"3/deep/{seed}", strategy="ramp", sparsity=0.6, seed=seed, acc=acc)
+    broken = root / "broken_run" / "results.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"schema": 1, "status": "compl')
+    return root
+
+
+def row(summary: pd.DataFrame, strategy: str, sparsity: float) -> pd.Series:
+    found = summary[(summary["strategy"] == strategy) & (summary["sparsity"] == sparsity)]
+    assert len(found) == 1
+    return found.iloc[0]
+
+
+def test_rows_are_dense_first_then_by_strategy_and_sparsity(sweep):
+    summary = summarize(collect([sweep]))
+    assert list(summary.columns) == COLUMNS
+    assert list(zip(summary["strategy"], summary["sparsity"], strict=True)) == [
+        ("dense", 0.0), ("ramp", 0.6), ("uniform", 0.6), ("uniform", 0.8)
+    ]
+
+
+def test_means_stds_and_best_epoch(sweep):
+    summary = summarize(collect([sweep]))
+    dense = row(summary, "dense", 0.0)
+    assert dense["n"] == 3 and dense["failed"] == 0
+    assert dense["val_acc_final_mean"] == pytest.approx(91.0)  # 90, 91, 92
+    assert dense["val_acc_final_std"] == pytest.approx(1.0)
+    assert dense["val_acc_best_mean"] == pytest.approx(92.0)  # 91, 92, 93
+    assert dense["val_acc_best_std"] == pytest.approx(1.0)
+    assert dense["val_loss_final_mean"] == pytest.approx(0.32)
+    uniform = row(summary, "uniform", 0.8)
+    assert uniform["val_acc_final_mean"] == pytest.approx(92.0)  # 91, 93, 92
+    assert uniform["val_acc_best_mean"] == pytest.approx(92.666667)  # 92, 94, 92
+    assert uniform["val_acc_best_std"] == pytest.approx(math.sqrt((0.666667**2 * 2 + 1.333333**2) / 2), abs=1e-5)
+    ramp = row(summary, "ramp", 0.6)
+    assert ramp["val_acc_final_mean"] == pytest.approx(92.333333)  # 90, 92, 95
+    assert ramp["val_acc_final_std"] == pytest.approx(math.sqrt((2.333333**2 + 0.333333**2 + 2.666667**2) / 2))
+    single = row(summary, "uniform", 0.6)
+    assert single["n"] == 1 and math.isnan(single["val_acc_final_std"]) and math.isnan(single["val_acc_best_std"])
+
+
+def test_paired_difference_and_confidence_interval(sweep):
+    summary = summarize(collect([sweep]))
+    uniform = row(summary, "uniform", 0.8)  # diffs 1, 2, 0 pp: mean 1, sd 1
+    half = T975_DF2 * 1.0 / math.sqrt(3)
+    assert uniform["n_pairs"] == 3
+    assert uniform["diff_vs_dense_mean"] == pytest.approx(1.0)
+    assert uniform["diff_ci_low"] == pytest.approx(1.0 - half)
+    assert uniform["diff_ci_high"] == pytest.approx(1.0 + half)
+    ramp = row(summary, "ramp", 0.6)  # seed 4 has no dense run: pairs are seeds 1, 2 with diffs 0, 1
+    half = T975_DF1 * math.sqrt(0.5) / math.sqrt(2)
+    assert ramp["n_pairs"] == 2
+    assert ramp["diff_vs_dense_mean"] == pytest.approx(0.5)
+    assert (ramp["diff_ci_low"], ramp["diff_ci_high"]) == pytest.approx((0.5 - half, 0.5 + half))
+    single = row(summary, "uniform", 0.6)  # one pair: a difference, no interval
+    assert single["n_pairs"] == 1 and single["diff_vs_dense_mean"] == pytest.approx(3.0)
+    assert math.isnan(single["diff_ci_low"]) and math.isnan(single["diff_ci_high"])
+    dense = row(summary, "dense", 0.0)
+    assert pd.isna(dense["n_pairs"]) and math.isnan(dense["diff_vs_dense_mean"])
+
+
+def test_no_dense_row_means_no_pairs(tmp_path):
+    write_run(tmp_path, "1", seed=1, acc=0.9)
+    uniform = row(summarize(collect([tmp_path])), "uniform", 0.8)
+    assert uniform["n_pairs"] == 0 and math.isnan(uniform["diff_vs_dense_mean"])
+
+
+def test_paper_column(sweep):
+    summary = summarize(collect([sweep]))
+    assert row(summary, "dense", 0.0)["paper_val_acc"] == 90.62
+    assert row(summary, "uniform", 0.8)["paper_val_acc"] == 91.59
+    assert math.isnan(row(summary, "ramp", 0.6)["paper_val_acc"])
+
+
+def test_deduplicates_by_run_key(tmp_path):
+    # Same run_key four times: a completed run beats a later failure; the latest completed one wins.
+    write_run(tmp_path, "old", acc=0.50, run_key="k" * 16, finished_at="2024-05-01T10:00:00+00:00")
+    write_run(tmp_path, "new", acc=0.91, run_key="k" * 16, finished_at="2024-05-02T10:00:00+00:00")
+    write_run(tmp_path, "mid", acc=0.70, run_key="k" * 16, finished_at="2024-05-01T20:00:00+00:00")
+    write_run(tmp_path, "failed", acc=None, status="failed", run_key="k" * 16, finished_at="2024-05-03T10:00:00+00:00",
+              error={"type": "ValueError", "message": "boom"})
+    records = collect([tmp_path])
+    assert len(records) == 1
+    assert records[0]["final"]["val_acc"] == 0.91
+    assert row(summarize(records), "uniform", 0.8)["failed"] == 0
+
+
+def test_one_run_per_seed_when_configs_differ(tmp_path):
+    # Two run_keys for one (strategy, sparsity, seed): the config changed between sweeps; the latest counts.
+    write_run(tmp_path, "a", acc=0.80, run_key="a" * 16, finished_at="2024-05-02T10:00:00+00:00")
+    write_run(tmp_path, "b", acc=0.70, run_key="b" * 16, finished_at="2024-05-01T10:00:00+00:00")
+    with pytest.warns(UserWarning, match="several completed runs"):
+        summary = summarize(collect([tmp_path]))
+    assert row(summary, "uniform", 0.8)["n"] == 1
+    assert row(summary, "uniform", 0.8)["val_acc_final_mean"] == pytest.approx(80.0)
+
+
+def test_merges_several_dirs_and_writes_into_the_first(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_run(first, "0/1", strategy="dense", sparsity=0.0, seed=1, acc=0.90)
+    write_run(second, "0/2", strategy="dense", sparsity=0.0, seed=2, acc=0.92)
+    write_run(second, "1/1", seed=1, acc=0.93)
+    summary = write_report([first, second])
+    assert row(summary, "dense", 0.0)["n"] == 2
+    assert row(summary, "dense", 0.0)["val_acc_final_mean"] == pytest.approx(91.0)
+    assert row(summary, "uniform", 0.8)["diff_vs_dense_mean"] == pytest.approx(3.0)
+    assert all((first / name).exists() for name in OUTPUTS)
+    assert not any((second / name).exists() for name in OUTPUTS)
+    markdown = (first / "report.md").read_text()
+    assert str(first) in markdown and str(second) in markdown
+
+
+def test_failed_and_unparseable_runs_are_counted_and_listed(sweep):
+    records = collect([sweep])
+    failed = [r for r in records if r["status"] == "failed"]
+    assert sorted(r["name"] for r in failed) == ["broken_run", "uniform_s0.8_seed4"]
+    summary = write_report([sweep])
+    assert row(summary, "uniform", 0.8)["failed"] == 1
+    markdown = (sweep / "report.md").read_text()
+    assert "**10 completed**, **2 failed**" in markdown
+    failures = markdown.split("## Failed runs")[1]
+    assert "`uniform_s0.8_seed4`" in failures
+    assert "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB" in failures  # one line per run
+    assert "`broken_run`" in failures and "cannot be read or parsed" in failures
+
+
+def test_outputs_and_csv_numbers(sweep):
+    write_report([sweep])
+    for name in OUTPUTS:
+        assert (sweep / name).stat().st_size > 0
+    assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(sweep.glob(".*.tmp"))
+    csv = pd.read_csv(sweep / "report.csv")
+    assert list(csv.columns) == COLUMNS
+    uniform = row(csv, "uniform", 0.8)
+    assert (uniform["n"], uniform["failed"], uniform["n_pairs"]) == (3, 1, 3)
+    assert uniform["val_acc_final_mean"] == pytest.approx(92.0)
+    assert uniform["val_acc_final_std"] == pytest.approx(1.0)
+    assert uniform["diff_ci_high"] == pytest.approx(1.0 + T975_DF2 / math.sqrt(3))
+    assert uniform["paper_val_acc"] == 91.59
+    single = row(csv, "uniform", 0.6)  # undefined values are empty cells
+    assert math.isnan(single["val_acc_final_std"]) and math.isnan(single["diff_ci_low"])
+    assert math.isnan(row(csv, "dense", 0.0)["n_pairs"])
+
+
+def test_markdown_table_formatting(sweep):
+    write_report([sweep])
+    markdown = (sweep / "report.md").read_text()
+    lines = {line.split(" | ")[0] + " | " + line.split(" | ")[1]: line for line in markdown.splitlines()
+             if line.startswith("| ") and " | " in line}
+    # half-width of the uniform 0.8 interval: 4.3027 / sqrt(3) = 2.4841
+    assert lines["| dense | 0"] == "| dense | 0 | 3 | 91.00 ± 1.00 | 92.00 ± 1.00 | 0.3200 | – | – | 90.62 | 0 |"
+    assert lines["| uniform | 0.8"] == (
+        "| uniform | 0.8 | 3 | 92.00 ± 1.00 | 92.67 ± 1.15 | 0.3000 | +1.00 [-1.48, +3.48] | 3 | 91.59 | 1 |"
+    )
+    assert lines["| uniform | 0.6"] == "| uniform | 0.6 | 1 | 93.00 ± – | 93.00 ± – | 0.3000 | +3.00 [–] | 1 | – | 0 |"
+    assert "![Validation accuracy vs sparsity](report.png)" in markdown
+
+
+def test_all_failed_sweep_still_reports(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path, f"run{seed}", seed=seed, acc=None, status="failed",
+                  error={"type": "ValueError", "message": f"bad batch size {seed}"})
+    summary = write_report([tmp_path])
+    uniform = row(summary, "uniform", 0.8)
+    assert (uniform["n"], uniform["failed"]) == (0, 2)
+    assert math.isnan(uniform["val_acc_final_mean"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "**0 completed**, **2 failed**" in markdown
+    assert "ValueError: bad batch size 1" in markdown and "ValueError: bad batch size 2" in markdown
+    assert (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "report.csv").stat().st_size > 0
+
+
+def test_cli_prints_the_table(sweep, tmp_path, capsys):
+    out = tmp_path / "elsewhere"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("| strategy | sparsity |") and "| uniform | 0.8 | 3 |" in printed
+    assert all((out / name).exists() for name in OUTPUTS)
+    assert not any((sweep / name).exists() for name in OUTPUTS)
+    assert main([str(sweep), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_cli_missing_dir(sweep, tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main([str(sweep), str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not missing.exists()
+    assert not any((sweep / name).exists() for name in OUTPUTS)
+
+
+def test_cli_dir_without_results(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    assert main([str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "results.json" in err
+    assert [p.name for p in empty.rglob("*")] == ["sub"]
+
+
+class FakeWandb(types.ModuleType):
+    """Records what the report does with wandb, so no network or wandb service is involved."""
+
+    def __init__(self, fail_on_log: bool = False):
+        super().__init__("wandb")
+        self.calls: list[tuple] = []
+        self.fail_on_log = fail_on_log
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return self
+
+    def Table(self, dataframe):  # noqa: N802 (wandb's name)
+        return ("table", dataframe)
+
+    def log(self, data):
+        if self.fail_on_log:
+            raise RuntimeError("network down")
+        self.calls.append(("log", data))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def test_wandb_logs_the_table(sweep, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    write_report([sweep], log_wandb={"project": "crisp", "mode": "offline"})
+    (_, init), (_, logged), finish = fake.calls
+    assert init == {"project": "crisp", "mode": "offline", "job_type": "report"}
+    kind, table = logged["report"]
+    assert kind == "table" and list(table.columns) == COLUMNS and len(table) == 4
+    assert table["val_acc_final_std"].tolist()[2] is None  # missing values are None for wandb
+    assert finish == ("finish",)
+
+
+def test_wandb_finishes_even_when_logging_fails(sweep, monkeypatch):
+    fake = FakeWandb(fail_on_log=True)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(RuntimeError):
+        write_report([sweep], log_wandb={"project": "crisp"})
+    assert fake.calls[-1] == ("finish",)
