@@ -59,22 +59,59 @@ def valid_key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
+class _MaskInfo:
+    """What every layer of one forward derives from the same mask, computed once per forward.
+
+    transformers hands all layers the same mask object, so crisp keeps the last one's derived
+    tensors (the inverted mask, k per row for each sparsity) instead of recomputing them per layer:
+    fewer kernel launches in a launch-bound training step.
+    """
+
+    def __init__(self, valid: torch.Tensor | None, num_keys: int, device: torch.device):
+        self.valid, self.num_keys = valid, num_keys
+        self.invalid = None if valid is None else ~valid
+        self.positions = torch.arange(num_keys, device=device)
+        self._k: dict[float, torch.Tensor | int] = {}
+
+    def k(self, sparsity: float) -> torch.Tensor | int:
+        if sparsity not in self._k:
+            if self.valid is None:
+                self._k[sparsity] = kept_keys(self.num_keys, sparsity)
+            else:
+                table = _k_table(self.num_keys, sparsity, self.positions.device)
+                self._k[sparsity] = table[self.valid.sum(-1, keepdim=True)]
+        return self._k[sparsity]
+
+
+_LAST_MASK: list[_MaskInfo] = []
+
+
+def _mask_info(valid: torch.Tensor | None, scores: torch.Tensor) -> _MaskInfo:
+    num_keys = scores.size(-1)
+    if _LAST_MASK:
+        info = _LAST_MASK[0]
+        if info.valid is valid and info.num_keys == num_keys and info.positions.device == scores.device:
+            return info
+    info = _MaskInfo(valid, num_keys, scores.device)
+    _LAST_MASK[:] = [info]
+    return info
+
+
+def _drop_mask(scores: torch.Tensor, info: _MaskInfo, sparsity: float) -> torch.Tensor:
+    """True for every key that must get -inf: all but the k best per row, and padding."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, info.positions.expand_as(order))
+    drop = rank >= info.k(sparsity)
+    return drop if info.invalid is None else drop.logical_or_(info.invalid)
+
+
 def topk_keep_mask(scores: torch.Tensor, valid: torch.Tensor | None, sparsity: float) -> torch.Tensor:
     """Boolean mask with exactly k kept keys per query row (see :func:`kept_keys`).
 
     Ties are broken by key position (a stable descending sort), so exactly k keys survive even
     when bf16 scores collide. Padding keys never survive.
     """
-    num_keys = scores.size(-1)
-    if valid is None:
-        k: torch.Tensor | int = kept_keys(num_keys, sparsity)
-    else:
-        k = _k_table(num_keys, sparsity, scores.device)[valid.sum(-1, keepdim=True)]
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    positions = torch.arange(num_keys, device=scores.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(-1, order, positions)
-    keep = rank < k
-    return keep if valid is None else keep & valid
+    return ~_drop_mask(scores, _MaskInfo(valid, scores.size(-1), scores.device), sparsity)
 
 
 def _active_sparsity(module: nn.Module) -> float:
@@ -124,17 +161,17 @@ def crisp_attention_forward(
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     valid = valid_key_mask(attention_mask)
+    info = _mask_info(valid, scores)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             # the same number eager's additive mask puts there, so s=0 matches eager bit for bit
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            scores = scores.masked_fill(info.invalid, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
 
     sparsity = _active_sparsity(module)
     if sparsity > 0:
-        keep = topk_keep_mask(scores.detach(), valid, sparsity)
-        scores = scores.masked_fill(~keep, float("-inf"))
+        scores = scores.masked_fill(_drop_mask(scores.detach(), info, sparsity), float("-inf"))
 
     probs = nn.functional.softmax(scores, dim=-1)
     if getattr(module, "crisp_track_stats", True):

@@ -71,7 +71,8 @@ def time_step(encoder: str, attn: str, sparsity: float | None, batch: int, lengt
 def attention(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     steps, warmup = (args.steps or (30 if device.type == "cuda" else 3)), (10 if device.type == "cuda" else 1)
-    shapes = [s for s in SHAPES if device.type == "cuda" or s[1] <= args.cpu_max_length]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    shapes = [s for s in shapes if device.type == "cuda" or s[1] <= args.cpu_max_length]
     rows = []
     for encoder in args.encoders:
         for batch, length in shapes:
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     att = sub.add_parser("attention", help="training-step time per attention implementation")
     att.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
     att.add_argument("--steps", type=int, default=None)
+    att.add_argument("--shapes", nargs="+", default=None, help="BATCHxLENGTH, e.g. 32x66 (default: all of SHAPES)")
     att.add_argument("--cpu", action="store_true", help="time on the CPU even if there is a GPU")
     att.add_argument("--cpu-max-length", type=int, default=128, help="longest shape timed on the CPU")
     att.add_argument("--out", default="multirun/bench/attention.json")

@@ -79,8 +79,10 @@ def load_hub(cfg: DictConfig) -> dict[str, Split]:
     return splits
 
 
-_POSITIVE = "good great superb charming moving delightful brilliant funny warm fresh witty touching".split()
-_NEGATIVE = "bad dull boring awful tedious bland clumsy lifeless stale flat tiresome messy".split()
+_POSITIVE = ["good", "great", "superb", "charming", "moving", "delightful", "brilliant", "funny", "warm", "fresh",
+             "witty", "touching"]
+_NEGATIVE = ["bad", "dull", "boring", "awful", "tedious", "bland", "clumsy", "lifeless", "stale", "flat",
+             "tiresome", "messy"]
 _FILLER = (
     "the a film movie story plot cast it is was this that and but with of its director actors scenes "
     "script ending music pace feels seems quite rather very often sometimes"
@@ -209,4 +211,5 @@ class SST2DataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed + 7919)
         order = torch.randperm(len(self.train), generator=generator).tolist()
         size = self.cfg.batch_size
-        return [self.train.__getitems__(order[i * size : (i + 1) * size]) for i in range(count) if i * size < len(order)]
+        starts = range(0, min(count * size, len(order)), size)
+        return [self.train.__getitems__(order[start : start + size]) for start in starts]

@@ -41,7 +41,8 @@ class LayerStatsMeter:
 class SparseClassifier(pl.LightningModule):
     def __init__(self, encoder: torch.nn.Module, cfg: DictConfig):
         super().__init__()
-        self.encoder = encoder
+        # from_pretrained returns eval mode, and Lightning keeps submodules' modes: dropout must be on
+        self.encoder = encoder.train()
         self.sparsity = cfg.sparsity
         self.strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
         self.optim = cfg.optim
@@ -145,7 +146,7 @@ class SparseClassifier(pl.LightningModule):
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, param in self.encoder.named_parameters():
+        for param in self.encoder.parameters():
             if param.requires_grad:
                 # biases and LayerNorm weights are not decayed (the usual BERT fine-tuning recipe)
                 (no_decay if param.ndim < 2 else decay).append(param)

@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except Exception as err:  # recorded, then raised (one run) or swallowed (a sweep goes on)
         payload = {**base, "status": results.FAILED, "error": _failure(err), "started_at": started,
                    "finished_at": now()}
-        if not (results.read(output_dir) or {}).get("status") == results.COMPLETED:
+        if (results.read(output_dir) or {}).get("status") != results.COMPLETED:
             results.write_atomic(output_dir / results.FILENAME, payload)
         log.error("%s failed: %s: %s", base.get("name", output_dir.name), type(err).__name__, err)
         if not in_sweep:

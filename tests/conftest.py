@@ -20,7 +20,8 @@ def tiny_config(arch: str):
     """A fresh config per call: transformers mutates the config object a model is built from."""
     if arch == "distilbert":
         return DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=3, n_heads=4, hidden_dim=64,
-                                max_position_embeddings=128, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+                                max_position_embeddings=128, dropout=0.0, attention_dropout=0.0,
+                                seq_classif_dropout=0.0)
     if arch == "bert":
         return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                           intermediate_size=64, max_position_embeddings=128,
