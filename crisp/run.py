@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from crisp import results
 from crisp.config import ConfigError, register_configs, register_resolvers
 from crisp.data import DataError
+from crisp.ddp import is_child_rank
 from crisp.hub import HubUnreachableError
 from crisp.sweep import RunLock, RunLockBusy
 
@@ -54,6 +55,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     started = now()
     base: dict[str, Any] = {"schema": results.SCHEMA_VERSION, "output_dir": str(output_dir)}
+    if is_child_rank():  # a DDP rank > 0: train alongside rank 0, which writes the results
+        from crisp.train import train
+
+        train(cfg, resolved_config(cfg), output_dir)
+        return {"status": "ddp-rank"}
     try:
         config = resolved_config(cfg)
         key = results.run_key(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -21,6 +22,7 @@ import crisp
 from crisp import loggers
 from crisp.config import validate
 from crisp.data import SST2DataModule, load_splits
+from crisp.ddp import use_crisp_rank_command
 from crisp.encoder import build_encoder, build_tokenizer
 from crisp.hub import resolve_model
 from crisp.model import SparseClassifier
@@ -92,6 +94,8 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
     if cfg.trainer.compile:
         module.encoder = torch.compile(module.encoder, dynamic=True)
     logger = loggers.make_logger(cfg, config, output_dir)
+    if "ddp" in str(cfg.trainer.strategy):
+        use_crisp_rank_command()
     trainer = pl.Trainer(
         accelerator=settings["accelerator"],
         devices=settings["devices"],
@@ -110,12 +114,17 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     wandb_run = None
+    environ = dict(os.environ)  # DDP leaves rank variables behind that would confuse the next run
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule)
     finally:
         fit_seconds = time.perf_counter() - start
         wandb_run = loggers.finish(logger)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
     if trainer.interrupted or len(module.history) < cfg.trainer.max_epochs:
         raise RuntimeError(f"training stopped after {len(module.history)} of {cfg.trainer.max_epochs} epochs")
     return summarize(module, datamodule, settings, fit_seconds, wandb_run)
