@@ -55,6 +55,7 @@ def environment(accelerator: str) -> dict[str, Any]:
         "accelerator": accelerator,
         "device": device,
         "host": platform.node(),
+        "pid": os.getpid(),
         "git_commit": _git_commit(),
     }
 

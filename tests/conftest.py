@@ -37,3 +37,19 @@ def tiny_model(arch: str, attn: str = "crisp", seed: int = 0):
 @pytest.fixture(params=["distilbert", "bert"])
 def arch(request):
     return request.param
+
+
+def run_crisp(*overrides: str, module: str = "crisp.run", timeout: float = 600, env: dict | None = None):
+    """``python -m crisp.run OVERRIDES`` in a fresh process, as a user types it."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def smoke_overrides(out: Path, *extra: str, sweep: bool = False) -> list[str]:
+    """The smoke experiment, smaller still, writing into ``out``."""
+    where = f"hydra.sweep.dir={out}" if sweep else f"hydra.run.dir={out}"
+    return ["experiment=smoke", "data.num_train=256", "data.num_val=128", "trainer.max_epochs=1", where, *extra]

