@@ -14,17 +14,26 @@ NUM_LABELS = 2
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A BERT-style WordPiece tokenizer trained on ``texts``: random-init models need no download."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+def train_word_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BERT-style word-level tokenizer over the ``vocab_size`` most frequent words of ``texts``.
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS))
-    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    Random-init models need no download. Built in Python with ties broken alphabetically, so the
+    same texts always give the same ids (the tokenizers library's trainers order ties by hash).
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    )
+    words = sorted(counts, key=lambda w: (-counts[w], w))[: max(0, vocab_size - len(_SPECIALS))]
+    vocab = {token: i for i, token in enumerate([*_SPECIALS, *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
@@ -34,7 +43,7 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 def build_tokenizer(cfg: DictConfig, train_texts: list[str]):
     if cfg.tokenizer == "train":
-        return train_wordpiece(train_texts, cfg.tokenizer_vocab_size)
+        return train_word_tokenizer(train_texts, cfg.tokenizer_vocab_size)
     name, local = resolve_model(cfg.tokenizer or cfg.name_or_path)
     return AutoTokenizer.from_pretrained(name, local_files_only=local)
 

@@ -93,6 +93,6 @@ def finish(logger: Logger | bool) -> dict[str, Any] | None:
     import wandb
 
     run = wandb.run
-    info = {"id": run.id, "url": run.get_url(), "mode": run.settings.mode} if run is not None else None
+    info = {"id": run.id, "url": run.url, "mode": run.settings.mode} if run is not None else None
     wandb.finish()
     return info

@@ -45,6 +45,7 @@ def run_crisp(*overrides: str, module: str = "crisp.run", timeout: float = 600, 
     import sys
 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset it
     return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 

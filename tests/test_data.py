@@ -16,7 +16,7 @@ from crisp.data import (
     read_glue_tsv,
     tokenize,
 )
-from crisp.encoder import train_wordpiece
+from crisp.encoder import train_word_tokenizer
 from tests.conftest import SST2_DIR
 
 
@@ -75,7 +75,7 @@ def test_synthetic_is_deterministic_and_learnable_by_its_cues():
 def test_batches_are_dynamically_padded(tmp_path, monkeypatch):
     monkeypatch.setattr("crisp.data.CACHE_DIR", tmp_path)
     split = Split(["a b c d e f", "a", "b c"], [1, 0, 1])
-    tokenizer = train_wordpiece(split.texts, 50)
+    tokenizer = train_word_tokenizer(split.texts, 50)
     data = tokenize(tokenizer, split, max_length=16)
     assert list(tmp_path.rglob("*.pt"))  # cached
     cached = tokenize(tokenizer, split, max_length=16)

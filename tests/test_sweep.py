@@ -1,0 +1,101 @@
+"""Sweeps: the grid syntax, resume after kill -9, failure isolation, isolation between runs, launchers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from crisp import results
+from tests.conftest import ROOT, run_crisp, smoke_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def records(sweep_dir) -> dict[str, dict]:
+    return {r["name"]: r for r in (results.read(p) for p in results.find_all(sweep_dir))}
+
+
+def test_verbatim_grid_and_its_report(tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, sweep=True), "sparsity=0,0.6,0.7,0.8", "seed=1,2,3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = records(tmp_path)
+    assert len(found) == 12 and all(r["status"] == "completed" for r in found.values())
+    assert {"dense_seed1", "uniform_s0.6_seed2", "uniform_s0.8_seed3"} <= set(found)
+    assert found["uniform_s0.7_seed1"]["layers"]["configured"] == [0.7, 0.7]
+    for name in ("report.md", "report.csv", "report.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| uniform | 0.8 | 3 |" in proc.stdout  # the table is printed when the sweep ends
+
+
+def test_killed_sweep_resumes_without_touching_finished_runs(tmp_path):
+    argv = [sys.executable, "-m", "crisp.run", "-m", *smoke_overrides(tmp_path, sweep=True), "seed=1,2,3,4"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(results.find_all(tmp_path)) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in results.find_all(tmp_path)}
+    assert 2 <= len(finished) < 4
+    again = run_crisp("-m", *smoke_overrides(tmp_path, sweep=True), "seed=1,2,3,4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already completed") + again.stdout.count("already completed") == len(finished)
+    for path, (content, mtime) in finished.items():
+        assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime
+    found = records(tmp_path)
+    assert sorted(found) == [f"dense_seed{i}" for i in (1, 2, 3, 4)]
+    assert all(r["status"] == "completed" for r in found.values())
+    assert not list(tmp_path.rglob(".crisp.lock"))
+
+
+def test_a_failing_run_does_not_stop_the_sweep(tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, "strategy=adaptive", sweep=True), "sparsity=0.5,0.97")
+    assert proc.returncode != 0
+    assert "1 run(s) failed: adaptive_s0.97_seed1" in proc.stderr
+    found = records(tmp_path)
+    assert found["adaptive_s0.5_seed1"]["status"] == "completed"
+    failed = found["adaptive_s0.97_seed1"]
+    assert failed["status"] == "failed" and "sparsity=0.97 is not allowed" in failed["error"]["message"]
+    report = (tmp_path / "report.md").read_text()
+    assert "adaptive_s0.97_seed1" in report and "sparsity=0.97 is not allowed" in report
+
+
+def test_runs_in_one_process_are_independent(tmp_path):
+    env = {k: None for k in ("WANDB_API_KEY", "WANDB_MODE")}
+    proc = run_crisp("-m", *smoke_overrides(tmp_path / "sweep", "logger=wandb", sweep=True), "seed=1,2", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wandb sync" in proc.stdout  # offline by itself, and says how to upload
+    found = records(tmp_path / "sweep")
+    ids = {r["wandb"]["id"] for r in found.values()}
+    assert len(ids) == 2 and all(r["wandb"]["mode"] == "offline" for r in found.values())
+    assert len({r["environment"]["pid"] for r in found.values()}) == 1  # really one process
+    alone = run_crisp(*smoke_overrides(tmp_path / "alone", "seed=2", "logger=none"))
+    assert alone.returncode == 0
+    assert results.read(tmp_path / "alone")["history"] == found["dense_seed2"]["history"]
+
+
+def test_local_launcher_runs_each_job_in_its_own_process(tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, sweep=True), "hydra/launcher=local", "seed=1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = records(tmp_path)
+    assert len(found) == 2 and all(r["status"] == "completed" for r in found.values())
+    assert len({r["environment"]["pid"] for r in found.values()}) == 2
+
+
+def test_ddp_inside_a_sweep(tmp_path):
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, *ddp, sweep=True), "seed=1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = records(tmp_path)
+    assert sorted(found) == ["dense_seed1", "dense_seed2"]  # no sweep re-launched inside a rank
+    assert all(r["status"] == "completed" for r in found.values())
+    for name in found:
+        assert len(list((tmp_path / name).rglob("results.json"))) == 1
+        assert len(list((tmp_path / name).rglob("metrics.csv"))) == 1  # one logger run, from rank 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["dense_seed1", "dense_seed2"]
