@@ -103,6 +103,19 @@ class SparseClassifier(pl.LightningModule):
         self.val_acc.update(preds, batch["labels"])
         self.val_f1.update(preds, batch["labels"])
 
+    def _layer_metrics(self, stage: str, meter: LayerStatsMeter) -> dict[str, float]:
+        """Per-layer achieved sparsity and entropy of this epoch: kept for results.json and logged."""
+        layers = meter.compute()
+        if layers is None:
+            return {}
+        self.last_layers[f"{stage}_achieved"] = [a for a, _ in layers]
+        self.last_layers[f"{stage}_entropy"] = [h for _, h in layers]
+        metrics = {}
+        for i, (achieved, entropy) in enumerate(layers):
+            metrics[f"layers/{i}/{stage}_achieved_sparsity"] = achieved
+            metrics[f"layers/{i}/{stage}_entropy"] = entropy
+        return metrics
+
     def on_validation_epoch_end(self) -> None:
         self.last_val = {
             "val_loss": self.val_loss.compute().item(),
@@ -111,14 +124,8 @@ class SparseClassifier(pl.LightningModule):
         }
         for metric in (self.val_loss, self.val_acc, self.val_f1):
             metric.reset()
-        layers = self.val_stats.compute()
         metrics = {f"val/{k.removeprefix('val_')}": v for k, v in self.last_val.items()}
-        if layers is not None:
-            self.last_layers["val_achieved"] = [a for a, _ in layers]
-            self.last_layers["val_entropy"] = [h for _, h in layers]
-            for i, (achieved, entropy) in enumerate(layers):
-                metrics[f"layers/{i}/val_achieved_sparsity"] = achieved
-                metrics[f"layers/{i}/val_entropy"] = entropy
+        metrics |= self._layer_metrics("val", self.val_stats)
         if not self.trainer.sanity_checking:
             self.log_dict(metrics, prog_bar=False)
 
@@ -130,13 +137,7 @@ class SparseClassifier(pl.LightningModule):
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"the training loss became {train_loss} in epoch {self.current_epoch}")
         metrics = {"train/epoch_loss": train_loss, "train/acc": train_acc}
-        layers = self.train_stats.compute()
-        if layers is not None:
-            self.last_layers["train_achieved"] = [a for a, _ in layers]
-            self.last_layers["train_entropy"] = [h for _, h in layers]
-            for i, (achieved, entropy) in enumerate(layers):
-                metrics[f"layers/{i}/train_achieved_sparsity"] = achieved
-                metrics[f"layers/{i}/train_entropy"] = entropy
+        metrics |= self._layer_metrics("train", self.train_stats)
         self.log_dict(metrics)
         record = {"epoch": self.current_epoch, "train_loss": train_loss, "train_acc": train_acc, **self.last_val}
         self.history.append(record)
