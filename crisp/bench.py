@@ -39,54 +39,79 @@ def _batch(batch: int, length: int, vocab: int, device: torch.device, generator:
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def time_step(encoder: str, attn: str, sparsity: float | None, batch: int, length: int, device: torch.device,
-              steps: int, warmup: int) -> float:
-    """Median milliseconds of one training step."""
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(ENCODERS[encoder](), attn_implementation=attn).to(device)
-    model.train()
-    if attn == "crisp":
-        crisp.set_sparsity(model, sparsity)
-        crisp.configure(model, track_stats=False)  # as in training steps
-    on_gpu = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=on_gpu or None)
-    ids, mask, labels = _batch(batch, length, model.config.vocab_size, device, torch.Generator().manual_seed(1))
-    times = []
-    for i in range(warmup + steps):
-        if on_gpu:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            loss = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if on_gpu:
-            torch.cuda.synchronize()
-        if i >= warmup:
+class TrainingStep:
+    """One model, optimizer and batch; :meth:`run` times full training steps in milliseconds."""
+
+    def __init__(self, encoder: str, attn: str, sparsity: float | None, batch: int, length: int,
+                 device: torch.device):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(ENCODERS[encoder](), attn_implementation=attn)
+        self.model = model.to(device).train()
+        if attn == "crisp":
+            crisp.set_sparsity(self.model, sparsity)
+            crisp.configure(self.model, track_stats=False)  # as in training steps
+        self.on_gpu = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5, fused=self.on_gpu or None)
+        generator = torch.Generator().manual_seed(1)
+        self.ids, self.mask, self.labels = _batch(batch, length, self.model.config.vocab_size, device, generator)
+        self.device_type = device.type
+
+    def run(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
+            if self.on_gpu:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.on_gpu):
+                logits = self.model(input_ids=self.ids, attention_mask=self.mask).logits
+                loss = torch.nn.functional.cross_entropy(logits, self.labels)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.on_gpu:
+                torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        return times
+
+
+def time_shape(encoder: str, batch: int, length: int, device: torch.device, steps: int, warmup: int,
+               rounds: int) -> dict[str, float]:
+    """Median ms per step of every implementation, measured in interleaved rounds.
+
+    The implementations take turns (in rotating order) so that drift in the machine's speed (clocks,
+    other processes) falls on all of them alike instead of on whichever ran last.
+    """
+    steppers = {label: TrainingStep(encoder, attn, s, batch, length, device) for label, attn, s in IMPLEMENTATIONS}
+    times: dict[str, list[float]] = {label: [] for label in steppers}
+    for stepper in steppers.values():
+        stepper.run(warmup)
+    labels = list(steppers)
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            times[label] += steppers[label].run(max(1, steps // rounds))
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def attention(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    steps, warmup = (args.steps or (30 if device.type == "cuda" else 3)), (10 if device.type == "cuda" else 1)
+    on_gpu = device.type == "cuda"
+    steps, warmup = (args.steps or (60 if on_gpu else 3)), (10 if on_gpu else 1)
+    rounds = args.rounds or (6 if on_gpu else 1)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
-    shapes = [s for s in shapes if device.type == "cuda" or s[1] <= args.cpu_max_length]
+    shapes = [s for s in shapes if on_gpu or s[1] <= args.cpu_max_length]
     rows = []
     for encoder in args.encoders:
         for batch, length in shapes:
-            eager_ms = None
-            for label, attn, sparsity in IMPLEMENTATIONS:
-                ms = time_step(encoder, attn, sparsity, batch, length, device, steps, warmup)
-                eager_ms = eager_ms or ms
+            medians = time_shape(encoder, batch, length, device, steps, warmup, rounds)
+            eager_ms = medians["eager"]
+            for label, ms in medians.items():
                 rows.append({"encoder": encoder, "batch": batch, "length": length, "implementation": label,
                              "ms_per_step": round(ms, 3), "vs_eager": round(ms / eager_ms, 3)})
                 print(f"{encoder:16s} {batch:3d}x{length:<4d} {label:12s} {ms:9.2f} ms  {ms / eager_ms:5.2f}x eager",
                       flush=True)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "steps": steps, "warmup": warmup,
-            "command": " ".join(sys.argv)}
+    meta = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
+            "precision": "bf16 autocast" if on_gpu else "fp32", "steps": steps, "warmup": warmup,
+            "rounds": rounds, "command": " ".join(sys.argv)}
     _write(args.out, {"meta": meta, "rows": rows})
     _print_table(rows)
     return rows
@@ -188,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     att = sub.add_parser("attention", help="training-step time per attention implementation")
     att.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
-    att.add_argument("--steps", type=int, default=None)
+    att.add_argument("--steps", type=int, default=None, help="timed steps per implementation (all rounds)")
+    att.add_argument("--rounds", type=int, default=None, help="interleaved rounds the steps are split into")
     att.add_argument("--shapes", nargs="+", default=None, help="BATCHxLENGTH, e.g. 32x66 (default: all of SHAPES)")
     att.add_argument("--cpu", action="store_true", help="time on the CPU even if there is a GPU")
     att.add_argument("--cpu-max-length", type=int, default=128, help="longest shape timed on the CPU")
