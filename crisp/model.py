@@ -14,9 +14,7 @@ from transformers import get_linear_schedule_with_warmup
 
 import crisp
 from crisp.attention import attention_modules
-from crisp.strategies import STRATEGIES
-
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+from crisp.strategies import MODEL_INPUTS, STRATEGIES
 
 
 class LayerStatsMeter:
@@ -78,7 +76,7 @@ class SparseClassifier(pl.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encoder(**{k: v for k, v in batch.items() if k in _MODEL_INPUTS}).logits
+        return self.encoder(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
 
     def training_step(self, batch, batch_idx):
         track = batch_idx % self.stats_every == 0

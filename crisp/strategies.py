@@ -16,7 +16,7 @@ from torch import nn
 from crisp.attention import attention_stats, check_sparsity, configure, get_sparsity, set_sparsity
 
 MAX_LAYER_SPARSITY = 0.95
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a batch feeds the encoder
 STRATEGIES: dict[str, Callable[..., list[float]]] = {}
 
 
@@ -96,7 +96,7 @@ def measure_entropy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     totals, count = None, 0
     try:
         for batch in batches:
-            inputs = {k: v.to(device) for k, v in batch.items() if k in _MODEL_INPUTS}
+            inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
             model(**inputs)
             layer_entropy = torch.tensor([s.entropy for s in attention_stats(model)], dtype=torch.float64)
             totals = layer_entropy if totals is None else totals + layer_entropy
