@@ -21,6 +21,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from crisp import kernels
+
 NAME = "crisp"
 # floor(s * n) must not fall one short when s * n is an integer that floats round down (0.7 * 10).
 _FLOOR_EPS = 1e-6
@@ -72,6 +74,7 @@ class _MaskInfo:
         self.invalid = None if valid is None else ~valid
         self.positions = torch.arange(num_keys, device=device)
         self._k: dict[float, torch.Tensor | int] = {}
+        self._drop_by_rank: dict[float, torch.Tensor] = {}
 
     def k(self, sparsity: float) -> torch.Tensor | int:
         if sparsity not in self._k:
@@ -81,6 +84,12 @@ class _MaskInfo:
                 table = _k_table(self.num_keys, sparsity, self.positions.device)
                 self._k[sparsity] = table[self.valid.sum(-1, keepdim=True)]
         return self._k[sparsity]
+
+    def drop_by_rank(self, sparsity: float) -> torch.Tensor:
+        """True at every rank (position in a row's descending order) that is dropped: rank >= k."""
+        if sparsity not in self._drop_by_rank:
+            self._drop_by_rank[sparsity] = self.positions >= self.k(sparsity)
+        return self._drop_by_rank[sparsity]
 
 
 _LAST_MASK: list[_MaskInfo] = []
@@ -100,8 +109,8 @@ def _mask_info(valid: torch.Tensor | None, scores: torch.Tensor) -> _MaskInfo:
 def _drop_mask(scores: torch.Tensor, info: _MaskInfo, sparsity: float) -> torch.Tensor:
     """True for every key that must get -inf: all but the k best per row, and padding."""
     order = scores.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, info.positions.expand_as(order))
-    drop = rank >= info.k(sparsity)
+    # the key at order[j] has rank j: scatter "rank j is dropped" back to the key's position
+    drop = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, info.drop_by_rank(sparsity).expand_as(order))
     return drop if info.invalid is None else drop.logical_or_(info.invalid)
 
 
@@ -171,7 +180,10 @@ def crisp_attention_forward(
 
     sparsity = _active_sparsity(module)
     if sparsity > 0:
-        scores = scores.masked_fill(_drop_mask(scores.detach(), info, sparsity), float("-inf"))
+        if kernels.available(scores):
+            scores, _ = kernels.fused_topk_drop(scores, valid, info.k(sparsity))  # one launch on GPU
+        else:
+            scores = scores.masked_fill(_drop_mask(scores.detach(), info, sparsity), float("-inf"))
 
     probs = nn.functional.softmax(scores, dim=-1)
     if getattr(module, "crisp_track_stats", True):

@@ -1,7 +1,9 @@
 """Benchmarks. ``python -m crisp.bench attention``: time of one full training step (forward, backward,
 AdamW) for dense eager, SDPA and crisp at s=0 and s=0.8, at SST-2-like shapes, on random-init
-DistilBERT-base and MiniLM-L6-sized encoders. ``python -m crisp.bench sweep``: a grid's wall-clock
-time against one-at-a-time untuned runs (see :func:`sweep`). Both print a table and write JSON.
+DistilBERT-base and MiniLM-L6-sized encoders, with kernels launched one by one (``eager``) and
+replayed from a CUDA graph (``graph``, what crisp's training runs use on one GPU).
+``python -m crisp.bench sweep``: a grid's wall-clock time against one-at-a-time untuned runs (see
+:func:`sweep`). Both print a table and write JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig
 
 import crisp
+from crisp.graphs import GraphedTrainStep
 
 ENCODERS = {
     "distilbert-base": lambda: DistilBertConfig(),  # 6 layers, 768 wide, 12 heads
@@ -43,7 +46,7 @@ class TrainingStep:
     """One model, optimizer and batch; :meth:`run` times full training steps in milliseconds."""
 
     def __init__(self, encoder: str, attn: str, sparsity: float | None, batch: int, length: int,
-                 device: torch.device):
+                 device: torch.device, graph: bool = False, bf16: bool = False):
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_config(ENCODERS[encoder](), attn_implementation=attn)
         self.model = model.to(device).train()
@@ -53,8 +56,24 @@ class TrainingStep:
         self.on_gpu = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5, fused=self.on_gpu or None)
         generator = torch.Generator().manual_seed(1)
-        self.ids, self.mask, self.labels = _batch(batch, length, self.model.config.vocab_size, device, generator)
-        self.device_type = device.type
+        ids, mask, labels = _batch(batch, length, self.model.config.vocab_size, device, generator)
+        self.batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        self.device_type, self.bf16 = device.type, bf16
+        self.graphed = GraphedTrainStep(self._loss, list(self.model.parameters())) if graph else None
+
+    def _loss(self, batch):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return (torch.nn.functional.cross_entropy(logits, batch["labels"]),)
+
+    def _step(self) -> None:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.graphed is not None:
+                self.graphed(self.batch)  # forward and backward replayed; the optimizer steps outside
+            else:
+                self._loss(self.batch)[0].backward()
+        self.optimizer.step()
+        if self.graphed is None:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def run(self, steps: int) -> list[float]:
         times = []
@@ -62,12 +81,7 @@ class TrainingStep:
             if self.on_gpu:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.on_gpu):
-                logits = self.model(input_ids=self.ids, attention_mask=self.mask).logits
-                loss = torch.nn.functional.cross_entropy(logits, self.labels)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._step()
             if self.on_gpu:
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000)
@@ -75,13 +89,14 @@ class TrainingStep:
 
 
 def time_shape(encoder: str, batch: int, length: int, device: torch.device, steps: int, warmup: int,
-               rounds: int) -> dict[str, float]:
+               rounds: int, graph: bool, bf16: bool) -> dict[str, float]:
     """Median ms per step of every implementation, measured in interleaved rounds.
 
     The implementations take turns (in rotating order) so that drift in the machine's speed (clocks,
     other processes) falls on all of them alike instead of on whichever ran last.
     """
-    steppers = {label: TrainingStep(encoder, attn, s, batch, length, device) for label, attn, s in IMPLEMENTATIONS}
+    steppers = {label: TrainingStep(encoder, attn, s, batch, length, device, graph, bf16)
+                for label, attn, s in IMPLEMENTATIONS}
     times: dict[str, list[float]] = {label: [] for label in steppers}
     for stepper in steppers.values():
         stepper.run(warmup)
@@ -99,31 +114,37 @@ def attention(args) -> list[dict]:
     rounds = args.rounds or (6 if on_gpu else 1)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     shapes = [s for s in shapes if on_gpu or s[1] <= args.cpu_max_length]
+    modes = [m for m in args.modes if on_gpu or m == "eager"]  # CUDA graphs need a GPU
+    bf16 = on_gpu and args.precision == "bf16"
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")  # TF32, as in training runs
     rows = []
-    for encoder in args.encoders:
-        for batch, length in shapes:
-            medians = time_shape(encoder, batch, length, device, steps, warmup, rounds)
-            eager_ms = medians["eager"]
-            for label, ms in medians.items():
-                rows.append({"encoder": encoder, "batch": batch, "length": length, "implementation": label,
-                             "ms_per_step": round(ms, 3), "vs_eager": round(ms / eager_ms, 3)})
-                print(f"{encoder:16s} {batch:3d}x{length:<4d} {label:12s} {ms:9.2f} ms  {ms / eager_ms:5.2f}x eager",
-                      flush=True)
+    for mode in modes:
+        for encoder in args.encoders:
+            for batch, length in shapes:
+                medians = time_shape(encoder, batch, length, device, steps, warmup, rounds, mode == "graph", bf16)
+                eager_ms = medians["eager"]
+                for label, ms in medians.items():
+                    rows.append({"mode": mode, "encoder": encoder, "batch": batch, "length": length,
+                                 "implementation": label, "ms_per_step": round(ms, 3),
+                                 "vs_eager": round(ms / eager_ms, 3)})
+                    print(f"{mode:5s} {encoder:16s} {batch:3d}x{length:<4d} {label:12s} {ms:9.2f} ms "
+                          f"{ms / eager_ms:5.2f}x eager", flush=True)
     meta = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
-            "precision": "bf16 autocast" if on_gpu else "fp32", "steps": steps, "warmup": warmup,
-            "rounds": rounds, "command": " ".join(sys.argv)}
+            "precision": "bf16 autocast" if bf16 else ("fp32 (TF32 matmuls)" if on_gpu else "fp32"),
+            "steps": steps, "warmup": warmup, "rounds": rounds, "command": " ".join(sys.argv)}
     _write(args.out, {"meta": meta, "rows": rows})
     _print_table(rows)
     return rows
 
 
 def _print_table(rows: list[dict]) -> None:
-    print("\n| encoder | batch x length | " + " | ".join(label for label, _, _ in IMPLEMENTATIONS) + " |")
-    print("|---|---|" + "---:|" * len(IMPLEMENTATIONS))
-    for key in dict.fromkeys((r["encoder"], r["batch"], r["length"]) for r in rows):
-        cells = [r for r in rows if (r["encoder"], r["batch"], r["length"]) == key]
+    print("\n| step | encoder | batch x length | " + " | ".join(label for label, _, _ in IMPLEMENTATIONS) + " |")
+    print("|---|---|---|" + "---:|" * len(IMPLEMENTATIONS))
+    for key in dict.fromkeys((r["mode"], r["encoder"], r["batch"], r["length"]) for r in rows):
+        cells = [r for r in rows if (r["mode"], r["encoder"], r["batch"], r["length"]) == key]
         values = " | ".join(f"{r['ms_per_step']:.2f} ms ({r['vs_eager']:.2f}x)" for r in cells)
-        print(f"| {key[0]} | {key[1]} x {key[2]} | {values} |")
+        print(f"| {key[0]} | {key[1]} | {key[2]} x {key[3]} | {values} |")
 
 
 def _write(path: str | None, payload: dict) -> None:
@@ -136,9 +157,10 @@ def _write(path: str | None, payload: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Sweep throughput
 
-# One-at-a-time runs as a user gets them without tuning: fp32, foreach AdamW, a progress bar that
-# waits for the GPU on every step.
-UNTUNED = ["trainer.precision=32-true", "optim.fused=false", "trainer.progress_refresh_rate=1"]
+# One-at-a-time runs as a user gets them without tuning: fp32, kernels launched one by one, foreach
+# AdamW, dynamic padding, a progress bar that waits for the GPU on every step.
+UNTUNED = ["trainer.precision=32-true", "trainer.matmul_precision=highest", "trainer.cuda_graphs=false",
+           "optim.fused=false", "trainer.progress_refresh_rate=1"]
 
 
 def _runs(directory: Path) -> list[dict]:
@@ -153,7 +175,7 @@ def _launch(argv: list[str]) -> float:
 
 
 def sweep(args) -> dict:
-    """Phase ``baseline``: ``--baseline-runs`` untuned runs one after another (their mean time stands
+    """Phase ``baseline``: one untuned run per ``--baseline-seeds`` seed, one after another (their mean time stands
     for each run of the grid); phase ``grid``: the grid as given (e.g. with hydra/launcher=parallel).
     Each phase records its wall time in ``OUT/bench_sweep.json``; the summary compares them."""
     out = Path(args.dir)
@@ -162,10 +184,12 @@ def sweep(args) -> dict:
     common = list(args.overrides)
     if args.phase in ("baseline", "both"):
         base_dir = out / "baseline"
-        walls = []
-        for seed in range(1, args.baseline_runs + 1):
-            walls.append(_launch([*common, *UNTUNED, f"seed={seed}", f"hydra.run.dir={base_dir}/seed{seed}"]))
-        record["baseline"] = {"overrides": common + UNTUNED, "wall_seconds": walls, "runs": _summ(_runs(base_dir))}
+        # seeds timed in an earlier command (the same dir) are kept: a baseline can span commands
+        walls = record.get("baseline", {}).get("wall_seconds_by_seed", {})
+        for seed in args.baseline_seeds:
+            walls[str(seed)] = _launch([*common, *UNTUNED, f"seed={seed}", f"hydra.run.dir={base_dir}/seed{seed}"])
+        record["baseline"] = {"overrides": common + UNTUNED, "wall_seconds": list(walls.values()),
+                              "wall_seconds_by_seed": walls, "runs": _summ(_runs(base_dir))}
     if args.phase in ("grid", "both"):
         grid_dir = out / "grid"
         wall = _launch(["-m", *common, *args.grid, f"hydra.sweep.dir={grid_dir}"])
@@ -216,13 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument("--steps", type=int, default=None, help="timed steps per implementation (all rounds)")
     att.add_argument("--rounds", type=int, default=None, help="interleaved rounds the steps are split into")
     att.add_argument("--shapes", nargs="+", default=None, help="BATCHxLENGTH, e.g. 32x66 (default: all of SHAPES)")
+    att.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"],
+                     help="kernels launched one by one, or replayed from a CUDA graph (GPU only)")
+    att.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                     help="fp32 with TF32 matmuls (crisp's GPU default) or bf16 autocast")
     att.add_argument("--cpu", action="store_true", help="time on the CPU even if there is a GPU")
     att.add_argument("--cpu-max-length", type=int, default=128, help="longest shape timed on the CPU")
     att.add_argument("--out", default="multirun/bench/attention.json")
     sw = sub.add_parser("sweep", help="grid wall-clock vs one-at-a-time untuned runs")
     sw.add_argument("--dir", default="multirun/bench/sweep")
     sw.add_argument("--phase", choices=["baseline", "grid", "both"], default="both")
-    sw.add_argument("--baseline-runs", type=int, default=2)
+    sw.add_argument("--baseline-seeds", type=int, nargs="+", default=[1, 2],
+                    help="one untuned run per seed, one after another")
     sw.add_argument("--grid", nargs="*", default=["experiment=paper", "hydra/launcher=parallel"],
                     help="overrides of the grid phase only")
     sw.add_argument("overrides", nargs="*", help="overrides for both phases, e.g. model=minilm-l6 logger=csv")

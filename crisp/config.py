@@ -127,9 +127,14 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             _fail(key, value, "it must be a positive integer")
-    for key in ("data.train_limit", "data.val_limit"):
+    if cfg.trainer.cuda_graphs not in ("auto", True, False):
+        _fail("trainer.cuda_graphs", cfg.trainer.cuda_graphs, "choose auto, true or false")
+    if cfg.trainer.matmul_precision not in ("highest", "high", "medium"):
+        _fail("trainer.matmul_precision", cfg.trainer.matmul_precision, "choose highest, high or medium")
+    for key, null in (("data.train_limit", "all examples"), ("data.val_limit", "all examples"),
+                      ("data.pad_to_multiple_of", "16 with CUDA graphs, else no rounding")):
         value = OmegaConf.select(cfg, key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            _fail(key, value, "it must be a positive integer or null (all examples)")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            _fail(key, value, f"it must be a positive integer or null ({null})")
     if cfg.data.name == "sst2_local" and not cfg.data.get("dir"):
         _fail("data.dir", cfg.data.get("dir"), "data=sst2_local needs data.dir=<folder with train.tsv and dev.tsv>")

@@ -134,6 +134,16 @@ class TokenizedSplit(torch.utils.data.Dataset):
 
     def __init__(self, input_ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor):
         self.input_ids, self.lengths, self.labels = input_ids, lengths, labels
+        self.multiple, self.limit = 1, None
+
+    def pad_to_multiple_of(self, multiple: int, limit: int) -> TokenizedSplit:
+        """Pad every batch to a multiple of ``multiple`` tokens (at most ``limit``): few batch shapes."""
+        self.multiple, self.limit = multiple, limit
+        widest = min(-(-self.input_ids.size(1) // multiple) * multiple, limit)
+        if widest > self.input_ids.size(1):  # the extra columns are masked out: any id will do
+            extra = self.input_ids.new_zeros(len(self.input_ids), widest - self.input_ids.size(1))
+            self.input_ids = torch.cat([self.input_ids, extra], dim=1)
+        return self
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -141,6 +151,8 @@ class TokenizedSplit(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(indices)
         width = int(self.lengths[index].max())
+        if self.multiple > 1:
+            width = min(-(-width // self.multiple) * self.multiple, self.input_ids.size(1))
         ids = self.input_ids[index, :width]
         mask = (torch.arange(width) < self.lengths[index, None]).long()
         return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[index]}
@@ -181,11 +193,14 @@ def _identity(batch):
 
 
 class SST2DataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DictConfig, tokenizer, splits: dict[str, Split], seed: int, pin_memory: bool = False):
+    def __init__(self, cfg: DictConfig, tokenizer, splits: dict[str, Split], seed: int, pin_memory: bool = False,
+                 pad_to_multiple_of: int = 1):
         super().__init__()
         self.cfg, self.tokenizer, self.seed, self.pin_memory = cfg, tokenizer, seed, pin_memory
         self.train = tokenize(tokenizer, splits["train"], cfg.max_length)
         self.val = tokenize(tokenizer, splits["validation"], cfg.max_length)
+        if pad_to_multiple_of > 1:
+            self.train.pad_to_multiple_of(pad_to_multiple_of, cfg.max_length)
 
     def _loader(self, dataset: TokenizedSplit, batch_size: int, shuffle: bool, generator=None) -> DataLoader:
         sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)

@@ -14,6 +14,7 @@ from transformers import get_linear_schedule_with_warmup
 
 import crisp
 from crisp.attention import attention_modules
+from crisp.graphs import GraphedTrainStep
 from crisp.strategies import MODEL_INPUTS, STRATEGIES
 
 
@@ -37,8 +38,13 @@ class LayerStatsMeter:
 
 
 class SparseClassifier(pl.LightningModule):
-    def __init__(self, encoder: torch.nn.Module, cfg: DictConfig):
+    """Fine-tunes ``encoder`` with cross-entropy and AdamW. With ``cuda_graphs`` each training step's
+    forward and backward replay a CUDA graph (crisp/graphs.py) and the optimizer steps manually."""
+
+    def __init__(self, encoder: torch.nn.Module, cfg: DictConfig, cuda_graphs: bool = False):
         super().__init__()
+        self.automatic_optimization = not cuda_graphs
+        self.graphed_step: GraphedTrainStep | None = None
         # from_pretrained returns eval mode, and Lightning keeps submodules' modes: dropout must be on
         self.encoder = encoder.train()
         self.sparsity = cfg.sparsity
@@ -78,11 +84,32 @@ class SparseClassifier(pl.LightningModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
 
+    def _loss_and_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch)
+        return F.cross_entropy(logits, batch["labels"]), logits
+
+    def _graphed_training_step(self, batch: dict[str, torch.Tensor], track: bool):
+        if self.graphed_step is None:
+            self.graphed_step = GraphedTrainStep(self._loss_and_logits, list(self.encoder.parameters()))
+        # a graph bakes in whether statistics are recorded and every layer's sparsity
+        key = (track, tuple(getattr(m, "crisp_sparsity", 0.0) for m in self.attention))
+        outputs = []
+
+        def forward_backward():
+            outputs[:] = self.graphed_step(batch, key)
+            return outputs[0]
+
+        self.optimizers().step(closure=forward_backward)
+        self.lr_schedulers().step()
+        return outputs
+
     def training_step(self, batch, batch_idx):
         track = batch_idx % self.stats_every == 0
         self._track(track)
-        logits = self(batch)
-        loss = F.cross_entropy(logits, batch["labels"])
+        if self.automatic_optimization:
+            loss, logits = self._loss_and_logits(batch)
+        else:
+            loss, logits = self._graphed_training_step(batch, track)
         if track:
             self.train_stats.update(self.attention)
         # metrics accumulate on the device: no host synchronisation in the hot loop

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 
 import crisp
 from crisp import loggers
-from crisp.config import validate
+from crisp.config import ConfigError, validate
 from crisp.data import SST2DataModule, load_splits
 from crisp.ddp import use_crisp_rank_command
 from crisp.encoder import build_encoder, build_tokenizer
@@ -74,7 +74,18 @@ def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     refresh = t.progress_refresh_rate
     if refresh == "auto":
         refresh = 50 if accelerator == "gpu" else 10
-    return {"accelerator": accelerator, "devices": devices, "precision": precision, "refresh": refresh}
+    one_gpu = accelerator == "gpu" and "ddp" not in str(t.strategy) and not t.compile
+    if t.cuda_graphs is True and not one_gpu:
+        raise ConfigError(
+            f"trainer.cuda_graphs=true is not allowed with trainer.accelerator={accelerator} "
+            f"trainer.strategy={t.strategy} trainer.compile={t.compile}: it needs one GPU, no DDP, no compile"
+        )
+    cuda_graphs = one_gpu if t.cuda_graphs == "auto" else bool(t.cuda_graphs)
+    pad = cfg.data.pad_to_multiple_of
+    if pad is None:
+        pad = 16 if cuda_graphs else 1  # graphs: a handful of batch shapes, each captured once
+    return {"accelerator": accelerator, "devices": devices, "precision": precision, "refresh": refresh,
+            "cuda_graphs": cuda_graphs, "pad_to_multiple_of": pad}
 
 
 def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str, Any]:
@@ -82,16 +93,18 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
     if cfg.model.name_or_path:
         resolve_model(cfg.model.name_or_path)  # an unreachable hub fails now, not after the data
     settings = trainer_settings(cfg)
+    if settings["accelerator"] == "gpu":
+        torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = load_splits(cfg.data)
     tokenizer = build_tokenizer(cfg.model, splits["train"].texts)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's random init depends on the seed only
     encoder = build_encoder(cfg.model, tokenizer)
     datamodule = SST2DataModule(
-        cfg.data, tokenizer, splits, seed=cfg.seed,
+        cfg.data, tokenizer, splits, seed=cfg.seed, pad_to_multiple_of=settings["pad_to_multiple_of"],
         pin_memory=settings["accelerator"] == "gpu" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory),
     )
-    module = SparseClassifier(encoder, cfg)
+    module = SparseClassifier(encoder, cfg, cuda_graphs=settings["cuda_graphs"])
     if cfg.trainer.compile:
         module.encoder = torch.compile(module.encoder, dynamic=True)
     logger = loggers.make_logger(cfg, config, output_dir)
@@ -155,6 +168,9 @@ def summarize(module: SparseClassifier, datamodule, settings, fit_seconds: float
             "train_samples_per_second": round(seen / fit_seconds, 1),
             "train_examples": len(datamodule.train),
             "peak_gpu_memory_mb": None if peak is None else round(peak, 1),
+            "cuda_graphs": None if module.graphed_step is None else module.graphed_step.stats,
+            "pad_to_multiple_of": settings["pad_to_multiple_of"],
+            "precision": settings["precision"],
         },
         "environment": environment(settings["accelerator"]),
         "wandb": wandb_run,

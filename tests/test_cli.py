@@ -40,6 +40,10 @@ BAD_INPUT = [  # overrides, what the error must say (the key and the value)
     (["model.name_or_path=no-such-org/no-such-model"], ["model.name_or_path='no-such-org/no-such-model'"]),
     (["data=sst2_local", "data.dir=/no/such/folder"], ["data.dir='/no/such/folder'", "not a folder"]),
     (["data=sst2_local", "data.dir={tsv}"], ["train.tsv:3", "label='2'", "0 or 1"]),
+    (["trainer.cuda_graphs=true"], ["trainer.cuda_graphs=true", "trainer.accelerator=cpu", "one GPU"]),
+    (["trainer.cuda_graphs=sometimes"], ["trainer.cuda_graphs='sometimes'", "auto, true or false"]),
+    (["data.pad_to_multiple_of=0"], ["data.pad_to_multiple_of=0", "positive integer"]),
+    (["trainer.matmul_precision=low"], ["trainer.matmul_precision='low'", "highest, high or medium"]),
 ]
 
 

@@ -85,3 +85,15 @@ def test_batches_are_dynamically_padded(tmp_path, monkeypatch):
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert batch["labels"].tolist() == [0, 1]
     assert isinstance(data, TokenizedSplit) and len(data) == 3
+
+
+def test_padding_to_a_multiple_bounds_the_batch_shapes():
+    lengths = torch.tensor([3, 9, 17, 20])
+    ids = (torch.arange(20) < lengths[:, None]).long() * 7
+    data = TokenizedSplit(ids.clone(), lengths, torch.tensor([0, 1, 0, 1])).pad_to_multiple_of(8, limit=22)
+    widths = {tuple(data.__getitems__(i)["input_ids"].shape) for i in ([0], [0, 1], [1], [2], [3], [0, 3])}
+    # 3 -> 8, 9 -> 16, 17 and 20 -> 22 (a multiple of 8 would pass max_length)
+    assert widths == {(1, 8), (2, 16), (1, 16), (1, 22), (2, 22)}
+    batch = data.__getitems__([0, 3])
+    assert batch["attention_mask"].sum(1).tolist() == [3, 20]  # the extra columns are masked
+    assert torch.equal(batch["input_ids"][:, :20], ids[[0, 3]])

@@ -1,0 +1,173 @@
+"""The GPU fast paths: the fused top-k kernel and CUDA-graph training steps.
+
+They need a GPU (run them on one with ``pytest tests/test_cuda.py``); the kernel is also checked on
+the CPU under Triton's interpreter where Triton is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import crisp
+from crisp import kernels, results
+from crisp.attention import _drop_mask, _MaskInfo
+from crisp.graphs import GraphedTrainStep
+from tests.conftest import ROOT, VOCAB, run_crisp, tiny_config
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def check_fused_matches_sort(device: str) -> None:
+    """The fused kernel drops exactly the keys the stable sort drops, and passes gradients only
+    through kept scores: ties, bf16, padding, per-row k, all row lengths up to the kernel's limit."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        b, h, q = (int(v) for v in torch.randint(1, 4, (3,), generator=generator))
+        k_len = [1, 2, 5, 10, 17, 40, 66, 128][trial % 8]
+        s = [0.3, 0.6, 0.7, 0.8, 0.95][trial % 5]
+        dtype = torch.bfloat16 if trial % 2 else torch.float32
+        if trial % 3 == 0:  # few distinct values: many ties
+            scores = torch.randint(-2, 3, (b, h, q, k_len), generator=generator).float()
+        else:
+            scores = torch.randn(b, h, q, k_len, generator=generator)
+        scores = scores.to(device=device, dtype=dtype)
+        lengths = torch.randint(1, k_len + 1, (b,), generator=generator).to(device)
+        valid = (torch.arange(k_len, device=device) < lengths[:, None])[:, None, None, :] if trial % 4 else None
+        masked = scores if valid is None else scores.masked_fill(~valid, torch.finfo(dtype).min)
+        info = _MaskInfo(valid, k_len, scores.device)
+        expected = _drop_mask(masked, info, s)
+        leaf = masked.clone().requires_grad_()
+        out, drop = kernels.fused_topk_drop(leaf, valid, info.k(s))
+        assert torch.equal(drop, expected), (trial, b, h, q, k_len, s, dtype)
+        assert torch.equal(out, masked.masked_fill(expected, float("-inf")))
+        out.masked_fill(drop, 0).float().sum().backward()
+        assert torch.equal(leaf.grad, (~expected).to(dtype))
+
+
+@cuda
+def test_fused_kernel_matches_the_sort_on_the_gpu():
+    check_fused_matches_sort("cuda")
+
+
+def test_fused_kernel_matches_the_sort_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    code = "from tests.test_cuda import check_fused_matches_sort; check_fused_matches_sort('cpu')"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@cuda
+def test_crisp_attention_uses_the_kernel_on_the_gpu_and_matches_the_sort(monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config("bert"), attn_implementation="crisp")
+    model = model.cuda().eval()
+    crisp.set_sparsity(model, 0.8)
+    ids = torch.randint(5, VOCAB, (4, 30), device="cuda")
+    mask = (torch.arange(30, device="cuda") < torch.tensor([30, 12, 5, 21], device="cuda")[:, None]).long()
+    calls = []
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda *a: calls.append(1) or launch(*a))
+    fused = model(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == 3  # one launch per layer
+    monkeypatch.setenv("CRISP_FUSED_TOPK", "0")
+    sorted_ = model(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == 3
+    torch.testing.assert_close(fused, sorted_, rtol=0, atol=1e-6)
+
+
+def _tiny_bert(seed: int, dropout: float = 0.0):
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_config("bert")
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp").cuda().train()
+    crisp.set_sparsity(model, 0.5)
+    return model
+
+
+def _batches(widths: list[int]) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for width in widths:
+        lengths = torch.randint(2, width + 1, (8,), generator=generator)
+        mask = (torch.arange(width) < lengths[:, None]).long()
+        ids = torch.randint(5, VOCAB, (8, width), generator=generator) * mask
+        labels = torch.randint(0, 2, (8,), generator=generator)
+        batches.append({k: v.cuda() for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))})
+    return batches
+
+
+def _loss_fn(model):
+    def fn(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits, batch["labels"]), logits
+    return fn
+
+
+def _train_graphed(model, batches) -> list[float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    step = GraphedTrainStep(_loss_fn(model), list(model.parameters()))
+    losses = []
+    for batch in batches:
+        loss, _ = step(batch)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, step
+
+
+@cuda
+def test_graphed_steps_train_exactly_like_eager_steps():
+    """Several shapes interleaved: every replay must hand the optimizer its own graph's gradients."""
+    torch.set_float32_matmul_precision("highest")
+    batches = _batches([8, 16, 8, 16, 24, 8, 24, 16, 8, 16, 24, 8])
+    eager_model, graphed_model = _tiny_bert(0), _tiny_bert(0)
+    optimizer = torch.optim.AdamW(eager_model.parameters(), lr=1e-3, fused=True)
+    eager_losses = []
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = _loss_fn(eager_model)(batch)
+        loss.backward()
+        optimizer.step()
+        eager_losses.append(loss.item())
+    graphed_losses, step = _train_graphed(graphed_model, batches)
+    assert step.stats == {"graphs": 3, "eager_steps": 3}  # one warm-up step per shape, then replays
+    torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for p, q in zip(graphed_model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@cuda
+def test_graphed_dropout_reproduces_from_the_seed():
+    batches = _batches([8, 16, 8, 16, 8, 16])
+    runs = []
+    for _ in range(2):
+        model = _tiny_bert(0, dropout=0.1)
+        torch.manual_seed(3)
+        runs.append(_train_graphed(model, batches)[0])
+    assert runs[0] == runs[1]
+    model = _tiny_bert(0, dropout=0.1)
+    torch.manual_seed(4)
+    assert _train_graphed(model, batches)[0] != runs[0]  # the dropout masks really are random
+
+
+@cuda
+def test_a_gpu_run_uses_cuda_graphs_and_learns(tmp_path):
+    # the smoke preset (64 steps) on the GPU preset: bf16 autocast inside the captured graphs
+    proc = run_crisp("experiment=smoke", "trainer=gpu", "sparsity=0.5", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = results.read(tmp_path)
+    assert record["status"] == results.COMPLETED
+    assert record["timing"]["cuda_graphs"]["graphs"] >= 1
+    assert record["timing"]["pad_to_multiple_of"] == 16
+    assert record["final"]["val_acc"] > 0.8
