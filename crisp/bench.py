@@ -88,6 +88,18 @@ class TrainingStep:
         return times
 
 
+def _capturable_eager_mask(*args, dtype: torch.dtype = torch.float32, **kwargs):
+    """transformers' eager mask, with its 0 built on the device: before 5.2x it copies a CPU scalar,
+    which a CUDA graph cannot capture (newer transformers build it exactly like this)."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs.pop("allow_is_causal_skip", None)
+    mask = sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+    if mask is None:
+        return None
+    return torch.where(mask, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
+
+
 def time_shape(encoder: str, batch: int, length: int, device: torch.device, steps: int, warmup: int,
                rounds: int, graph: bool, bf16: bool) -> dict[str, float]:
     """Median ms per step of every implementation, measured in interleaved rounds.
@@ -118,6 +130,10 @@ def attention(args) -> list[dict]:
     bf16 = on_gpu and args.precision == "bf16"
     if on_gpu:
         torch.set_float32_matmul_precision("high")  # TF32, as in training runs
+    if "graph" in modes:
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionMaskInterface.register("eager", _capturable_eager_mask)
     rows = []
     for mode in modes:
         for encoder in args.encoders:

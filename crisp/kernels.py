@@ -2,10 +2,10 @@
 
 The portable sparsifier (``crisp.attention._drop_mask``) ranks keys with a stable sort, scatters the
 ranks back and fills: six kernel launches per layer on top of eager attention, in a step that is
-bound by launches. This kernel does rank, compare and fill in one launch for rows of up to
-:data:`MAX_KEYS` keys (every SST-2 shape); its backward is one ``masked_fill``. It computes the
-same mask: the rank of key i is the number of valid keys with a higher score, plus those with an
-equal score at a lower position (a stable descending sort's order).
+bound by launches. This kernel does the same in one launch for rows of up to :data:`MAX_KEYS` keys;
+its backward is one ``masked_fill``. It computes the same mask: it sorts a copy of each row in
+registers to find the k-th highest valid score, keeps every score above it and, of the scores
+equal to it, the first ones by position (a stable descending sort's order) until k are kept.
 
 Triton is optional: without it (CPU wheels of torch) or for longer rows, crisp uses the sort.
 ``CRISP_FUSED_TOPK=0`` switches the kernel off.
@@ -23,8 +23,8 @@ try:
 except ImportError:  # CPU-only torch wheels come without Triton
     triton = None
 
-# keys per row the pairwise rank handles in registers (BLOCK x BLOCK comparisons per row)
-MAX_KEYS = 128
+# longest row the kernel sorts in registers; longer rows take the portable sort
+MAX_KEYS = 1024
 
 
 def available(scores: torch.Tensor) -> bool:
@@ -44,35 +44,41 @@ if triton is not None:
     @triton.jit
     def _topk_drop_kernel(
         scores_ptr, valid_ptr, k_ptr, out_ptr, drop_ptr,
-        H, Q, K, k_scalar,
+        R, H, Q, K, k_scalar,
         v_sb, v_sh, v_sq, v_sk,
         k_sb, k_sh, k_sq,
-        HAS_VALID: tl.constexpr, K_IS_TENSOR: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_VALID: tl.constexpr, K_IS_TENSOR: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     ):
-        row = tl.program_id(0)  # one query row of one head of one sentence
-        q = row % Q
-        h = (row // Q) % H
-        b = row // (Q * H)
+        # ROWS query rows (of any head and sentence) per program, a row's keys along the block
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        in_row = cols < K
-        raw = tl.load(scores_ptr + row * K + cols, mask=in_row, other=0.0)
-        x = raw.to(tl.float32)
+        row_ok = rows < R
+        q = rows % Q
+        h = (rows // Q) % H
+        b = rows // (Q * H)
+        in_row = row_ok[:, None] & (cols[None, :] < K)
+        offsets = rows[:, None] * K + cols[None, :]
+        x = tl.load(scores_ptr + offsets, mask=in_row, other=0.0).to(tl.float32)
         ok = in_row
         if HAS_VALID:
-            allowed = tl.load(valid_ptr + b * v_sb + h * v_sh + q * v_sq + cols * v_sk, mask=in_row, other=0)
-            ok = ok & (allowed != 0)
+            where = (b * v_sb + h * v_sh + q * v_sq)[:, None] + cols[None, :] * v_sk
+            ok = ok & (tl.load(valid_ptr + where, mask=in_row, other=0) != 0)
         if K_IS_TENSOR:  # noqa: SIM108  (a constexpr branch: Triton compiles one side)
-            k = tl.load(k_ptr + b * k_sb + h * k_sh + q * k_sq)
+            k = tl.load(k_ptr + b * k_sb + h * k_sh + q * k_sq, mask=row_ok, other=1).to(tl.int32)
         else:
-            k = k_scalar
-        # beats[i, j]: valid key j ranks before key i
-        higher = x[None, :] > x[:, None]
-        tied_before = (x[None, :] == x[:, None]) & (cols[None, :] < cols[:, None])
-        beats = (higher | tied_before) & ok[None, :]
-        rank = tl.sum(beats.to(tl.int32), axis=1)
-        drop = (rank >= k) | (ok == 0)
-        tl.store(out_ptr + row * K + cols, tl.where(drop, float("-inf"), x), mask=in_row)
-        tl.store(drop_ptr + row * K + cols, drop.to(tl.int8), mask=in_row)
+            k = tl.zeros([ROWS], dtype=tl.int32) + k_scalar
+        # the k-th highest valid score, from a sorted copy of the row
+        ranked = tl.sort(tl.where(ok, x, float("-inf")), dim=1, descending=True)
+        kth = tl.sum(tl.where(cols[None, :] == k[:, None] - 1, ranked, 0.0), axis=1)
+        # keep every score above it, and of those equal to it the first (k - #above) by position
+        above = ok & (x > kth[:, None])
+        tied = ok & (x == kth[:, None])
+        need = k - tl.sum(above.to(tl.int32), axis=1)
+        tie_rank = tl.cumsum(tied.to(tl.int32), axis=1)
+        keep = above | (tied & (tie_rank <= need[:, None]))
+        drop = keep == 0
+        tl.store(out_ptr + offsets, tl.where(drop, float("-inf"), x), mask=in_row)
+        tl.store(drop_ptr + offsets, drop.to(tl.int8), mask=in_row)
 
 
 def _launch(scores: torch.Tensor, valid: torch.Tensor | None, k: torch.Tensor | int):
@@ -92,12 +98,13 @@ def _launch(scores: torch.Tensor, valid: torch.Tensor | None, k: torch.Tensor | 
     else:
         k_tensor, k_strides, k_scalar = scores, (0, 0, 0), int(k)
     block = max(16, triton.next_power_of_2(keys))
-    _topk_drop_kernel[(batch * heads * queries,)](
+    rows_per_program = max(1, 2048 // block)
+    num_rows = batch * heads * queries
+    _topk_drop_kernel[(triton.cdiv(num_rows, rows_per_program),)](
         scores, valid_u8, k_tensor, out, drop,
-        heads, queries, keys, k_scalar,
+        num_rows, heads, queries, keys, k_scalar,
         *v_strides, *k_strides,
-        HAS_VALID=valid is not None, K_IS_TENSOR=k_is_tensor,
-        BLOCK=block, num_warps=8 if block >= 128 else 4,
+        HAS_VALID=valid is not None, K_IS_TENSOR=k_is_tensor, BLOCK=block, ROWS=rows_per_program, num_warps=4,
     )
     return out, drop.view(torch.bool)
 

@@ -29,7 +29,7 @@ def check_fused_matches_sort(device: str) -> None:
     generator = torch.Generator().manual_seed(0)
     for trial in range(40):
         b, h, q = (int(v) for v in torch.randint(1, 4, (3,), generator=generator))
-        k_len = [1, 2, 5, 10, 17, 40, 66, 128][trial % 8]
+        k_len = [1, 2, 5, 10, 17, 40, 66, 128, 300][trial % 9]
         s = [0.3, 0.6, 0.7, 0.8, 0.95][trial % 5]
         dtype = torch.bfloat16 if trial % 2 else torch.float32
         if trial % 3 == 0:  # few distinct values: many ties
