@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig
 
 import crisp
+from crisp import mps
 from crisp.graphs import GraphedTrainStep
 
 ENCODERS = {
@@ -212,7 +210,7 @@ def sweep(args) -> dict:
                               "wall_seconds_by_seed": walls, "runs": _summ(_runs(base_dir))}
     if args.phase in ("grid", "both"):
         grid_dir = out / "grid"
-        with mps_daemon() if args.mps else _nothing():
+        with mps.daemon() if args.mps else nullcontext():
             wall = _launch(["-m", *common, *args.grid, f"hydra.sweep.dir={grid_dir}"])
         record["grid"] = {"overrides": common + list(args.grid), "wall_seconds": wall, "mps": args.mps,
                           "runs": _summ(_runs(grid_dir))}
@@ -223,30 +221,6 @@ def sweep(args) -> dict:
     _write(str(record_path), record)
     print(json.dumps(record.get("summary", {}), indent=2))
     return record
-
-
-@contextmanager
-def _nothing():
-    yield
-
-
-@contextmanager
-def mps_daemon():
-    """NVIDIA's Multi-Process Service for the grid: the runs' small kernels share the GPU at once
-    instead of taking turns in time slices. Started for the grid's processes, stopped after."""
-    control = shutil.which("nvidia-cuda-mps-control")
-    if control is None:
-        raise SystemExit("--mps: nvidia-cuda-mps-control is not on PATH (it comes with the NVIDIA driver)")
-    pipe = tempfile.mkdtemp(prefix="crisp-mps-")
-    env = {"CUDA_MPS_PIPE_DIRECTORY": pipe, "CUDA_MPS_LOG_DIRECTORY": pipe}
-    subprocess.run([control, "-d"], env={**os.environ, **env}, check=True)
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        subprocess.run([control], input="quit\n", text=True, env={**os.environ}, check=False)
-        for key in env:
-            os.environ.pop(key, None)
 
 
 def _summ(runs: list[dict]) -> dict:

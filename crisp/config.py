@@ -58,6 +58,7 @@ class CrispConf:
     trainer: Any = MISSING
     logger: Any = MISSING
     report: Any = None
+    sweep: Any = None
 
 
 def register_configs() -> None:

@@ -18,7 +18,7 @@ SCHEMA_VERSION = 1
 COMPLETED, FAILED = "completed", "failed"
 
 # Keys that say where or how a run is watched, not what it computes: they stay out of the run_key.
-_NOT_IN_KEY = ("hydra", "logger", "paths", "report")
+_NOT_IN_KEY = ("hydra", "logger", "paths", "report", "sweep")
 
 
 def effective_strategy(strategy: str, sparsity: float) -> str:
