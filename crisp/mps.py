@@ -73,7 +73,11 @@ class MPSDaemon(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.sweep.mps:
-            start()
+            try:
+                start()
+            except MPSError as error:
+                # Hydra turns a callback's exceptions into warnings; the sweep must not start without it
+                raise SystemExit(f"crisp: {error}") from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if config.sweep.mps:

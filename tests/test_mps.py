@@ -68,3 +68,12 @@ def test_a_sweep_runs_inside_the_daemon(fake_control, tmp_path):
     config = record["config"]
     assert config["sweep"]["mps"] is True
     assert record["run_key"] == results.run_key({**config, "sweep": {"mps": False}})
+
+
+def test_a_sweep_without_the_daemon_stops_before_any_run(tmp_path):
+    out = tmp_path / "sweep"
+    # an empty PATH: no nvidia-cuda-mps-control (python itself is started by its full path)
+    proc = run_crisp("-m", *smoke_overrides(out, "sweep.mps=true", sweep=True), env={"PATH": str(tmp_path)})
+    assert proc.returncode != 0
+    assert "sweep.mps=true needs nvidia-cuda-mps-control" in proc.stderr
+    assert not list(out.rglob("results.json"))
