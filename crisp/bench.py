@@ -182,8 +182,9 @@ UNTUNED = ["trainer.precision=32-true", "trainer.matmul_precision=highest", "tra
 
 
 def _runs(directory: Path) -> list[dict]:
-    found = [json.loads(p.read_text()) for p in sorted(directory.rglob("results.json"))]
-    return [r for r in found if r.get("status") == "completed"]
+    found = [json.loads(p.read_text()) for p in directory.rglob("results.json")]
+    # in seed order, like the baseline's wall times (seed10 would sort before seed2 by path)
+    return sorted((r for r in found if r.get("status") == "completed"), key=lambda r: (r["config"]["seed"], r["name"]))
 
 
 def _launch(argv: list[str]) -> float:
@@ -206,7 +207,7 @@ def sweep(args) -> dict:
         walls = record.get("baseline", {}).get("wall_seconds_by_seed", {})
         for seed in args.baseline_seeds:
             walls[str(seed)] = _launch([*common, *UNTUNED, f"seed={seed}", f"hydra.run.dir={base_dir}/seed{seed}"])
-        record["baseline"] = {"overrides": common + UNTUNED, "wall_seconds": list(walls.values()),
+        record["baseline"] = {"overrides": common + UNTUNED, "wall_seconds": [walls[k] for k in sorted(walls, key=int)],
                               "wall_seconds_by_seed": walls, "runs": _summ(_runs(base_dir))}
     if args.phase in ("grid", "both"):
         grid_dir = out / "grid"

@@ -134,11 +134,11 @@ class TokenizedSplit(torch.utils.data.Dataset):
 
     def __init__(self, input_ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor):
         self.input_ids, self.lengths, self.labels = input_ids, lengths, labels
-        self.multiple, self.limit = 1, None
+        self.multiple = 1
 
     def pad_to_multiple_of(self, multiple: int, limit: int) -> TokenizedSplit:
         """Pad every batch to a multiple of ``multiple`` tokens (at most ``limit``): few batch shapes."""
-        self.multiple, self.limit = multiple, limit
+        self.multiple = multiple
         widest = min(-(-self.input_ids.size(1) // multiple) * multiple, limit)
         if widest > self.input_ids.size(1):  # the extra columns are masked out: any id will do
             extra = self.input_ids.new_zeros(len(self.input_ids), widest - self.input_ids.size(1))
