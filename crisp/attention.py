@@ -12,6 +12,7 @@ ties broken by key position, and give every other key -inf.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,18 +71,21 @@ class _MaskInfo:
     """
 
     def __init__(self, valid: torch.Tensor | None, num_keys: int, device: torch.device):
-        self.valid, self.num_keys = valid, num_keys
+        self.valid, self.num_keys, self.device = valid, num_keys, device
         self.invalid = None if valid is None else ~valid
-        self.positions = torch.arange(num_keys, device=device)
         self._k: dict[float, torch.Tensor | int] = {}
         self._drop_by_rank: dict[float, torch.Tensor] = {}
+
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:  # only the sort path needs it: no launch for dense or fused layers
+        return torch.arange(self.num_keys, device=self.device)
 
     def k(self, sparsity: float) -> torch.Tensor | int:
         if sparsity not in self._k:
             if self.valid is None:
                 self._k[sparsity] = kept_keys(self.num_keys, sparsity)
             else:
-                table = _k_table(self.num_keys, sparsity, self.positions.device)
+                table = _k_table(self.num_keys, sparsity, self.device)
                 self._k[sparsity] = table[self.valid.sum(-1, keepdim=True)]
         return self._k[sparsity]
 
@@ -99,7 +103,7 @@ def _mask_info(valid: torch.Tensor | None, scores: torch.Tensor) -> _MaskInfo:
     num_keys = scores.size(-1)
     if _LAST_MASK:
         info = _LAST_MASK[0]
-        if info.valid is valid and info.num_keys == num_keys and info.positions.device == scores.device:
+        if info.valid is valid and info.num_keys == num_keys and info.device == scores.device:
             return info
     info = _MaskInfo(valid, num_keys, scores.device)
     _LAST_MASK[:] = [info]
