@@ -172,24 +172,26 @@ def crisp_attention_forward(
     """Eager attention with a top-k sparsifier; at sparsity 0 it computes exactly what eager does."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.matmul(query, key.transpose(2, 3))
     valid = valid_key_mask(attention_mask)
-    info = _mask_info(valid, scores)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            # the same number eager's additive mask puts there, so s=0 matches eager bit for bit
-            scores = scores.masked_fill(info.invalid, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-
     sparsity = _active_sparsity(module)
-    if sparsity > 0:
-        if kernels.available(scores):
-            scores, _ = kernels.fused_topk_drop(scores, valid, info.k(sparsity))  # one launch on GPU
-        else:
+    if sparsity > 0 and kernels.available(scores):
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            scores, scaling = scores * scaling + attention_mask, 1.0  # an additive mask may hold more than padding
+        # scale, mask, top-k and softmax in one launch on GPU
+        probs = kernels.topk_softmax(scores, valid, _k_table(scores.size(-1), sparsity, scores.device), scaling)
+    else:
+        scores = scores * scaling
+        info = _mask_info(valid, scores)
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                # the same number eager's additive mask puts there, so s=0 matches eager bit for bit
+                scores = scores.masked_fill(info.invalid, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attention_mask
+        if sparsity > 0:
             scores = scores.masked_fill(_drop_mask(scores.detach(), info, sparsity), float("-inf"))
-
-    probs = nn.functional.softmax(scores, dim=-1)
+        probs = nn.functional.softmax(scores, dim=-1)
     if getattr(module, "crisp_track_stats", True):
         _record_stats(module, probs, valid)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 import crisp
 from crisp import kernels, results
-from crisp.attention import _drop_mask, _MaskInfo
+from crisp.attention import _drop_mask, _k_table, _MaskInfo
 from crisp.graphs import GraphedTrainStep
 from tests.conftest import ROOT, VOCAB, run_crisp, tiny_config
 
@@ -24,30 +24,45 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def check_fused_matches_sort(device: str) -> None:
-    """The fused kernel drops exactly the keys the stable sort drops, and passes gradients only
-    through kept scores: ties, bf16, padding, per-row k, all row lengths up to the kernel's limit."""
+    """The fused kernel keeps exactly the keys the stable sort keeps, computes their softmax and
+    passes gradients only through kept scores: ties, bf16, padding, all row lengths up to its limit."""
     generator = torch.Generator().manual_seed(0)
-    for trial in range(40):
+
+    def choose(options):
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    for trial in range(60):
         b, h, q = (int(v) for v in torch.randint(1, 4, (3,), generator=generator))
-        k_len = [1, 2, 5, 10, 17, 40, 66, 128, 300][trial % 9]
-        s = [0.3, 0.6, 0.7, 0.8, 0.95][trial % 5]
-        dtype = torch.bfloat16 if trial % 2 else torch.float32
+        k_len = [1, 2, 5, 10, 17, 40, 66, 128, 300, 1024][trial % 10]
+        s = choose([0.3, 0.6, 0.7, 0.8, 0.95])
+        scaling = choose([1.0, 0.125, 32**-0.5])
+        dtype = choose([torch.float32, torch.bfloat16, torch.float16])
         if trial % 3 == 0:  # few distinct values: many ties
-            scores = torch.randint(-2, 3, (b, h, q, k_len), generator=generator).float()
+            raw = torch.randint(-2, 3, (b, h, q, k_len), generator=generator).float()
         else:
-            scores = torch.randn(b, h, q, k_len, generator=generator)
-        scores = scores.to(device=device, dtype=dtype)
+            raw = torch.randn(b, h, q, k_len, generator=generator)
+        raw = raw.to(device=device, dtype=dtype)
         lengths = torch.randint(1, k_len + 1, (b,), generator=generator).to(device)
         valid = (torch.arange(k_len, device=device) < lengths[:, None])[:, None, None, :] if trial % 4 else None
+        upstream = torch.randn(b, h, q, k_len, generator=generator).to(device=device, dtype=dtype)
+
+        leaf, ref_leaf = raw.clone().requires_grad_(), raw.clone().requires_grad_()
+        probs = kernels.topk_softmax(leaf, valid, _k_table(k_len, s, leaf.device), scaling)
+        # the portable path: scale, mask, sort, fill, softmax
+        scores = ref_leaf * scaling
         masked = scores if valid is None else scores.masked_fill(~valid, torch.finfo(dtype).min)
-        info = _MaskInfo(valid, k_len, scores.device)
-        expected = _drop_mask(masked, info, s)
-        leaf = masked.clone().requires_grad_()
-        out, drop = kernels.fused_topk_drop(leaf, valid, info.k(s))
-        assert torch.equal(drop, expected), (trial, b, h, q, k_len, s, dtype)
-        assert torch.equal(out, masked.masked_fill(expected, float("-inf")))
-        out.masked_fill(drop, 0).float().sum().backward()
-        assert torch.equal(leaf.grad, (~expected).to(dtype))
+        drop = _drop_mask(masked.detach(), _MaskInfo(valid, k_len, scores.device), s)
+        expected = torch.softmax(masked.float().masked_fill(drop, float("-inf")), -1)
+        where = (trial, b, h, q, k_len, s, dtype)
+        assert probs.dtype == dtype, where
+        assert torch.equal(probs == 0, drop), where  # exactly the sort's keys survive
+        tolerance = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float16: {"rtol": 2e-3, "atol": 1e-3},
+                     torch.bfloat16: {"rtol": 1e-2, "atol": 4e-3}}[dtype]
+        torch.testing.assert_close(probs.float(), expected, **tolerance, msg=str(where))
+        (probs.float() * upstream).sum().backward()
+        (expected * upstream).sum().backward()
+        assert not leaf.grad[drop].any(), where
+        torch.testing.assert_close(leaf.grad.float(), ref_leaf.grad.float(), **tolerance, msg=str(where))
 
 
 @cuda
@@ -75,8 +90,8 @@ def test_crisp_attention_uses_the_kernel_on_the_gpu_and_matches_the_sort(monkeyp
     ids = torch.randint(5, VOCAB, (4, 30), device="cuda")
     mask = (torch.arange(30, device="cuda") < torch.tensor([30, 12, 5, 21], device="cuda")[:, None]).long()
     calls = []
-    launch = kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda *a: calls.append(1) or launch(*a))
+    kernel = kernels.topk_softmax
+    monkeypatch.setattr(kernels, "topk_softmax", lambda *a: calls.append(1) or kernel(*a))
     fused = model(input_ids=ids, attention_mask=mask).logits
     assert len(calls) == 3  # one launch per layer
     monkeypatch.setenv("CRISP_FUSED_TOPK", "0")
