@@ -2,6 +2,8 @@
 AdamW) for dense eager, SDPA and crisp at s=0 and s=0.8, at SST-2-like shapes, on random-init
 DistilBERT-base and MiniLM-L6-sized encoders, with kernels launched one by one (``eager``) and
 replayed from a CUDA graph (``graph``, what crisp's training runs use on one GPU).
+``python -m crisp.bench kernel``: the attention-probability step alone (scale, mask, top-k, softmax,
+forward and backward), eager vs crisp's sort path vs crisp's fused kernel.
 ``python -m crisp.bench sweep``: a grid's wall-clock time against one-at-a-time untuned runs (see
 :func:`sweep`). Both print a table and write JSON.
 """
@@ -173,6 +175,99 @@ def _write(path: str | None, payload: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Attention probabilities alone
+
+HEADS = 12
+
+
+def _timed_us(fn, reps: int, on_gpu: bool) -> float:
+    """Median microseconds per call of ``fn``: on a GPU, replayed from a CUDA graph of ``reps`` calls
+    (no launch overhead: the kernels' own time); on the CPU, called in a loop."""
+    if on_gpu:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        run = graph.replay
+    else:
+        fn()
+
+        def run():
+            for _ in range(reps):
+                fn()
+
+    times = []
+    for _ in range(5):
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if on_gpu:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e6 / reps)
+    return statistics.median(times)
+
+
+def _probability_steps(batch: int, length: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Forward and backward of raw scores -> attention probabilities at s=0.8, per implementation:
+    eager's scale + additive mask + softmax, crisp's portable sort path, crisp's fused kernel."""
+    from crisp import kernels
+    from crisp.attention import _drop_mask, _k_table, _MaskInfo
+
+    sparsity, scaling = 0.8, 32**-0.5
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.randn(batch, HEADS, length, length, generator=generator).to(device, dtype).requires_grad_()
+    grad = torch.randn(raw.shape, generator=generator).to(device, dtype)
+    _, mask, _ = _batch(batch, length, 30522, device, generator)
+    valid = mask.bool()[:, None, None, :]
+    additive = torch.zeros(valid.shape, device=device, dtype=dtype).masked_fill(~valid, torch.finfo(dtype).min)
+    info, table = _MaskInfo(valid, length, device), _k_table(length, sparsity, device)
+
+    def eager():
+        torch.autograd.grad(torch.softmax(raw * scaling + additive, -1), raw, grad)
+
+    def sort():
+        scores = (raw * scaling).masked_fill(info.invalid, torch.finfo(dtype).min)
+        scores = scores.masked_fill(_drop_mask(scores.detach(), info, sparsity), float("-inf"))
+        torch.autograd.grad(torch.softmax(scores, -1), raw, grad)
+
+    def fused():
+        torch.autograd.grad(kernels.topk_softmax(raw, valid, table, scaling), raw, grad)
+
+    steps = {"eager softmax": eager, "crisp sort": sort}
+    if kernels.available(raw):
+        steps["crisp fused"] = fused
+    return steps
+
+
+def kernel(args) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    on_gpu = device.type == "cuda"
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rows = []
+    for (batch, length), dtype in ((shape, d) for shape in shapes for d in args.dtypes):
+        steps = _probability_steps(batch, length, dtypes[dtype], device)
+        timed = {label: _timed_us(fn, args.reps, on_gpu) for label, fn in steps.items()}
+        for label, us in timed.items():
+            ratio = us / timed["eager softmax"]
+            rows.append({"batch": batch, "heads": HEADS, "length": length, "dtype": dtype, "implementation": label,
+                         "us_fwd_bwd": round(us, 1), "vs_eager": round(ratio, 3)})
+            print(f"{batch:3d}x{HEADS}x{length:<4d} {dtype:5s} {label:14s} {us:9.1f} us {ratio:5.2f}x eager")
+    meta = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
+            "sparsity": 0.8, "timing": "CUDA-graph replay" if on_gpu else "loop", "reps": args.reps,
+            "command": " ".join(sys.argv)}
+    _write(args.out, {"meta": meta, "rows": rows})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Sweep throughput
 
 # One-at-a-time runs as a user gets them without tuning: fp32, kernels launched one by one, foreach
@@ -274,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument("--cpu", action="store_true", help="time on the CPU even if there is a GPU")
     att.add_argument("--cpu-max-length", type=int, default=128, help="longest shape timed on the CPU")
     att.add_argument("--out", default="multirun/bench/attention.json")
+    ker = sub.add_parser("kernel", help="attention-probability kernels alone, forward and backward")
+    ker.add_argument("--shapes", nargs="+", default=None, help="BATCHxLENGTH, e.g. 32x66 (default: all of SHAPES)")
+    ker.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ker.add_argument("--reps", type=int, default=20, help="calls per timing (5 timings, median)")
+    ker.add_argument("--cpu", action="store_true", help="time on the CPU even if there is a GPU")
+    ker.add_argument("--out", default="multirun/bench/kernel.json")
     sw = sub.add_parser("sweep", help="grid wall-clock vs one-at-a-time untuned runs")
     sw.add_argument("--dir", default="multirun/bench/sweep")
     sw.add_argument("--phase", choices=["baseline", "grid", "both"], default="both")
@@ -284,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="overrides of the grid phase only")
     sw.add_argument("overrides", nargs="*", help="overrides for both phases, e.g. model=minilm-l6 logger=csv")
     args = parser.parse_args(argv)
-    attention(args) if args.what == "attention" else sweep(args)
+    {"attention": attention, "kernel": kernel, "sweep": sweep}[args.what](args)
     return 0
 
 

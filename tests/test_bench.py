@@ -30,3 +30,12 @@ def test_sweep_summary_scales_shorter_baseline_runs_to_the_grids_epochs():
     assert summary["untuned_sequential_seconds_extrapolated"] == 21 * per_run
     assert summary["speedup"] == round(21 * per_run / 300, 2)
     assert summary["samples_per_second_total_grid"] == 210.0
+
+
+def test_kernel_bench_times_eager_and_crisp_probabilities(tmp_path):
+    out = tmp_path / "kernel.json"
+    bench.main(["kernel", "--cpu", "--shapes", "2x8", "--dtypes", "fp32", "--reps", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    # no Triton on a CPU tensor: the fused kernel is left out, not faked
+    assert [r["implementation"] for r in rows] == ["eager softmax", "crisp sort"]
+    assert rows[0]["vs_eager"] == 1.0 and all(r["us_fwd_bwd"] > 0 for r in rows)
