@@ -5,7 +5,7 @@ replayed from a CUDA graph (``graph``, what crisp's training runs use on one GPU
 ``python -m crisp.bench kernel``: the attention-probability step alone (scale, mask, top-k, softmax,
 forward and backward), eager vs crisp's sort path vs crisp's fused kernel.
 ``python -m crisp.bench sweep``: a grid's wall-clock time against one-at-a-time untuned runs (see
-:func:`sweep`). Both print a table and write JSON.
+:func:`sweep`). Each prints its numbers and writes JSON.
 """
 
 from __future__ import annotations
@@ -104,6 +104,13 @@ def _capturable_eager_mask(*args, dtype: torch.dtype = torch.float32, **kwargs):
     return torch.where(mask, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
 
 
+def _device_and_shapes(args) -> tuple[torch.device, list[tuple[int, int]]]:
+    """The GPU unless --cpu or there is none; --shapes (default SHAPES), on the CPU only the shorter ones."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    return device, [s for s in shapes if device.type == "cuda" or s[1] <= args.cpu_max_length]
+
+
 def time_shape(encoder: str, batch: int, length: int, device: torch.device, steps: int, warmup: int,
                rounds: int, graph: bool, bf16: bool) -> dict[str, float]:
     """Median ms per step of every implementation, measured in interleaved rounds.
@@ -124,12 +131,10 @@ def time_shape(encoder: str, batch: int, length: int, device: torch.device, step
 
 
 def attention(args) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    device, shapes = _device_and_shapes(args)
     on_gpu = device.type == "cuda"
     steps, warmup = (args.steps or (60 if on_gpu else 3)), (10 if on_gpu else 1)
     rounds = args.rounds or (6 if on_gpu else 1)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
-    shapes = [s for s in shapes if on_gpu or s[1] <= args.cpu_max_length]
     modes = [m for m in args.modes if on_gpu or m == "eager"]  # CUDA graphs need a GPU
     bf16 = on_gpu and args.precision == "bf16"
     if on_gpu:
@@ -247,21 +252,21 @@ def _probability_steps(batch: int, length: int, dtype: torch.dtype, device: torc
 
 
 def kernel(args) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    device, shapes = _device_and_shapes(args)
     on_gpu = device.type == "cuda"
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    reps = args.reps or (20 if on_gpu else 2)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     rows = []
     for (batch, length), dtype in ((shape, d) for shape in shapes for d in args.dtypes):
         steps = _probability_steps(batch, length, dtypes[dtype], device)
-        timed = {label: _timed_us(fn, args.reps, on_gpu) for label, fn in steps.items()}
+        timed = {label: _timed_us(fn, reps, on_gpu) for label, fn in steps.items()}
         for label, us in timed.items():
             ratio = us / timed["eager softmax"]
             rows.append({"batch": batch, "heads": HEADS, "length": length, "dtype": dtype, "implementation": label,
                          "us_fwd_bwd": round(us, 1), "vs_eager": round(ratio, 3)})
             print(f"{batch:3d}x{HEADS}x{length:<4d} {dtype:5s} {label:14s} {us:9.1f} us {ratio:5.2f}x eager")
     meta = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
-            "sparsity": 0.8, "timing": "CUDA-graph replay" if on_gpu else "loop", "reps": args.reps,
+            "sparsity": 0.8, "timing": "CUDA-graph replay" if on_gpu else "loop", "reps": reps,
             "command": " ".join(sys.argv)}
     _write(args.out, {"meta": meta, "rows": rows})
     return rows
@@ -365,15 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"],
                      help="kernels launched one by one, or replayed from a CUDA graph (GPU only)")
     att.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                     help="fp32 with TF32 matmuls (crisp's GPU default) or bf16 autocast")
+                     help="fp32 with TF32 matmuls, or bf16 autocast (what crisp trains with on a GPU by default)")
     att.add_argument("--cpu", action="store_true", help="time on the CPU even if there is a GPU")
     att.add_argument("--cpu-max-length", type=int, default=128, help="longest shape timed on the CPU")
     att.add_argument("--out", default="multirun/bench/attention.json")
     ker = sub.add_parser("kernel", help="attention-probability kernels alone, forward and backward")
     ker.add_argument("--shapes", nargs="+", default=None, help="BATCHxLENGTH, e.g. 32x66 (default: all of SHAPES)")
     ker.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ker.add_argument("--reps", type=int, default=20, help="calls per timing (5 timings, median)")
+    ker.add_argument("--reps", type=int, default=None, help="calls per timing, 5 timings, median (20 GPU, 2 CPU)")
     ker.add_argument("--cpu", action="store_true", help="time on the CPU even if there is a GPU")
+    ker.add_argument("--cpu-max-length", type=int, default=128, help="longest shape timed on the CPU")
     ker.add_argument("--out", default="multirun/bench/kernel.json")
     sw = sub.add_parser("sweep", help="grid wall-clock vs one-at-a-time untuned runs")
     sw.add_argument("--dir", default="multirun/bench/sweep")

@@ -129,6 +129,10 @@ def load_splits(cfg: DictConfig) -> dict[str, Split]:
 # Tokenization (cached) and batches
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 class TokenizedSplit(torch.utils.data.Dataset):
     """One padded id tensor; ``__getitems__`` returns a whole batch trimmed to its longest sentence."""
 
@@ -139,7 +143,7 @@ class TokenizedSplit(torch.utils.data.Dataset):
     def pad_to_multiple_of(self, multiple: int, limit: int) -> TokenizedSplit:
         """Pad every batch to a multiple of ``multiple`` tokens (at most ``limit``): few batch shapes."""
         self.multiple = multiple
-        widest = min(-(-self.input_ids.size(1) // multiple) * multiple, limit)
+        widest = min(_round_up(self.input_ids.size(1), multiple), limit)
         if widest > self.input_ids.size(1):  # the extra columns are masked out: any id will do
             extra = self.input_ids.new_zeros(len(self.input_ids), widest - self.input_ids.size(1))
             self.input_ids = torch.cat([self.input_ids, extra], dim=1)
@@ -152,7 +156,7 @@ class TokenizedSplit(torch.utils.data.Dataset):
         index = torch.as_tensor(indices)
         width = int(self.lengths[index].max())
         if self.multiple > 1:
-            width = min(-(-width // self.multiple) * self.multiple, self.input_ids.size(1))
+            width = min(_round_up(width, self.multiple), self.input_ids.size(1))
         ids = self.input_ids[index, :width]
         mask = (torch.arange(width) < self.lengths[index, None]).long()
         return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[index]}

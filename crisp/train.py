@@ -74,7 +74,8 @@ def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     refresh = t.progress_refresh_rate
     if refresh == "auto":
         refresh = 50 if accelerator == "gpu" else 10
-    one_gpu = accelerator == "gpu" and "ddp" not in str(t.strategy) and not t.compile
+    ddp = "ddp" in str(t.strategy)
+    one_gpu = accelerator == "gpu" and not ddp and not t.compile
     if t.cuda_graphs is True and not one_gpu:
         raise ConfigError(
             f"trainer.cuda_graphs=true is not allowed with trainer.accelerator={accelerator} "
@@ -85,7 +86,7 @@ def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     if pad is None:
         pad = 16 if cuda_graphs else 1  # graphs: a handful of batch shapes, each captured once
     return {"accelerator": accelerator, "devices": devices, "precision": precision, "refresh": refresh,
-            "cuda_graphs": cuda_graphs, "pad_to_multiple_of": pad}
+            "cuda_graphs": cuda_graphs, "pad_to_multiple_of": pad, "ddp": ddp}
 
 
 def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
     if cfg.trainer.compile:
         module.encoder = torch.compile(module.encoder, dynamic=True)
     logger = loggers.make_logger(cfg, config, output_dir)
-    if "ddp" in str(cfg.trainer.strategy):
+    if settings["ddp"]:
         use_crisp_rank_command()
     trainer = pl.Trainer(
         accelerator=settings["accelerator"],
