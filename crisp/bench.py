@@ -23,8 +23,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig
 
 import crisp
-from crisp import mps
 from crisp.graphs import GraphedTrainStep
+from crisp.sweep import mps
 
 ENCODERS = {
     "distilbert-base": lambda: DistilBertConfig(),  # 6 layers, 768 wide, 12 heads

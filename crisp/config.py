@@ -61,6 +61,16 @@ class CrispConf:
     sweep: Any = None
 
 
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The job's config without Hydra's own section, every interpolation resolved.
+
+    Resolved key by key, so that it also works in a launcher's process, where Hydra's runtime
+    fields (the output dir) are not set yet.
+    """
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in cfg if k != "hydra"}
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="crisp_schema", node=CrispConf)
 

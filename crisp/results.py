@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,57 @@ def effective_strategy(strategy: str, sparsity: float) -> str:
 def run_key(config: dict[str, Any]) -> str:
     """Stable hash of the effective config (without output paths, logging or the strategy of a dense run)."""
     keyed = {k: v for k, v in config.items() if k not in _NOT_IN_KEY}
+    if isinstance(keyed.get("model"), dict):
+        keyed["model"] = {k: v for k, v in keyed["model"].items() if k != "label"}  # a display name
     if keyed.get("sparsity") == 0 and isinstance(keyed.get("strategy"), dict):
         keyed["strategy"] = {"name": "dense"}
     blob = json.dumps(keyed, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_label(model: dict[str, Any]) -> str:
+    """How results and reports name a model: portable, never a machine's path.
+
+    The model yaml's ``label`` if it sets one (``sentence-transformers/all-MiniLM-L6-v2`` for the
+    folder the PyPI package installs), else a hub name as given, a local folder by its name, or
+    ``random-init <type>`` for models built from a config.
+    """
+    if model.get("label"):
+        return str(model["label"])
+    name = model.get("name_or_path")
+    if not name:
+        return f"random-init {(model.get('from_config') or {}).get('model_type', 'model')}"
+    return Path(name).name if Path(name).is_absolute() or Path(name).expanduser().is_dir() else str(name)
+
+
+def run_record(config: dict[str, Any], output_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """What every results.json of this run starts with, whatever happens to the run."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "output_dir": str(output_dir),
+        "run_key": run_key(config),
+        "name": config["name"],
+        "strategy": effective_strategy(config["strategy"]["name"], config["sparsity"]),
+        "sparsity": config["sparsity"],
+        "seed": config["seed"],
+        "model": model_label(config["model"]),
+        "data": config["data"]["name"],
+        "config": config,
+        "overrides": list(overrides),
+    }
+
+
+def record_failure(output_dir: Path, record: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
+    """Write ``record`` as failed with ``error`` (type, message, traceback), unless the run already completed."""
+    payload = {**record, "status": FAILED, "error": error}
+    payload.setdefault("finished_at", now())
+    if (read(output_dir) or {}).get("status") != COMPLETED:
+        write_atomic(Path(output_dir) / FILENAME, payload)
+    return payload
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def write_atomic(path: Path, payload: dict[str, Any]) -> None:

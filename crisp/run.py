@@ -10,21 +10,20 @@ import gc
 import logging
 import sys
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from crisp import results
-from crisp.config import ConfigError, register_configs, register_resolvers
+from crisp.config import ConfigError, register_configs, register_resolvers, resolved_config
 from crisp.data import DataError
 from crisp.ddp import is_child_rank
 from crisp.hub import HubUnreachableError
-from crisp.sweep import RunLock, RunLockBusy
+from crisp.sweep.lock import RunLock, RunLockBusy
 
 log = logging.getLogger("crisp")
 register_configs()
@@ -34,17 +33,7 @@ register_resolvers()
 USER_ERRORS = (ConfigError, DataError, HubUnreachableError)
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("hydra", None)
-    return config
-
-
-def _failure(err: BaseException) -> dict[str, str]:
+def failure(err: BaseException) -> dict[str, str]:
     return {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
 
 
@@ -53,7 +42,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    started = now()
+    started = results.now()
     base: dict[str, Any] = {"schema": results.SCHEMA_VERSION, "output_dir": str(output_dir)}
     if is_child_rank():  # a DDP rank > 0: train alongside rank 0, which writes the results
         from crisp.train import train
@@ -62,28 +51,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {"status": "ddp-rank"}
     try:
         config = resolved_config(cfg)
-        key = results.run_key(config)
-        base |= {
-            "run_key": key,
-            "name": config["name"],
-            "strategy": results.effective_strategy(config["strategy"]["name"], config["sparsity"]),
-            "sparsity": config["sparsity"],
-            "seed": config["seed"],
-            "model": config["model"].get("name_or_path") or "tiny",
-            "data": config["data"]["name"],
-            "config": config,
-            "overrides": list(hydra_cfg.overrides.task),
-        }
+        base = results.run_record(config, output_dir, hydra_cfg.overrides.task)
         with RunLock(output_dir):
             # checked under the claim: a job sharing this run may have just finished it
-            if results.is_completed(output_dir, key):
+            if results.is_completed(output_dir, base["run_key"]):
                 log.info("%s: already completed in %s, skipped", config["name"], output_dir)
                 return {**base, "status": "skipped"}
             from crisp.train import train  # heavy imports only for runs that train
 
             outcome = train(cfg, config, output_dir)
             payload = {**base, "status": results.COMPLETED, "error": None, **outcome}
-            payload |= {"started_at": started, "finished_at": now()}
+            payload |= {"started_at": started, "finished_at": results.now()}
             results.write_atomic(output_dir / results.FILENAME, payload)
         log.info("%s: completed, results in %s", base["name"], output_dir / results.FILENAME)
         return payload
@@ -91,10 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s: %s, skipped", base.get("name", output_dir.name), busy)
         return {**base, "status": "skipped"}
     except Exception as err:  # recorded, then raised (one run) or swallowed (a sweep goes on)
-        payload = {**base, "status": results.FAILED, "error": _failure(err), "started_at": started,
-                   "finished_at": now()}
-        if (results.read(output_dir) or {}).get("status") != results.COMPLETED:
-            results.write_atomic(output_dir / results.FILENAME, payload)
+        payload = results.record_failure(output_dir, {**base, "started_at": started}, failure(err))
         log.error("%s failed: %s: %s", base.get("name", output_dir.name), type(err).__name__, err)
         if not in_sweep:
             if isinstance(err, USER_ERRORS):
@@ -109,8 +84,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    return run(cfg)  # launchers that run jobs elsewhere hand this back to the sweep
 
 
 def main() -> None:

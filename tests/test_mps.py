@@ -11,7 +11,8 @@ import stat
 
 import pytest
 
-from crisp import mps, results
+from crisp import results
+from crisp.sweep import mps
 from tests.conftest import run_crisp, smoke_overrides
 
 FAKE = """#!/bin/sh

@@ -1,19 +1,10 @@
-"""Sweep plumbing: one process per run directory at a time, and the report when a sweep ends."""
+"""One process per run directory at a time: a run's claim on its directory (``.crisp.lock``)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
-
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
-
-from crisp import results
-
-log = logging.getLogger("crisp")
 
 
 class RunLockBusy(RuntimeError):
@@ -29,7 +20,7 @@ def _scheduler_task() -> str:
 
 
 class RunLock:
-    """An exclusive claim on a run directory (``.crisp.lock``: host and pid).
+    """An exclusive claim on a run directory (``.crisp.lock``: host, pid and SLURM task).
 
     Two jobs of one sweep can map to the same run (the dense run is shared by every strategy); the
     second finds the claim and skips. A claim left by a killed process on this host is taken over.
@@ -74,33 +65,9 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)
 
-
-class SweepReport(Callback):
-    """Says where a sweep lives and how to resume it; writes its report when it ends (failures included)."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        log.info("sweep directory: %s (to resume, run the same command with hydra.sweep.dir=%s)", sweep_dir, sweep_dir)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        records = [results.read(p) or {} for p in results.find_all(sweep_dir)]
-        failed = sorted(r.get("name", "?") for r in records if r.get("status") != results.COMPLETED)
-        if config.report.after_sweep and records:
-            from crisp.report import format_table, write_report
-
-            summary = write_report([sweep_dir], log_wandb=_wandb_target(config))
-            print(format_table(summary))
-            log.info("report: %s (table, plot: report.png, numbers: report.csv)", sweep_dir / "report.md")
-        if failed:
-            raise SystemExit(f"crisp: {len(failed)} run(s) failed: {', '.join(failed)} (see {sweep_dir}/report.md)")
-
-
-def _wandb_target(config: DictConfig) -> dict[str, Any] | None:
-    if config.logger.name != "wandb":
-        return None
-    from crisp.loggers import wandb_mode
-
-    mode, _ = wandb_mode(config.logger.mode)
-    return {"project": config.logger.project, "entity": config.logger.entity, "mode": mode,
-            "group": Path(config.hydra.sweep.dir).name, "dir": str(config.hydra.sweep.dir)}
+    @classmethod
+    def clear_stale(cls, run_dir: Path) -> None:
+        """Remove a claim whose process is gone (a launcher tidying up after a worker it ended)."""
+        lock = cls(run_dir)
+        if lock.path.exists() and lock._stale():
+            lock.path.unlink(missing_ok=True)

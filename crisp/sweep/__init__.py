@@ -1,0 +1,10 @@
+"""Sweep machinery: how the runs of a ``-m`` grid are launched, watched, resumed and reported.
+
+- :mod:`~crisp.sweep.lock`: a run's claim on its directory (shared runs train once).
+- :mod:`~crisp.sweep.jobs`: a job's config, run directory and results record, seen from a launcher.
+- :mod:`~crisp.sweep.pool`, :mod:`~crisp.sweep.worker`, :mod:`~crisp.sweep.heartbeat`: worker
+  processes that are watched for progress and never outlive the sweep.
+- :mod:`~crisp.sweep.launch`, :mod:`~crisp.sweep.parallel`: crisp's Hydra launchers' shared logic
+  (the plugin classes are in ``hydra_plugins/crisp_launchers``).
+- :mod:`~crisp.sweep.mps`, :mod:`~crisp.sweep.callback`: the sweep's start and end.
+"""

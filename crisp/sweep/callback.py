@@ -1,0 +1,78 @@
+"""The start and end of a ``-m`` sweep, in one place and in a fixed order (a Hydra callback).
+
+Start: say where the sweep lives and how to resume it; with ``sweep.mps=true``, check that the
+launcher runs jobs in worker processes and start a private MPS daemon. End, once the launcher has
+returned (so its workers have exited): write and print the report, then stop the MPS daemon, then
+exit non-zero if any run failed. One callback, because Hydra calls several callbacks' end hooks in
+reverse order and skips the rest when one raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from crisp import results
+from crisp.sweep import mps
+
+log = logging.getLogger("crisp")
+
+# launchers that run each job in a process of its own: MPS serves those processes, and a job run in
+# the sweep's own process would make the sweep an MPS client that the daemon's quit waits for
+PROCESS_LAUNCHERS = ("crisp_launchers.", "hydra_plugins.hydra_submitit_launcher.")
+
+
+class SweepCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        log.info("sweep directory: %s (to resume, run the same command with hydra.sweep.dir=%s)", sweep_dir, sweep_dir)
+        if config.sweep.mps:
+            launcher = str(config.hydra.launcher.get("_target_", ""))
+            if not any(name in launcher for name in PROCESS_LAUNCHERS):
+                raise SystemExit(
+                    f"crisp: sweep.mps=true is not allowed with the launcher {launcher}: MPS shares one GPU among "
+                    "runs in separate processes; use hydra/launcher=lockstep or hydra/launcher=parallel"
+                )
+            try:
+                mps.start()
+            except mps.MPSError as error:
+                # Hydra turns a callback's exceptions into warnings; the sweep must not start without it
+                raise SystemExit(f"crisp: {error}") from None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            failed = write_report(config, sweep_dir)
+        finally:
+            if config.sweep.mps:
+                mps.stop()
+        if failed:
+            raise SystemExit(f"crisp: {len(failed)} run(s) failed: {', '.join(failed)} (see {sweep_dir}/report.md)")
+
+
+def write_report(config: DictConfig, sweep_dir: Path) -> list[str]:
+    """Write and print the sweep's report; returns the names of the runs that did not complete."""
+    records = [results.read(p) or {} for p in results.find_all(sweep_dir)]
+    failed = sorted(r.get("name", "?") for r in records if r.get("status") != results.COMPLETED)
+    if config.report.after_sweep and records:
+        from crisp.report import format_table
+        from crisp.report import write_report as write
+
+        summary = write([sweep_dir], log_wandb=_wandb_target(config))
+        print(format_table(summary), flush=True)
+        log.info("report: %s (table, plot: report.png, numbers: report.csv)", sweep_dir / "report.md")
+    return failed
+
+
+def _wandb_target(config: DictConfig) -> dict[str, Any] | None:
+    if config.logger.name != "wandb":
+        return None
+    from crisp.loggers import wandb_mode
+
+    mode, _ = wandb_mode(config.logger.mode)
+    return {"project": config.logger.project, "entity": config.logger.entity, "mode": mode,
+            "group": Path(config.hydra.sweep.dir).name, "dir": str(config.hydra.sweep.dir)}

@@ -1,0 +1,85 @@
+"""A sweep's jobs as a launcher sees them, and what a launcher writes when a job's process cannot.
+
+Launchers that run jobs in other processes (crisp's ``parallel`` and ``lockstep``, ``slurm``)
+load each job's config here, in the sweep's process, to know its run directory and results record
+before it starts. When a worker dies, stalls, is cancelled or is interrupted, the job itself can no
+longer write its results.json: :func:`record_failure` writes it for the job, saying what happened,
+so the report lists it and a re-run of the same command trains it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, run_job
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+from crisp import results
+from crisp.config import resolved_config
+from crisp.sweep.lock import RunLock
+
+log = logging.getLogger("crisp")
+
+
+@dataclass
+class Job:
+    idx: int
+    overrides: list[str]
+    config: DictConfig  # the job's own sweep config, Hydra's section included
+    output_dir: Path
+    record: dict[str, Any]  # the fields every results.json of this run starts with
+
+    @property
+    def name(self) -> str:
+        return self.record["name"]
+
+
+def job_config(hydra_context: HydraContext, config: DictConfig, overrides: Sequence[str], idx: int) -> DictConfig:
+    """The job's config as Hydra's own launchers build it (job id and number set)."""
+    job_cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(job_cfg):
+        job_cfg.hydra.job.id = f"{job_cfg.hydra.job.name}_{idx}"
+        job_cfg.hydra.job.num = idx
+    return job_cfg
+
+
+def load_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
+              initial_job_idx: int) -> list[Job]:
+    jobs = []
+    for offset, overrides in enumerate(job_overrides):
+        idx = initial_job_idx + offset
+        job_cfg = job_config(hydra_context, config, overrides, idx)
+        HydraConfig.instance().set_config(job_cfg)  # ${hydra:...} resolvers read it
+        output_dir = Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
+        record = results.run_record(resolved_config(job_cfg), output_dir, list(overrides))
+        jobs.append(Job(idx, list(overrides), job_cfg, output_dir, record))
+    return jobs
+
+
+def execute(hydra_context: HydraContext, job: Job, task_function: TaskFunction) -> JobReturn:
+    """Run one job in this process, as Hydra's launchers do (output dir, .hydra/, job logging)."""
+    HydraConfig.instance().set_config(job.config)
+    return run_job(hydra_context=hydra_context, task_function=task_function, config=job.config,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+
+
+def job_return(job: Job, value: dict[str, Any]) -> JobReturn:
+    """A JobReturn made by the launcher for a job whose worker returned none."""
+    return JobReturn(overrides=job.overrides, cfg=job.config, hydra_cfg=job.config, working_dir=os.getcwd(),
+                     task_name=job.config.hydra.job.name, status=JobStatus.COMPLETED, _return_value=value)
+
+
+def record_failure(job: Job, kind: str, message: str, details: str = "") -> dict[str, Any]:
+    """Record ``job`` failed (unless it completed after all) and free its run directory."""
+    RunLock.clear_stale(job.output_dir)
+    if results.is_completed(job.output_dir, job.record["run_key"]):
+        return results.read(job.output_dir)
+    log.error("%s failed: %s: %s", job.name, kind, message)
+    return results.record_failure(job.output_dir, job.record, {"type": kind, "message": message, "traceback": details})

@@ -1,0 +1,78 @@
+"""What crisp's process launchers share: jobs in, worker tasks run, one JobReturn per job out.
+
+``hydra/launcher=parallel`` makes one task per job; ``hydra/launcher=lockstep`` one task per group
+of jobs trained together. Either way a job whose worker dies, stalls or is interrupted is recorded
+failed here (:func:`crisp.sweep.jobs.record_failure`) and the sweep goes on; an interrupted sweep
+ends its workers, then exits non-zero with a line that says how to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, configure_log, setup_globals
+
+from crisp import results
+from crisp.sweep.jobs import Job, job_return, load_jobs, record_failure
+from crisp.sweep.pool import Outcome, SweepInterrupted, Task, WorkerPool, visible_gpus
+
+log = logging.getLogger("crisp")
+TASK_DIR = ".crisp"  # per-sweep folder for the launcher's spec, result and heartbeat files
+
+
+def prepare(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[Path, list[Job]]:
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    return sweep_dir, load_jobs(launcher.hydra_context, launcher.config, job_overrides, initial_job_idx)
+
+
+def task(launcher, label: str, kind: str, jobs: list[Job], log_path: Path, **spec: Any) -> Task:
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    payload = {"kind": kind, "jobs": jobs, "hydra_context": launcher.hydra_context,
+               "task_function": launcher.task_function, "singleton_state": Singleton.get_state(), **spec}
+    return Task(label=label, spec=payload, files=sweep_dir / TASK_DIR / label, log_path=log_path)
+
+
+def run_tasks(sweep_dir: Path, tasks: list[Task], jobs: list[Job], max_running: int,
+              stall_timeout_s: float) -> list[JobReturn]:
+    """Run ``tasks`` (each covering some of ``jobs``); one JobReturn per job, in the jobs' order."""
+    returns: dict[int, JobReturn] = {}
+
+    def done(task: Task, outcome: Outcome) -> None:
+        task_jobs: list[Job] = task.spec["jobs"]
+        if outcome.error is None:
+            returns.update({job.idx: ret for job, ret in zip(task_jobs, outcome.result, strict=True)})
+        else:
+            kind, message = outcome.error
+            for job in task_jobs:
+                returns[job.idx] = job_return(job, record_failure(job, kind, message, outcome.log_tail))
+        for job in task_jobs:
+            _log_outcome(job, returns[job.idx].return_value, outcome.seconds)
+
+    pool = WorkerPool(max_running, stall_timeout_s, visible_gpus())
+    log.info("%d jobs in %d worker tasks, at most %d at once", len(jobs), len(tasks), pool.max_running)
+    try:
+        pool.run(tasks, done)
+    except SweepInterrupted as stop:
+        log.error("crisp: sweep interrupted by %s: its workers are stopped and their runs recorded failed; "
+                  "run the same command with hydra.sweep.dir=%s to finish it", stop, sweep_dir)
+        raise SystemExit(143 if str(stop) == "SIGTERM" else 130) from None
+    return [returns[job.idx] for job in jobs]
+
+
+def _log_outcome(job: Job, value: dict[str, Any], seconds: float) -> None:
+    status = value.get("status")
+    if status == results.COMPLETED:
+        acc = (value.get("final") or {}).get("val_acc")
+        log.info("%s completed: val_acc %s (%.0f s)", job.name, "?" if acc is None else f"{acc:.4f}", seconds)
+    elif status == results.FAILED:
+        error = value.get("error") or {}
+        log.info("%s failed: %s: %s", job.name, error.get("type"), error.get("message"))
+    else:
+        log.info("%s %s", job.name, status)

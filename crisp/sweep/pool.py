@@ -1,0 +1,207 @@
+"""Sweep tasks in worker processes: started, watched, and always cleaned up.
+
+A task is one run (``hydra/launcher=parallel``) or a lockstep group of runs. Each runs in a fresh
+``python -m crisp.sweep.worker`` process, in its own process group, with its output in a log file.
+The pool
+
+- runs at most ``max_running`` tasks at once and gives each the visible GPU with the fewest tasks;
+- ends a task whose heartbeat file (:mod:`crisp.sweep.heartbeat`) has not been touched for
+  ``stall_timeout_s`` (a hung CUDA call, a deadlock, a stopped process) and says which it was;
+- kills a task's whole process group when the task ends, and every running task when the sweep
+  is interrupted (Ctrl-C, SIGTERM); workers also die with the sweep's process if it is killed
+  outright (Linux's parent-death signal, set by the worker).
+
+A worker exits when its task ends, so no process outlives its run holding a CUDA context. That is
+what kept NVIDIA MPS from stopping at the end of a sweep: joblib's reusable workers stayed alive,
+idle, with their contexts open, and MPS's ``quit`` waits for every client to go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from crisp.sweep import heartbeat
+
+log = logging.getLogger("crisp")
+PARENT_ENV = "CRISP_SWEEP_PID"
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep's process got SIGINT or SIGTERM."""
+
+
+@dataclass
+class Task:
+    """What one worker runs: ``spec`` is pickled for it; ``label`` names it in logs."""
+
+    label: str
+    spec: dict[str, Any]
+    files: Path  # spec, result and heartbeat files
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    gpu: str | None = None
+    started: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """How a task ended: the worker's pickled result, or why there is none."""
+
+    result: Any = None
+    error: tuple[str, str] | None = None  # (kind, message)
+    log_tail: str = ""
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand out (CUDA_VISIBLE_DEVICES, else every device)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+class WorkerPool:
+    def __init__(self, max_running: int, stall_timeout_s: float, gpus: Sequence[str] = (), poll_s: float = 0.5,
+                 grace_s: float = 10.0):
+        self.max_running = max(1, int(max_running))
+        self.stall_timeout_s = float(stall_timeout_s)
+        self.gpus = list(gpus)
+        self.poll_s, self.grace_s = poll_s, grace_s
+
+    def run(self, tasks: Sequence[Task], on_done: Callable[[Task, Outcome], None]) -> None:
+        """Run every task; ``on_done`` is called once per task as it ends, in this process."""
+        pending, running = deque(tasks), []
+        try:
+            with _signals_raise():
+                while pending or running:
+                    while pending and len(running) < self.max_running:
+                        task = pending.popleft()
+                        self._start(task, running)
+                        running.append(task)
+                    time.sleep(self.poll_s)
+                    for task in list(running):
+                        outcome = self._check(task)
+                        if outcome is not None:
+                            running.remove(task)
+                            on_done(task, outcome)
+        except SweepInterrupted as stop:
+            for task in running:
+                _kill_group(task.proc, self.grace_s)
+            for task in running:
+                on_done(task, self._outcome(task, ("Interrupted", f"the sweep was interrupted ({stop})")))
+            for task in pending:
+                on_done(task, Outcome(error=("Interrupted", f"the sweep was interrupted ({stop}) before it started")))
+            raise
+
+    def _start(self, task: Task, running: list[Task]) -> None:
+        task.files.mkdir(parents=True, exist_ok=True)
+        task.log_path.parent.mkdir(parents=True, exist_ok=True)
+        spec, result, beat = task.files / "spec.pkl", task.files / "result.pkl", task.files / "heartbeat"
+        result.unlink(missing_ok=True)
+        spec.write_bytes(cloudpickle.dumps(task.spec))
+        beat.touch()
+        env = {**os.environ, heartbeat.ENV: str(beat), PARENT_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        if self.gpus:
+            load = {g: sum(t.gpu == g for t in running) for g in self.gpus}
+            task.gpu = min(self.gpus, key=lambda g: load[g])
+            env["CUDA_VISIBLE_DEVICES"] = task.gpu
+        with open(task.log_path, "ab") as out:
+            task.proc = subprocess.Popen(
+                [sys.executable, "-m", "crisp.sweep.worker", str(spec), str(result)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,  # its own process group: everything it starts goes with it
+            )
+        task.started = time.monotonic()
+        where = f" on GPU {task.gpu}" if task.gpu is not None else ""
+        log.info("started %s%s (pid %d, log %s)", task.label, where, task.proc.pid, task.log_path)
+
+    def _check(self, task: Task) -> Outcome | None:
+        code = task.proc.poll()
+        if code is not None:
+            _kill_group(task.proc, 0)  # whatever it left behind (data-loader workers, DDP ranks)
+            if code == 0 and (task.files / "result.pkl").is_file():
+                result = cloudpickle.loads((task.files / "result.pkl").read_bytes())
+                return Outcome(result=result, seconds=time.monotonic() - task.started)
+            return self._outcome(task, ("WorkerDied", f"its worker process {_describe_exit(code)} before it finished"))
+        silent = heartbeat.age_s(task.files / "heartbeat")
+        if silent > self.stall_timeout_s:
+            _kill_group(task.proc, self.grace_s)
+            message = (f"stalled: its worker (pid {task.proc.pid}) showed no progress for {silent:.0f} s "
+                       f"(stall_timeout_s={self.stall_timeout_s:g}) and was killed")
+            return self._outcome(task, ("Stalled", message))
+        return None
+
+    def _outcome(self, task: Task, error: tuple[str, str]) -> Outcome:
+        return Outcome(error=(error[0], f"{error[1]}; log: {task.log_path}"), log_tail=_tail(task.log_path),
+                       seconds=time.monotonic() - task.started if task.started else 0.0)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _kill_group(proc: subprocess.Popen | None, grace_s: float) -> None:
+    """SIGTERM the worker's process group and give it ``grace_s``, then SIGKILL the whole group."""
+    if proc is None:
+        return
+    if grace_s > 0 and proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+    _signal_group(proc, signal.SIGKILL)  # also when the leader is gone: its children may not be
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        log.error("worker pid %d did not exit after SIGKILL", proc.pid)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@contextmanager
+def _signals_raise():
+    """SIGINT and SIGTERM raise SweepInterrupted here, so that workers are ended before the sweep exits."""
+
+    def handler(signum, frame):
+        raise SweepInterrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

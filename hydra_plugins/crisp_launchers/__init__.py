@@ -1,0 +1,30 @@
+"""crisp's Hydra launchers (Hydra finds launcher plugins in the ``hydra_plugins`` namespace only).
+
+The classes are thin: the work is in :mod:`crisp.sweep`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+class _ProcessLauncher(Launcher):
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+
+class ParallelLauncher(_ProcessLauncher):
+    """``hydra/launcher=parallel``: every run in its own worker process, ``n_jobs`` at once."""
+
+    def __init__(self, n_jobs: int, stall_timeout_s: float = 600) -> None:
+        self.n_jobs, self.stall_timeout_s = n_jobs, stall_timeout_s
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from crisp.sweep.parallel import launch_jobs
+
+        return launch_jobs(self, job_overrides, initial_job_idx)
