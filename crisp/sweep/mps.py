@@ -24,7 +24,8 @@ import signal
 import socket
 import subprocess
 import tempfile
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
+from pathlib import Path, suppress
 
 log = logging.getLogger("crisp")
 CONTROL = "nvidia-cuda-mps-control"
