@@ -24,8 +24,8 @@ import signal
 import socket
 import subprocess
 import tempfile
-from contextlib import contextmanager
-from pathlib import Path, suppress
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 log = logging.getLogger("crisp")
 CONTROL = "nvidia-cuda-mps-control"
