@@ -65,14 +65,39 @@ def check_fused_matches_sort(device: str) -> None:
         torch.testing.assert_close(leaf.grad.float(), ref_leaf.grad.float(), **tolerance, msg=str(where))
 
 
+def check_fused_runs_match_each_run_alone(device: str) -> None:
+    """A batch of several runs (one block of rows each, a 2-D k table) gives each block exactly what
+    that run's own table gives it alone, forward and backward, with padding and a 4-D mask."""
+    generator = torch.Generator().manual_seed(1)
+    cases = [(3, 2, 66, torch.float32), (2, 5, 17, torch.bfloat16), (4, 1, 128, torch.float32)]
+    for runs, per_run, k_len, dtype in cases:
+        sparsities = tuple(float(s) for s in torch.tensor([0.0, 0.8, 0.5, 0.95])[:runs])
+        raw = torch.randn(runs * per_run, 2, 5, k_len, generator=generator).to(device=device, dtype=dtype)
+        lengths = torch.randint(1, k_len + 1, (runs * per_run,), generator=generator).to(device)
+        valid = torch.arange(k_len, device=device)[None, None, None, :] < lengths[:, None, None, None]
+        upstream = torch.randn(raw.shape, generator=generator).to(device=device, dtype=dtype)
+        leaf = raw.clone().requires_grad_()
+        probs = kernels.topk_softmax(leaf, valid, _k_table(k_len, sparsities, leaf.device), 0.125, runs=runs)
+        (probs.float() * upstream).sum().backward()
+        for run, s in enumerate(sparsities):
+            rows = slice(run * per_run, (run + 1) * per_run)
+            alone = raw[rows].clone().requires_grad_()
+            expected = kernels.topk_softmax(alone, valid[rows], _k_table(k_len, s, alone.device), 0.125)
+            (expected.float() * upstream[rows]).sum().backward()
+            assert torch.equal(probs[rows], expected), (runs, run, s)
+            assert torch.equal(leaf.grad[rows], alone.grad), (runs, run, s)
+
+
 @cuda
 def test_fused_kernel_matches_the_sort_on_the_gpu():
     check_fused_matches_sort("cuda")
+    check_fused_runs_match_each_run_alone("cuda")
 
 
 def test_fused_kernel_matches_the_sort_under_the_triton_interpreter():
     pytest.importorskip("triton")
-    code = "from tests.test_cuda import check_fused_matches_sort; check_fused_matches_sort('cpu')"
+    code = ("from tests.test_cuda import check_fused_matches_sort, check_fused_runs_match_each_run_alone; "
+            "check_fused_matches_sort('cpu'); check_fused_runs_match_each_run_alone('cpu')")
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
