@@ -18,7 +18,7 @@ import crisp
 from crisp import kernels, results
 from crisp.attention import _drop_mask, _k_table, _MaskInfo
 from crisp.graphs import GraphedTrainStep
-from tests.conftest import ROOT, VOCAB, run_crisp, tiny_config
+from tests.conftest import ROOT, VOCAB, run_crisp, smoke_overrides, tiny_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -211,3 +211,47 @@ def test_a_gpu_run_uses_cuda_graphs_and_learns(tmp_path):
     assert record["timing"]["cuda_graphs"]["graphs"] >= 1
     assert record["timing"]["pad_to_multiple_of"] == 16
     assert record["final"]["val_acc"] > 0.8
+
+
+def _mps_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-a", "nvidia-cuda-mps"], capture_output=True, text=True).stdout
+    return out.splitlines()
+
+
+@cuda
+def test_a_short_mps_grid_ends_with_its_report_and_leaves_nothing_behind(tmp_path):
+    from tests.test_sweep import workers_of
+
+    overrides = ["trainer=gpu", "hydra/launcher=parallel", "hydra.launcher.n_jobs=4", "sweep.mps=true"]
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, *overrides, sweep=True), "seed=1,2,3,4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MPS daemon started" in proc.stdout and "MPS daemon stopped" in proc.stdout
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("report.md", "report.csv", "report.png"))
+    assert len([p for p in results.find_all(tmp_path) if results.read(p)["status"] == "completed"]) == 4
+    assert not workers_of(tmp_path) and not _mps_processes()
+
+
+@cuda
+def test_an_mps_daemon_left_by_a_killed_sweep_is_stopped_by_the_next(tmp_path):
+    import signal
+    import time
+
+    from tests.test_sweep import workers_of
+
+    overrides = smoke_overrides(tmp_path, "trainer=gpu", "hydra/launcher=parallel", "sweep.mps=true", sweep=True)
+    killed = subprocess.Popen([sys.executable, "-m", "crisp.run", "-m", *overrides, "trainer.max_epochs=50",
+                               "seed=1,2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 120
+    while len(workers_of(tmp_path)) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    deadline = time.time() + 30
+    while workers_of(tmp_path) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not workers_of(tmp_path) and _mps_processes()  # the workers died with it; the daemon did not
+    proc = run_crisp("-m", *overrides, "seed=1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "found an MPS daemon left by an earlier sweep" in proc.stdout
+    assert not _mps_processes()
