@@ -116,7 +116,7 @@ def test_crisp_attention_uses_the_kernel_on_the_gpu_and_matches_the_sort(monkeyp
     mask = (torch.arange(30, device="cuda") < torch.tensor([30, 12, 5, 21], device="cuda")[:, None]).long()
     calls = []
     kernel = kernels.topk_softmax
-    monkeypatch.setattr(kernels, "topk_softmax", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(kernels, "topk_softmax", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     fused = model(input_ids=ids, attention_mask=mask).logits
     assert len(calls) == 3  # one launch per layer
     monkeypatch.setenv("CRISP_FUSED_TOPK", "0")
