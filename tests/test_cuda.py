@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,8 +215,16 @@ def test_a_gpu_run_uses_cuda_graphs_and_learns(tmp_path):
 
 
 def _mps_processes() -> list[str]:
-    out = subprocess.run(["pgrep", "-a", "nvidia-cuda-mps"], capture_output=True, text=True).stdout
-    return out.splitlines()
+    """Live MPS daemons and servers (a stopped daemon may linger as a zombie where PID 1 reaps nothing)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(") ")
+        except OSError:
+            continue
+        if "(nvidia-cuda-mps" in fields[0] and not fields[1].startswith("Z"):
+            found.append(fields[0])
+    return found
 
 
 @cuda

@@ -150,7 +150,8 @@ def _step_losses(run_dir) -> list[float]:
 def test_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
     """Dropout off, fp32: the same losses step by step and the same final weights as each run alone,
     for two seeds and two sparsities in one group, uniform and adaptive."""
-    grid = ["experiment=smoke", "data.num_train=128", "data.num_val=64", "trainer.max_epochs=2",
+    grid = ["experiment=smoke", "data.num_train=128", "data.num_val=64", "data.eval_batch_size=16",
+            "trainer.max_epochs=2",
             "trainer.log_every_n_steps=1", "trainer.save_weights=true", *NO_DROPOUT,
             "seed=1,2", "sparsity=0.5,0.8", "strategy=uniform,adaptive"]
     alone = run_crisp("-m", *grid, f"hydra.sweep.dir={tmp_path / 'alone'}")
@@ -165,6 +166,9 @@ def test_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
         losses = _step_losses(tmp_path / "alone" / name)
         assert len(losses) == 8
         torch.testing.assert_close(_step_losses(tmp_path / "lockstep" / name), losses, rtol=1e-5, atol=1e-6)
+        # validation over several batches: each run's own loss, accuracy and F1, epoch by epoch
+        for epoch, expected in zip(fused[name]["history"], record["history"], strict=True):
+            assert epoch == pytest.approx(expected, rel=1e-5, abs=1e-6), name
         weights = load_file(tmp_path / "alone" / name / "model.safetensors")
         lockstep_weights = load_file(tmp_path / "lockstep" / name / "model.safetensors")
         assert weights.keys() == lockstep_weights.keys()

@@ -51,18 +51,16 @@ class FusedEmbedding(nn.Module):
         super().__init__()
         self.weight = _stack([m.weight for m in embeddings])  # [R, vocab, dim]
         self.padding_idx = embeddings[0].padding_idx
-        if self.padding_idx is not None:
-            # as nn.Embedding does: the padding row gets no gradient, in every run's table
-            self.weight.register_hook(self._no_padding_grad)
-
-    def _no_padding_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad.index_fill(1, torch.tensor([self.padding_idx], device=grad.device), 0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         runs, vocab, dim = self.weight.shape
         offsets = torch.arange(runs, device=ids.device) * vocab
-        per_run = ids.view(runs, -1) + offsets[:, None]
-        return F.embedding(per_run, self.weight.view(runs * vocab, dim)).view(*ids.shape, dim)
+        per_run = ids.view(runs, -1)
+        out = F.embedding(per_run + offsets[:, None], self.weight.view(runs * vocab, dim))
+        if self.padding_idx is not None:
+            # as nn.Embedding(padding_idx=...) does: the padding row gets no gradient from its tokens
+            out = torch.where((per_run == self.padding_idx).unsqueeze(-1), out.detach(), out)
+        return out.view(*ids.shape, dim)
 
 
 class FusedLayerNorm(nn.Module):

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from torch.nn import functional as F
-from torchmetrics.classification import BinaryAccuracy, BinaryF1Score
+from torchmetrics.classification import MultilabelAccuracy, MultilabelF1Score
 from transformers import get_linear_schedule_with_warmup
 
 from crisp.attention import RunRows, attention_modules
@@ -59,14 +59,20 @@ class LockstepClassifier(pl.LightningModule):
         self.attention = attention_modules(encoder)
         self.token_types = "token_type_ids" in encoder.forward.__code__.co_varnames
         self._set_sparsity()
-        self.val_acc = BinaryAccuracy(multidim_average="samplewise", validate_args=False)
-        self.val_f1 = BinaryF1Score(multidim_average="samplewise", validate_args=False)
+        self._val_metrics()
         self._sums: dict[str, torch.Tensor] = {}
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _set_sparsity(self) -> None:
         for layer, module in enumerate(self.attention):
             module.crisp_sparsity = tuple(run.layer_sparsity[layer] for run in self.runs)
+
+    def _val_metrics(self) -> None:
+        # each run is one "label": per-label accuracy and F1 are each run's own, summed over all batches
+        runs = len(self.runs)
+        device = self.val_acc.device if hasattr(self, "val_acc") else None
+        self.val_acc = MultilabelAccuracy(runs, average=None, validate_args=False).to(device)
+        self.val_f1 = MultilabelF1Score(runs, average=None, validate_args=False).to(device)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         self._sums[name] = value if name not in self._sums else self._sums[name] + value
@@ -136,7 +142,7 @@ class LockstepClassifier(pl.LightningModule):
         _, losses, logits = self._loss_and_logits(batch)
         runs = len(self.runs)
         count = batch["labels"].numel() // runs
-        preds, target = logits.argmax(-1).view(runs, -1), batch["labels"].view(runs, -1)
+        preds, target = logits.argmax(-1).view(runs, -1).T, batch["labels"].view(runs, -1).T  # [sentences, runs]
         self.val_acc.update(preds, target)
         self.val_f1.update(preds, target)
         self._add("val_loss", losses * count)
@@ -205,6 +211,7 @@ class LockstepClassifier(pl.LightningModule):
         datamodule.keep_runs(keep)
         self.runs[:] = [self.runs[i] for i in keep]
         self._set_sparsity()
+        self._val_metrics()
         self.graphed_step = None  # its graphs hold the old shapes
 
     # -- optimisation -----------------------------------------------------------------------------
