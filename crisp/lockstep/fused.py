@@ -4,7 +4,9 @@ transformers' modeling code runs unchanged on a batch whose rows are R equal blo
 (the run dimension folded into the batch). Only the modules that hold parameters or randomness
 are swapped:
 
-- ``Linear`` -> :class:`FusedLinear`: R weight matrices, one batched matmul over ``[R, tokens, in]``;
+- ``Linear`` -> :class:`FusedLinear`: R weight matrices, one batched matmul over ``[R, tokens, in]``
+  (stored transposed, ``[R, in, out]``: the matmul's weight gradient then comes out in the
+  parameter's own layout and is not copied again for every parameter on every step);
 - ``Embedding`` -> :class:`FusedEmbedding`: R tables, one lookup in their concatenation;
 - ``LayerNorm`` -> :class:`FusedLayerNorm`: normalisation, then each run's scale and shift;
 - ``Dropout`` -> :class:`RunDropout`: each run's mask from its own stream (:mod:`crisp.lockstep.dropout`).
@@ -31,18 +33,20 @@ def _stack(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
 
 
 class FusedLinear(nn.Module):
+    transposed = ("weight",)  # run r's nn.Linear weight is weight[r].T
+
     def __init__(self, linears: Sequence[nn.Linear]):
         super().__init__()
-        self.weight = _stack([m.weight for m in linears])  # [R, out, in]
+        self.weight = _stack([m.weight.t() for m in linears])  # [R, in, out]
         self.bias = _stack([m.bias for m in linears]) if linears[0].bias is not None else None  # [R, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runs, shape = self.weight.size(0), x.shape
         x = x.reshape(runs, -1, shape[-1])
         if self.bias is None:
-            y = torch.bmm(x, self.weight.transpose(1, 2))
+            y = torch.bmm(x, self.weight)
         else:
-            y = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+            y = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
         return y.reshape(*shape[:-1], -1)
 
 
@@ -142,9 +146,13 @@ def run_state_dict(fused: nn.Module, run: int) -> dict[str, torch.Tensor]:
     prefix = f"{fused.base_model_prefix}."
     state = {}
     for name, param in fused.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        tensor = param.detach()[run]
+        if leaf in getattr(fused.get_submodule(owner), "transposed", ()):
+            tensor = tensor.t().contiguous()
         if name.startswith(prefix + "base."):
             name = prefix + name.removeprefix(prefix + "base.")
-        state[name] = param.detach()[run]
+        state[name] = tensor
     return state
 
 

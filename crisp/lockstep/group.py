@@ -132,9 +132,13 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     encoder = fuse([m.encoder for m in members], random).to(device)
     for m in members:
         m.encoder = None  # fused now: the single models' tensors can go
+    workers = options.get("pack_workers", "auto")
     datamodule = GroupDataModule([m.train for m in members], [m.val for m in members], [m.cfg.seed for m in members],
                                  cfg.data.batch_size, cfg.data.eval_batch_size, width,
-                                 pin_memory=device.type == "cuda")
+                                 pin_memory=device.type == "cuda",
+                                 workers=(2 if device.type == "cuda" else 0) if workers == "auto" else workers,
+                                 # CUDA graphs: one per batch shape, so few row counts
+                                 row_multiple=4 if settings["cuda_graphs"] else 1)
     for m in members:
         m.run.logger = loggers.make_logger(m.cfg, m.config, m.output_dir) or None
     module = LockstepClassifier(encoder, [m.run for m in members], random, cfg, cuda_graphs=settings["cuda_graphs"],

@@ -126,7 +126,9 @@ class LockstepClassifier(pl.LightningModule):
 
     def _graphed_training_step(self, batch, track: bool):
         if self.graphed_step is None:
-            self.graphed_step = GraphedTrainStep(self._loss_and_logits, list(self.encoder.parameters()))
+            # a shape is captured at its fourth step: an epoch's short last batch never is (each
+            # graph holds a full set of R runs' gradients)
+            self.graphed_step = GraphedTrainStep(self._loss_and_logits, list(self.encoder.parameters()), warmup=3)
         outputs = []
 
         def forward_backward():

@@ -89,6 +89,13 @@ def _parameters(job: Job) -> int:
         return sum(p.numel() for p in AutoModelForSequenceClassification.from_config(config).parameters())
 
 
+def check_pack_workers(value: int | str) -> int | str:
+    """``hydra.launcher.pack_workers``: "auto" or a count of processes, checked before anything runs."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise SystemExit(f"crisp: hydra.launcher.pack_workers={value!r}: use auto or a number of processes >= 0")
+
+
 def _device_memory() -> int:
     """Bytes of the smallest visible GPU (nvidia-smi: no CUDA context here), or of this machine's memory."""
     if visible_gpus() and shutil.which("nvidia-smi"):
@@ -100,6 +107,7 @@ def _device_memory() -> int:
 
 
 def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    options = {"row_width": launcher.row_width, "pack_workers": launcher.pack_workers}
     sweep_dir, jobs = launch.prepare(launcher, job_overrides, initial_job_idx)
     returns: dict[int, JobReturn] = {}
     pending, owner = [], {}
@@ -119,7 +127,7 @@ def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_id
     for k, group in enumerate(groups):
         log.info("lockstep group %d: %d runs (%s)", k, len(group), ", ".join(job.name for job in group))
         tasks.append(launch.task(launcher, f"group{k}", "lockstep", group, sweep_dir / f"lockstep-group{k}.log",
-                                 options={"row_width": launcher.row_width}))
+                                 options=options))
     if tasks:
         ran = launch.run_tasks(sweep_dir, tasks, pending, max(1, len(gpus)), launcher.stall_timeout_s)
         returns.update({job.idx: ret for job, ret in zip(pending, ran, strict=True)})
