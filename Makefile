@@ -7,6 +7,8 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 MODEL ?=
 DATA_DIR ?=
 ARGS ?=
+# reproduce: the grid's runs as one fused model per recipe (README: Which launcher)
+LAUNCHER ?= lockstep
 REPRO_OVERRIDES := $(if $(MODEL),model=$(MODEL)) $(if $(DATA_DIR),data=sst2_local data.dir=$(DATA_DIR))
 
 .PHONY: help install smoke test test-fast lint reproduce bench clean
@@ -36,7 +38,7 @@ lint: install  ## ruff
 	$(VENV)/bin/ruff check crisp tests
 
 reproduce: install  ## the paper's grid and its report; MODEL=minilm-l6 DATA_DIR=../shared/data/sst2 for offline
-	$(PY) -m crisp.run experiment=paper $(REPRO_OVERRIDES) $(ARGS)
+	$(PY) -m crisp.run experiment=paper hydra/launcher=$(LAUNCHER) $(REPRO_OVERRIDES) $(ARGS)
 
 bench: install  ## attention benchmark (dense eager vs SDPA vs crisp), table + JSON
 	$(PY) -m crisp.bench attention $(ARGS)
