@@ -109,8 +109,13 @@ class Sweep:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def tasks(self) -> dict[str, str]:
-        return wait_for(lambda: "  task " in self.log and array_tasks(self.log)[1], 60, "the submission", self.proc)
+    def tasks(self, n: int) -> dict[str, str]:
+        """Run name -> SLURM task, once the sweep has logged all ``n`` of them."""
+        def submitted():
+            found = array_tasks(self.log)[1] if "SLURM job" in self.log else {}
+            return found if len(found) == n else None
+
+        return wait_for(submitted, 60, "the submission", self.proc)
 
     def wait(self, timeout_s: float = 300) -> int:
         return self.proc.wait(timeout=timeout_s)
@@ -128,9 +133,12 @@ class Writes:
     def _watch(self) -> None:
         while not self._stop.is_set():
             for path in results.find_all(self.sweep_dir):
-                record = results.read(path)
+                try:
+                    mtime, record = path.stat().st_mtime_ns, results.read(path)
+                except OSError:
+                    continue
                 if record:
-                    self.seen.setdefault(path.parent.name, {})[path.stat().st_mtime_ns] = record["status"]
+                    self.seen.setdefault(path.parent.name, {})[mtime] = record["status"]
             time.sleep(0.05)
 
     def stop(self) -> dict[str, list[str]]:
@@ -158,9 +166,10 @@ def test_a_grid_is_one_job_array_with_the_basic_launchers_report(slurm, tmp_path
     table = [line for line in (tmp_path / "slurm" / "report.md").read_text().splitlines() if line.startswith("|")]
     assert table == [line for line in (tmp_path / "basic" / "report.md").read_text().splitlines()
                      if line.startswith("|")]
-    # readable: one line about accounting, no sacct warnings, one line per task event
+    # readable: accounting off said once, no warnings, a line per task as it is submitted, starts and ends
     assert log.count("SLURM accounting is off") == 1 and "sacct" not in log.replace("(sacct: ", "")
-    assert "Traceback" not in log and "WARNING" not in log
+    assert "arning" not in log and "Traceback" not in log
+    assert len(log.splitlines()) <= 3 * len(tasks) + 12, log
 
 
 def test_a_requeued_task_comes_back_and_only_its_run_trains_again(slurm, tmp_path):
@@ -168,7 +177,7 @@ def test_a_requeued_task_comes_back_and_only_its_run_trains_again(slurm, tmp_pat
     long = ["data.num_train=2048", "trainer.max_epochs=2"]  # a few seconds of training to be preempted in
     sweep = Sweep(slurm, out, *smoke_overrides(out, *long, *launcher(slurm), sweep=True), "seed=1,2")
     writes = Writes(out)
-    tasks = sweep.tasks()
+    tasks = sweep.tasks(2)
     preempted, other = tasks["dense_seed1"], tasks["dense_seed2"]
     wait_for(lambda: "Epoch 0:" in task_log(out, preempted), 120, "dense_seed1 to train", sweep.proc)
     assert results.read(out / "dense_seed1") is None  # mid-training
@@ -194,10 +203,11 @@ def test_a_requeued_task_comes_back_and_only_its_run_trains_again(slurm, tmp_pat
 
 def test_a_cancelled_task_is_reported_and_the_same_command_finishes_it(slurm, tmp_path):
     out = tmp_path / "sweep"
-    overrides = [*smoke_overrides(out, "data.num_train=2048", *launcher(slurm, "hydra.launcher.array_parallelism=3"),
-                                  sweep=True), "seed=1,2,3"]
+    long = ["data.num_train=2048", "trainer.max_epochs=2"]  # a few seconds of training to be cancelled in
+    overrides = [*smoke_overrides(out, *long, *launcher(slurm, "hydra.launcher.array_parallelism=3"), sweep=True),
+                 "seed=1,2,3"]
     sweep = Sweep(slurm, out, *overrides)
-    tasks = sweep.tasks()
+    tasks = sweep.tasks(3)
     wait_for(lambda: "Epoch 0:" in task_log(out, tasks["dense_seed2"]), 120, "dense_seed2 to train", sweep.proc)
     slurm.run("scancel", tasks["dense_seed2"])
     assert sweep.wait() != 0

@@ -32,7 +32,7 @@ class ArrayTask:
     the task (at most ``max_num_timeout`` times); the requeued task runs its jobs again, and the run
     that was cut short starts over. A task with no requeue left records its unfinished runs failed
     with :class:`SlurmTimeLimit`. Another way to run a list of jobs (a lockstep group trained in one
-    process) would override :meth:`run`.
+    process) overrides :meth:`run`.
     """
 
     jobs: list[Job]
@@ -51,20 +51,21 @@ class ArrayTask:
         for job in self.jobs:
             with read_write(job.config.hydra), open_dict(job.config.hydra):  # read-only once HydraConfig saw it
                 job.config.hydra.job.id = task_id
+        self._out_of_time: str | None = None  # why, once the time limit came with no requeue left
         self._name_the_last_timeout(task_id)
-        try:
-            return self.run(self.jobs)
-        except SlurmTimeLimit as limit:  # between runs: what did not complete is recorded failed
-            return [job_return(job, record_failure(job, type(limit).__name__, str(limit))) for job in self.jobs]
+        return self.run(self.jobs)
 
     def run(self, jobs: list[Job]) -> list[JobReturn]:
+        """Each job in turn; after the last time limit, the jobs not yet run are recorded failed, not started."""
         returns = []
         for job in jobs:
-            try:
-                returns.append(execute(self.hydra_context, job, self.task_function))
-            except SlurmTimeLimit as limit:
-                # raised outside the run's own error handling (crisp.run records it when inside)
-                returns.append(job_return(job, record_failure(job, type(limit).__name__, str(limit))))
+            if self._out_of_time is None:
+                try:
+                    returns.append(execute(self.hydra_context, job, self.task_function))
+                    continue
+                except SlurmTimeLimit:  # raised outside the run's own error handling (crisp.run records it inside)
+                    pass
+            returns.append(job_return(job, record_failure(job, SlurmTimeLimit.__name__, self._out_of_time)))
         return returns
 
     def checkpoint(self) -> Any:
@@ -88,6 +89,7 @@ class ArrayTask:
             try:
                 submitit_handler(sig, frame)
             except UncompletedJobError as err:
-                raise SlurmTimeLimit(f"{message} ({err})") from None
+                self._out_of_time = f"{message} ({err})"
+                raise SlurmTimeLimit(self._out_of_time) from None
 
         signal.signal(signum, handler)
