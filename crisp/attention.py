@@ -8,13 +8,18 @@ Per attention module, crisp keeps three attributes (set with :func:`set_sparsity
 ``crisp_track_stats`` (bool). The semantics are those of DESIGN.md: for every valid query row with
 ``n`` valid keys, keep ``k = max(1, n - floor(s * n))`` keys with the highest pre-softmax scores,
 ties broken by key position, and give every other key -inf.
+
+A batch may hold several runs at once (crisp's lockstep training, ``crisp.lockstep``): the model is
+then called with ``crisp_runs=RunRows(...)``, which transformers passes on to this function, the
+batch's rows are one equal block per run, and each layer's ``crisp_sparsity`` is a tuple with one
+value per run. Each row takes k from its own run's table; statistics are kept per run.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,15 +45,21 @@ def kept_keys(n: torch.Tensor | int, sparsity: float) -> torch.Tensor | int:
     return _k_table(int(n.max()), sparsity, n.device)[n]
 
 
-_K_TABLES: dict[tuple[float, torch.device], torch.Tensor] = {}
+# k per number of valid keys, by (sparsity, device): a process-wide cache of small constant tensors
+# (8,192 entries per sparsity, or per tuple of per-run sparsities); CUDA graphs capture them by
+# address, so an entry is never replaced while it is big enough.
+_K_TABLES: dict[tuple[float | tuple[float, ...], torch.device], torch.Tensor] = {}
 _MAX_KEYS = 8192
 
 
-def _k_table(max_n: int, sparsity: float, device: torch.device) -> torch.Tensor:
+def _k_table(max_n: int, sparsity: float | tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``table[n]`` = k for ``n`` valid keys; for a tuple of per-run sparsities ``table[run, n]``."""
     size = max(_MAX_KEYS, max_n + 1)
     table = _K_TABLES.get((sparsity, device))
-    if table is None or len(table) < size:
-        table = torch.tensor([kept_keys(i, sparsity) for i in range(size)], device=device)
+    if table is None or table.size(-1) < size:
+        per_run = sparsity if isinstance(sparsity, tuple) else (sparsity,)
+        table = torch.tensor([[kept_keys(i, s) for i in range(size)] for s in per_run], device=device)
+        table = table if isinstance(sparsity, tuple) else table[0]
         _K_TABLES[(sparsity, device)] = table
     return table
 
@@ -70,51 +81,58 @@ class _MaskInfo:
     fewer kernel launches in a launch-bound training step.
     """
 
-    def __init__(self, valid: torch.Tensor | None, num_keys: int, device: torch.device):
-        self.valid, self.num_keys, self.device = valid, num_keys, device
+    def __init__(self, valid: torch.Tensor | None, num_keys: int, device: torch.device, runs: int = 1):
+        self.valid, self.num_keys, self.device, self.runs = valid, num_keys, device, runs
         self.invalid = None if valid is None else ~valid
-        self._k: dict[float, torch.Tensor | int] = {}
-        self._drop_by_rank: dict[float, torch.Tensor] = {}
+        self._k: dict[float | tuple[float, ...], torch.Tensor | int] = {}
+        self._drop_by_rank: dict[float | tuple[float, ...], torch.Tensor] = {}
 
     @functools.cached_property
     def positions(self) -> torch.Tensor:  # only the sort path needs it: no launch for dense or fused layers
         return torch.arange(self.num_keys, device=self.device)
 
-    def k(self, sparsity: float) -> torch.Tensor | int:
+    def k(self, sparsity: float | tuple[float, ...], batch: int) -> torch.Tensor | int:
         if sparsity not in self._k:
-            if self.valid is None:
-                self._k[sparsity] = kept_keys(self.num_keys, sparsity)
+            table = _k_table(self.num_keys, sparsity, self.device)
+            n = self.num_keys if self.valid is None else self.valid.sum(-1, keepdim=True)
+            if isinstance(sparsity, tuple):  # one table row per run, one block of batch rows per run
+                run = torch.arange(batch, device=self.device) // (batch // self.runs)
+                self._k[sparsity] = table[run.view(-1, 1, 1, 1), n]
             else:
-                table = _k_table(self.num_keys, sparsity, self.device)
-                self._k[sparsity] = table[self.valid.sum(-1, keepdim=True)]
+                self._k[sparsity] = kept_keys(n, sparsity) if self.valid is None else table[n]
         return self._k[sparsity]
 
-    def drop_by_rank(self, sparsity: float) -> torch.Tensor:
+    def drop_by_rank(self, sparsity: float | tuple[float, ...], batch: int) -> torch.Tensor:
         """True at every rank (position in a row's descending order) that is dropped: rank >= k."""
         if sparsity not in self._drop_by_rank:
-            self._drop_by_rank[sparsity] = self.positions >= self.k(sparsity)
+            self._drop_by_rank[sparsity] = self.positions >= self.k(sparsity, batch)
         return self._drop_by_rank[sparsity]
 
 
+# The derived tensors of the last mask seen, shared by the layers of one forward. It assumes that
+# the layers of one forward run one after another (true for these encoders): a different mask
+# object, length, device or run count simply replaces it.
 _LAST_MASK: list[_MaskInfo] = []
 
 
-def _mask_info(valid: torch.Tensor | None, scores: torch.Tensor) -> _MaskInfo:
+def _mask_info(valid: torch.Tensor | None, scores: torch.Tensor, runs: int) -> _MaskInfo:
     num_keys = scores.size(-1)
     if _LAST_MASK:
         info = _LAST_MASK[0]
-        if info.valid is valid and info.num_keys == num_keys and info.device == scores.device:
+        same = info.valid is valid and info.num_keys == num_keys and info.device == scores.device
+        if same and info.runs == runs:
             return info
-    info = _MaskInfo(valid, num_keys, scores.device)
+    info = _MaskInfo(valid, num_keys, scores.device, runs)
     _LAST_MASK[:] = [info]
     return info
 
 
-def _drop_mask(scores: torch.Tensor, info: _MaskInfo, sparsity: float) -> torch.Tensor:
+def _drop_mask(scores: torch.Tensor, info: _MaskInfo, sparsity: float | tuple[float, ...]) -> torch.Tensor:
     """True for every key that must get -inf: all but the k best per row, and padding."""
     order = scores.argsort(dim=-1, descending=True, stable=True)
     # the key at order[j] has rank j: scatter "rank j is dropped" back to the key's position
-    drop = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, info.drop_by_rank(sparsity).expand_as(order))
+    dropped = info.drop_by_rank(sparsity, scores.size(0)).expand_as(order)
+    drop = torch.empty_like(order, dtype=torch.bool).scatter_(-1, order, dropped)
     return drop if info.invalid is None else drop.logical_or_(info.invalid)
 
 
@@ -127,16 +145,32 @@ def topk_keep_mask(scores: torch.Tensor, valid: torch.Tensor | None, sparsity: f
     return ~_drop_mask(scores, _MaskInfo(valid, scores.size(-1), scores.device), sparsity)
 
 
-def _active_sparsity(module: nn.Module) -> float:
+@dataclass
+class RunRows:
+    """A batch that holds several runs (``crisp_runs=`` in the model call): its rows are ``count``
+    equal blocks, one per run. ``query_valid`` marks real tokens where packed rows also hold padding
+    tokens (which attend to themselves only and are left out of the statistics); ``dropout(x, p)``
+    draws each run's dropout mask from that run's own random stream."""
+
+    count: int
+    query_valid: torch.Tensor | None = None
+    dropout: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+
+
+def _active_sparsity(module: nn.Module) -> float | tuple[float, ...]:
+    """The layer's sparsity now: 0.0 (dense) when it does not apply, else a float or one per run."""
     sparsity = getattr(module, "crisp_sparsity", 0.0)
     if not module.training and not getattr(module, "crisp_apply_in_eval", True):
+        return 0.0
+    if isinstance(sparsity, tuple) and not any(sparsity):
         return 0.0
     return sparsity
 
 
 @torch.no_grad()
-def _record_stats(module: nn.Module, probs: torch.Tensor, valid: torch.Tensor | None) -> None:
-    """Store [achieved sparsity, mean normalized entropy] over valid query rows, on the device.
+def _record_stats(module: nn.Module, probs: torch.Tensor, valid: torch.Tensor | None, runs: RunRows | None) -> None:
+    """Store [achieved sparsity, mean normalized entropy] over valid query rows, on the device
+    (shape [2], or [runs, 2] for a batch of several runs).
 
     No host synchronisation happens here; :func:`attention_stats` reads the numbers later.
     """
@@ -146,17 +180,21 @@ def _record_stats(module: nn.Module, probs: torch.Tensor, valid: torch.Tensor | 
         pairs = torch.ones_like(probs, dtype=torch.bool)
     else:
         pairs = valid.expand_as(probs)
-        if num_queries == num_keys:
+        if runs is not None and runs.query_valid is not None:
+            pairs = pairs & runs.query_valid[:, None, :, None]
+        elif num_queries == num_keys:
             # a padded query row is a padded token: its own key is masked on the diagonal
             pairs = pairs & pairs.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-    zero = (probs == 0) & pairs
-    achieved = zero.sum() / pairs.sum().clamp_min(1)
+    count = 1 if runs is None else runs.count
+    zero = ((probs == 0) & pairs).view(count, -1).sum(-1)
+    achieved = zero / pairs.reshape(count, -1).sum(-1).clamp_min(1)
     n = pairs.sum(-1)
     entropy = -torch.special.xlogy(probs, probs).masked_fill(~pairs, 0).sum(-1)
     rows = n > 1
     normalized = entropy / torch.log(n.clamp_min(2).float())
-    mean_entropy = (normalized * rows).sum() / rows.sum().clamp_min(1)
-    module.crisp_stats = torch.stack([achieved, mean_entropy])
+    mean_entropy = (normalized * rows).view(count, -1).sum(-1) / rows.view(count, -1).sum(-1).clamp_min(1)
+    stats = torch.stack([achieved, mean_entropy], dim=-1)
+    module.crisp_stats = stats[0] if runs is None else stats
 
 
 def crisp_attention_forward(
@@ -167,6 +205,7 @@ def crisp_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    crisp_runs: RunRows | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with a top-k sparsifier; at sparsity 0 it computes exactly what eager does."""
@@ -175,26 +214,33 @@ def crisp_attention_forward(
     scores = torch.matmul(query, key.transpose(2, 3))
     valid = valid_key_mask(attention_mask)
     sparsity = _active_sparsity(module)
-    if sparsity > 0 and kernels.available(scores):
+    runs = 1 if crisp_runs is None else crisp_runs.count
+    if isinstance(sparsity, tuple) and len(sparsity) != runs:
+        raise ValueError(f"crisp_sparsity has {len(sparsity)} values for a batch of {runs} run(s)")
+    if sparsity and kernels.available(scores):
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             scores, scaling = scores * scaling + attention_mask, 1.0  # an additive mask may hold more than padding
         # scale, mask, top-k and softmax in one launch on GPU
-        probs = kernels.topk_softmax(scores, valid, _k_table(scores.size(-1), sparsity, scores.device), scaling)
+        table = _k_table(scores.size(-1), sparsity, scores.device)
+        probs = kernels.topk_softmax(scores, valid, table, scaling, runs=runs)
     else:
         scores = scores * scaling
-        info = _mask_info(valid, scores)
+        info = _mask_info(valid, scores, runs)
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 # the same number eager's additive mask puts there, so s=0 matches eager bit for bit
                 scores = scores.masked_fill(info.invalid, torch.finfo(scores.dtype).min)
             else:
                 scores = scores + attention_mask
-        if sparsity > 0:
+        if sparsity:
             scores = scores.masked_fill(_drop_mask(scores.detach(), info, sparsity), float("-inf"))
         probs = nn.functional.softmax(scores, dim=-1)
     if getattr(module, "crisp_track_stats", True):
-        _record_stats(module, probs, valid)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+        _record_stats(module, probs, valid, crisp_runs)
+    if crisp_runs is not None and crisp_runs.dropout is not None and module.training and dropout > 0:
+        probs = crisp_runs.dropout(probs, dropout)
+    else:
+        probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, probs
 

@@ -5,7 +5,10 @@ replayed from a CUDA graph (``graph``, what crisp's training runs use on one GPU
 ``python -m crisp.bench kernel``: the attention-probability step alone (scale, mask, top-k, softmax,
 forward and backward), eager vs crisp's sort path vs crisp's fused kernel.
 ``python -m crisp.bench sweep``: a grid's wall-clock time against one-at-a-time untuned runs (see
-:func:`sweep`). Each prints its numbers and writes JSON.
+:func:`sweep`). ``python -m crisp.bench grid -- OVERRIDES``: exactly ``python -m crisp.run OVERRIDES``
+timed from command to report, and in the same command a peer: one Hugging Face ``Trainer`` run of
+the same model written the way a user would without crisp (``python -m crisp.bench peer``), see
+:func:`grid`. Each prints its numbers and writes JSON.
 """
 
 from __future__ import annotations
@@ -359,6 +362,78 @@ def _compare(baseline: dict, grid: dict) -> dict:
     }
 
 
+def peer(args) -> dict:
+    """One plain Hugging Face ``Trainer`` fine-tuning run, as a user writes it without crisp: bf16,
+    batch 32, dynamic padding (``DataCollatorWithPadding``), linear schedule, one evaluation.
+    ``Trainer`` needs ``accelerate`` (``pip install -e .[bench]``)."""
+    start = time.perf_counter()
+    import csv
+
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = {}
+    for split, name in (("train", "train.tsv"), ("validation", "dev.tsv")):
+        with open(Path(args.data) / name, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))  # GLUE TSVs are unquoted
+        encoded = tokenizer([r["sentence"] for r in rows], truncation=True, max_length=128)
+        data[split] = [{"input_ids": ids, "attention_mask": mask, "labels": int(r["label"])}
+                       for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows, strict=True)]
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    training = TrainingArguments(output_dir=args.dir, per_device_train_batch_size=32, per_device_eval_batch_size=256,
+                                 num_train_epochs=args.epochs, learning_rate=2e-5, weight_decay=0.01, warmup_steps=0.06,  # a float: a ratio
+                                 bf16=torch.cuda.is_available(), save_strategy="no", report_to="none",
+                                 logging_steps=500, seed=1)
+
+    def accuracy(prediction):
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    trainer = Trainer(model=model, args=training, train_dataset=data["train"], eval_dataset=data["validation"],
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
+    train = trainer.train().metrics
+    evaluation = trainer.evaluate()
+    record = {"wall_seconds": time.perf_counter() - start, "train_seconds": train["train_runtime"],
+              "train_samples_per_second": train["train_samples_per_second"], "epochs": args.epochs,
+              "val_acc": evaluation["eval_accuracy"], "model": args.model,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    _write(str(Path(args.dir) / "peer.json"), record)
+    return record
+
+
+def grid(args) -> dict:
+    """The user's command, timed from its start to its exit (report written), then the peer: one
+    ``Trainer`` run of ``--peer-epochs`` in its own process. A grid run done the peer's way costs the
+    peer's start-up once plus its training time per epoch times the grid's epochs; the grid's
+    speed-up is that times the grid's runs over the grid's wall time."""
+    out = Path(args.dir)
+    start = time.perf_counter()
+    code = subprocess.run([sys.executable, "-m", "crisp.run", *args.overrides], check=False).returncode
+    wall = time.perf_counter() - start
+    sweep_dir = Path(next(o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.sweep.dir=")))
+    runs = _runs(sweep_dir)
+    record = {"command": "python -m crisp.run " + " ".join(args.overrides), "exit_code": code,
+              "wall_seconds": round(wall, 1), "report": (sweep_dir / "report.md").is_file(), "runs": _summ(runs)}
+    _write(str(out / "bench_grid.json"), record)  # kept should the peer fail
+    if args.peer_model:
+        peer_start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "crisp.bench", "peer", "--model", args.peer_model, "--data",
+                        args.peer_data, "--epochs", str(args.peer_epochs), "--dir", str(out / "peer")], check=True)
+        found = json.loads((out / "peer" / "peer.json").read_text())
+        found["command_seconds"] = round(time.perf_counter() - peer_start, 1)  # with the interpreter's start
+        epochs = max(record["runs"]["epochs"], default=0)
+        startup = found["command_seconds"] - found["train_seconds"]
+        per_run = startup + found["train_seconds"] / found["epochs"] * epochs
+        n = record["runs"]["completed"]
+        record["peer"] = found
+        record["summary"] = {"grid_runs": n, "grid_epochs": epochs, "grid_wall_seconds": record["wall_seconds"],
+                             "peer_seconds_per_grid_run": round(per_run, 1),
+                             "peer_sequential_seconds": round(per_run * n, 1),
+                             "speedup_vs_peer": round(per_run * n / wall, 2) if n else None}
+    _write(str(out / "bench_grid.json"), record)
+    print(json.dumps(record.get("summary", record), indent=2))
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m crisp.bench", description=__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -390,8 +465,19 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--grid", nargs="*", default=["experiment=paper", "hydra/launcher=parallel"],
                     help="overrides of the grid phase only")
     sw.add_argument("overrides", nargs="*", help="overrides for both phases, e.g. model=minilm-l6 logger=csv")
+    gr = sub.add_parser("grid", help="a crisp.run command timed from start to report, beside a Trainer peer")
+    gr.add_argument("--dir", required=True, help="where bench_grid.json and the peer's output go")
+    gr.add_argument("--peer-model", default=None, help="a model folder for the peer run (none: no peer)")
+    gr.add_argument("--peer-data", default=None, help="a GLUE SST-2 folder (train.tsv, dev.tsv) for the peer")
+    gr.add_argument("--peer-epochs", type=int, default=1)
+    gr.add_argument("overrides", nargs="+", help="the crisp.run command's arguments, with hydra.sweep.dir=...")
+    pe = sub.add_parser("peer", help="one plain Hugging Face Trainer run (bf16, batch 32, dynamic padding)")
+    pe.add_argument("--model", required=True)
+    pe.add_argument("--data", required=True)
+    pe.add_argument("--epochs", type=int, default=1)
+    pe.add_argument("--dir", required=True)
     args = parser.parse_args(argv)
-    {"attention": attention, "kernel": kernel, "sweep": sweep}[args.what](args)
+    {"attention": attention, "kernel": kernel, "sweep": sweep, "grid": grid, "peer": peer}[args.what](args)
     return 0
 
 

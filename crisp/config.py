@@ -138,6 +138,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             _fail(key, value, "it must be a positive integer")
+    if not isinstance(cfg.trainer.get("save_weights", False), bool):
+        _fail("trainer.save_weights", cfg.trainer.save_weights, "choose true or false")
     if cfg.trainer.cuda_graphs not in ("auto", True, False):
         _fail("trainer.cuda_graphs", cfg.trainer.cuda_graphs, "choose auto, true or false")
     if cfg.trainer.matmul_precision not in ("highest", "high", "medium"):

@@ -226,9 +226,12 @@ class SST2DataModule(pl.LightningDataModule):
         return self._loader(self.val, self.cfg.eval_batch_size, shuffle=False)
 
     def calibration_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
-        """``count`` training batches chosen from the seed alone (for the adaptive strategy)."""
-        generator = torch.Generator().manual_seed(self.seed + 7919)
-        order = torch.randperm(len(self.train), generator=generator).tolist()
-        size = self.cfg.batch_size
-        starts = range(0, min(count * size, len(order)), size)
-        return [self.train.__getitems__(order[start : start + size]) for start in starts]
+        return calibration_batches(self.train, self.cfg.batch_size, count, self.seed)
+
+
+def calibration_batches(train: TokenizedSplit, batch_size: int, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` training batches chosen from the seed alone (for the adaptive strategy)."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    order = torch.randperm(len(train), generator=generator).tolist()
+    starts = range(0, min(count * batch_size, len(order)), batch_size)
+    return [train.__getitems__(order[start : start + batch_size]) for start in starts]

@@ -11,7 +11,8 @@ integer image (one comparison and one row sum per bit, at most 16 bits for bf16 
 fewer once every row of the program has a threshold with exactly k keys at or above it), keeps
 every score above it and, of the scores equal to it, the first ones by position (a stable
 descending sort's order) until k are kept, and writes the softmax over the kept keys. ``k`` comes
-from crisp's exact host-computed table, indexed by the row's number of valid keys.
+from crisp's exact host-computed table, indexed by the row's number of valid keys (and, for a batch
+that holds several lockstep runs, by the row's run: one table row per run).
 
 Triton is optional: without it (CPU wheels of torch) or for longer rows, crisp uses the sort.
 ``CRISP_FUSED_TOPK=0`` switches the kernel off.
@@ -60,7 +61,7 @@ if triton is not None:
     @triton.jit
     def _topk_softmax_kernel(
         scores_ptr, valid_ptr, table_ptr, probs_ptr,
-        R, H, Q, K, scaling,
+        R, H, Q, K, scaling, rows_per_run, table_stride,
         v_sb, v_sh, v_sq, v_sk,
         HAS_VALID: tl.constexpr, LOW_BITS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     ):
@@ -76,14 +77,14 @@ if triton is not None:
             x = x.to(raw.dtype).to(tl.float32)
         x = tl.where(x == 0, 0.0, x)  # -0.0 and 0.0 tie, as in a sort
         ok = in_row
+        b = rows // (Q * H)
         if HAS_VALID:
             q = rows % Q
             h = (rows // Q) % H
-            b = rows // (Q * H)
             where = (b * v_sb + h * v_sh + q * v_sq)[:, None] + cols[None, :] * v_sk
             ok = ok & (tl.load(valid_ptr + where, mask=in_row, other=0) != 0)
         n = tl.sum(ok.to(tl.int32), axis=1)
-        k = tl.load(table_ptr + n).to(tl.int32)
+        k = tl.load(table_ptr + (b // rows_per_run) * table_stride + n, mask=row_ok, other=1).to(tl.int32)
         # an unsigned image of x with the same order; invalid keys at 0, below every valid one
         bits = x.to(tl.uint32, bitcast=True)
         key = tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000) >> LOW_BITS
@@ -138,7 +139,7 @@ def launch_config(keys: int) -> tuple[int, int, int]:
 
 class _FusedTopKSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scores, valid, k_table, scaling):
+    def forward(ctx, scores, valid, k_table, scaling, runs):
         batch, heads, queries, keys = scores.shape
         probs = torch.empty_like(scores)
         if valid is not None:
@@ -149,7 +150,8 @@ class _FusedTopKSoftmax(torch.autograd.Function):
         rows = batch * heads * queries
         block, per_program, warps = launch_config(keys)
         _topk_softmax_kernel[(triton.cdiv(rows, per_program),)](
-            scores, valid_u8, k_table, probs, rows, heads, queries, keys, scaling, *v_strides,
+            scores, valid_u8, k_table, probs, rows, heads, queries, keys, scaling,
+            batch // runs, k_table.stride(0) if k_table.dim() == 2 else 0, *v_strides,
             HAS_VALID=valid is not None, LOW_BITS=_ZERO_LOW_BITS[scores.dtype], BLOCK=block, ROWS=per_program,
             num_warps=warps,
         )
@@ -168,14 +170,18 @@ class _FusedTopKSoftmax(torch.autograd.Function):
             probs, grad_probs.contiguous(), grad_scores, rows, keys, ctx.scaling,
             BLOCK=block, ROWS=per_program, num_warps=warps,
         )
-        return grad_scores, None, None, None
+        return grad_scores, None, None, None, None
 
 
-def topk_softmax(scores: torch.Tensor, valid: torch.Tensor | None, k_table: torch.Tensor, scaling: float = 1.0):
+def topk_softmax(scores: torch.Tensor, valid: torch.Tensor | None, k_table: torch.Tensor, scaling: float = 1.0,
+                 runs: int = 1):
     """``softmax(scores * scaling)`` over each row's k best valid keys; every other key gets 0.
 
     ``scores`` are raw ``(batch, heads, queries, keys)`` scores; ``valid`` broadcasts to them
     (True = key may be attended); ``k_table[n]`` is the number of keys kept in a row of ``n`` valid
-    keys (see :func:`crisp.attention.kept_keys`). Gradients flow only through kept scores.
+    keys (see :func:`crisp.attention.kept_keys`); a 2-D ``k_table[run, n]`` serves a batch whose rows are
+    ``runs`` equal blocks, one per run. Gradients flow only through kept scores.
     """
-    return _FusedTopKSoftmax.apply(scores.contiguous(), valid, k_table, float(scaling))
+    if k_table.dim() == 2 and k_table.size(0) != runs:
+        raise ValueError(f"k_table has {k_table.size(0)} rows for {runs} run(s)")
+    return _FusedTopKSoftmax.apply(scores.contiguous(), valid, k_table, float(scaling), runs)

@@ -1,7 +1,9 @@
 """Experiment loggers: Weights & Biases (default), CSV, or none.
 
 W&B goes offline by itself when there is no API key or the service cannot be reached, and says how
-to upload the run later. Every crisp run is its own W&B run (finished in :func:`finish`).
+to upload the run later. Every crisp run is its own W&B run (finished in :func:`finish`), also when
+a lockstep group trains many runs in one process: each then gets a run of its own
+(``wandb.init(reinit="create_new")``), passed to Lightning's logger, instead of the process's one.
 """
 
 from __future__ import annotations
@@ -73,26 +75,21 @@ def make_logger(cfg, config: dict[str, Any], output_dir: Path) -> Logger | bool:
             f"W&B: logging offline ({reason}). The run is kept in {output_dir}/wandb; "
             f"upload it later with: wandb sync {output_dir}/wandb/offline-run-*"
         )
-    return WandbLogger(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        name=config["name"],
-        group=group_name(config),
-        tags=list(config.get("tags") or []),
-        job_type="train",
-        save_dir=str(output_dir),
-        mode=mode,
-        config=config,
-    )
+    import wandb
+
+    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=config["name"],
+                     group=group_name(config), tags=list(config.get("tags") or []), job_type="train",
+                     dir=str(output_dir), mode=mode, config=config, reinit="create_new")
+    return WandbLogger(experiment=run)
 
 
 def finish(logger: Logger | bool) -> dict[str, Any] | None:
     """Close the W&B run (always: the next crisp run in this process must get its own); its id and url."""
     if not isinstance(logger, WandbLogger):
+        if logger:
+            logger.finalize("success")
         return None
-    import wandb
-
-    run = wandb.run
-    info = {"id": run.id, "url": run.url, "mode": run.settings.mode} if run is not None else None
-    wandb.finish()
+    run = logger.experiment
+    info = {"id": run.id, "url": run.url, "mode": run.settings.mode}
+    run.finish()
     return info

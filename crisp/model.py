@@ -152,7 +152,7 @@ class SparseClassifier(pl.LightningModule):
         metrics = {f"val/{k.removeprefix('val_')}": v for k, v in self.last_val.items()}
         metrics |= self._layer_metrics("val", self.val_stats)
         if not self.trainer.sanity_checking:
-            self.log_dict(metrics, prog_bar=False)
+            self.log_dict(metrics, prog_bar=False, sync_dist=True)  # DDP: one value for all ranks
 
     def on_train_epoch_end(self) -> None:
         train_loss = self.train_loss.compute().item()
@@ -163,7 +163,7 @@ class SparseClassifier(pl.LightningModule):
             raise FloatingPointError(f"the training loss became {train_loss} in epoch {self.current_epoch}")
         metrics = {"train/epoch_loss": train_loss, "train/acc": train_acc}
         metrics |= self._layer_metrics("train", self.train_stats)
-        self.log_dict(metrics)
+        self.log_dict(metrics, sync_dist=True)
         record = {"epoch": self.current_epoch, "train_loss": train_loss, "train_acc": train_acc, **self.last_val}
         self.history.append(record)
         val = " ".join(f"{k}={v:.4f}" for k, v in self.last_val.items())

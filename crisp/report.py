@@ -193,7 +193,7 @@ def _runs_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "acc_best": 100 * _number(_get(record, "best", "val_acc")),
                 "loss_final": _number(_get(record, "final", "val_loss")),
                 "finished": _timestamp(record.get("finished_at")),
-                "model": (record.get("model"), record.get("data")),
+                "model": (portable_model(record.get("model")), record.get("data")),
             }
         )
     columns = ["strategy", "sparsity", "seed", "completed", "acc_final", "acc_best", "loss_final", "finished", "model"]
@@ -289,14 +289,15 @@ def _diff(mean: float, low: float, high: float) -> str:
     return f"{mean:+.2f} [{interval}]"
 
 
-def markdown(dirs: Iterable[str | os.PathLike], records: list[dict[str, Any]], summary: pd.DataFrame) -> str:
-    """The whole report.md."""
+def markdown(dirs: Iterable[str | os.PathLike], records: list[dict[str, Any]], summary: pd.DataFrame,
+             out: str | os.PathLike = ".") -> str:
+    """The whole report.md, written into ``out``: paths in it are relative to ``out``, never a machine's."""
     completed = [r for r in records if r.get("status") == COMPLETED]
     failed = [r for r in records if r.get("status") != COMPLETED]
-    setups = sorted({f"{r.get('model')} on {r.get('data')}" for r in completed})
+    setups = sorted({f"{portable_model(r.get('model'))} on {r.get('data')}" for r in completed})
     parts = [
         "# CRISP ablation: top-k attention sparsity",
-        "Read from:\n" + "\n".join(f"- `{d}`" for d in dirs),
+        "Read from:\n" + "\n".join(f"- `{portable_path(d, out)}`" for d in dirs),
         f"Runs (one per run_key): **{len(completed)} completed**, **{len(failed)} failed**."
         + (f" Model: {', '.join(setups)}." if setups else ""),
         format_table(summary),
@@ -304,18 +305,30 @@ def markdown(dirs: Iterable[str | os.PathLike], records: list[dict[str, Any]], s
         "vs dense in percentage points over the seeds completed in both rows, with a 95% t interval. "
         "Paper: the figure the paper reports.",
         f"![Validation accuracy vs sparsity]({PNG})",
-        "## Failed runs\n\n" + ("\n".join(_failure_line(r) for r in failed) if failed else "None."),
+        "## Failed runs\n\n" + ("\n".join(_failure_line(r, out) for r in failed) if failed else "None."),
     ]
     return "\n\n".join(parts) + "\n"
 
 
-def _failure_line(record: dict[str, Any]) -> str:
+def portable_path(path: str | os.PathLike, out: str | os.PathLike) -> str:
+    """``path`` relative to the report's folder when inside it, else just its last part."""
+    path, out = Path(path).resolve(), Path(out).resolve()
+    return str(path.relative_to(out)) if path.is_relative_to(out) else f".../{path.name}"
+
+
+def portable_model(model: Any) -> Any:
+    """A model named by a local folder (results written before models had labels) shows its folder's name."""
+    return Path(model).name if isinstance(model, str) and os.path.isabs(model) else model
+
+
+def _failure_line(record: dict[str, Any], out: str | os.PathLike) -> str:
     error = record.get("error")
     error = error if isinstance(error, Mapping) else {"message": error}
     message = " ".join(str(error.get("message") or "no message").split())  # one line per run
+    message = message.replace(f"{Path(out).resolve()}{os.sep}", "")
     if len(message) > _MAX_MESSAGE:
         message = message[: _MAX_MESSAGE - 1] + "…"
-    where = Path(record["results_path"]).parent
+    where = portable_path(Path(record["results_path"]).parent, out)
     return f"- `{record.get('name')}` (`{where}`): {error.get('type') or 'unknown error'}: {message}"
 
 
@@ -379,7 +392,7 @@ def write_report(
     # The markdown comes last, so the image it links to is already there.
     _write_atomic(out / PNG, plot(summary))
     _write_atomic(out / CSV, summary.to_csv(index=False).encode())
-    _write_atomic(out / MARKDOWN, markdown(dirs, records, summary).encode())
+    _write_atomic(out / MARKDOWN, markdown(dirs, records, summary, out).encode())
     if log_wandb is not None:
         _log_wandb(summary, log_wandb)
     return summary

@@ -14,7 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import transformers
-from hydra.core.hydra_config import HydraConfig
+from lightning_fabric.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import TQDMProgressBar
 
@@ -26,6 +26,7 @@ from crisp.ddp import use_crisp_rank_command
 from crisp.encoder import build_encoder, build_tokenizer
 from crisp.hub import resolve_model
 from crisp.model import SparseClassifier
+from crisp.sweep import heartbeat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,28 @@ def environment(accelerator: str) -> dict[str, Any]:
     }
 
 
+class Progress(pl.Callback):
+    """Shows the sweep that this run is alive (:mod:`crisp.sweep.heartbeat`) and times training alone:
+    from the moment every DDP rank is up to the end of the last epoch."""
+
+    def __init__(self):
+        self.train_seconds: float | None = None
+        self._start = 0.0
+
+    def on_train_start(self, trainer, module) -> None:
+        heartbeat.beat(force=True)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        heartbeat.beat()
+
+    def on_validation_batch_end(self, *args) -> None:
+        heartbeat.beat()
+
+    def on_train_end(self, trainer, module) -> None:
+        self.train_seconds = time.perf_counter() - self._start
+
+
 def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     """Concrete accelerator, devices, precision and progress-bar refresh for this machine and job."""
     t = cfg.trainer
@@ -67,10 +90,7 @@ def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if accelerator == "gpu" else "32-true")
-    devices = t.devices
-    if accelerator == "gpu" and devices == 1 and torch.cuda.device_count() > 1:
-        # parallel sweeps: spread runs over the visible GPUs by job number
-        devices = [HydraConfig.get().job.get("num", 0) % torch.cuda.device_count()]
+    devices = t.devices  # parallel sweeps give each worker its GPU through CUDA_VISIBLE_DEVICES
     refresh = t.progress_refresh_rate
     if refresh == "auto":
         refresh = 50 if accelerator == "gpu" else 10
@@ -101,6 +121,7 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
     tokenizer = build_tokenizer(cfg.model, splits["train"].texts)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's random init depends on the seed only
     encoder = build_encoder(cfg.model, tokenizer)
+    heartbeat.beat(force=True)
     datamodule = SST2DataModule(
         cfg.data, tokenizer, splits, seed=cfg.seed, pad_to_multiple_of=settings["pad_to_multiple_of"],
         pin_memory=settings["accelerator"] == "gpu" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory),
@@ -111,6 +132,7 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
     logger = loggers.make_logger(cfg, config, output_dir)
     if settings["ddp"]:
         use_crisp_rank_command()
+    progress = Progress()
     trainer = pl.Trainer(
         accelerator=settings["accelerator"],
         devices=settings["devices"],
@@ -118,7 +140,10 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
         precision=settings["precision"],
         max_epochs=cfg.trainer.max_epochs,
         logger=logger,
-        callbacks=[TQDMProgressBar(refresh_rate=settings["refresh"])],
+        callbacks=[TQDMProgressBar(refresh_rate=settings["refresh"]), progress],
+        # crisp starts DDP ranks itself (crisp/ddp.py): no cluster detection, which would import mpi4py
+        # where it is installed and leave an Open MPI daemon behind every run
+        plugins=[LightningEnvironment()],
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_checkpointing=cfg.trainer.save_checkpoint,
         enable_model_summary=False,
@@ -142,13 +167,32 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
         os.environ.update(environ)
     if trainer.interrupted or len(module.history) < cfg.trainer.max_epochs:
         raise RuntimeError(f"training stopped after {len(module.history)} of {cfg.trainer.max_epochs} epochs")
-    return summarize(module, datamodule, settings, fit_seconds, wandb_run)
+    if cfg.trainer.save_weights:
+        save_weights(output_dir, dict(module.encoder.named_parameters()))
+    return summarize(module, datamodule, settings, fit_seconds, progress.train_seconds, wandb_run)
 
 
-def summarize(module: SparseClassifier, datamodule, settings, fit_seconds: float, wandb_run) -> dict[str, Any]:
-    history = module.history
+def save_weights(output_dir: Path, params: dict[str, torch.Tensor]) -> None:
+    """``model.safetensors``: the fine-tuned encoder's parameters (``trainer.save_weights=true``)."""
+    from safetensors.torch import save_file
+
+    save_file({name: t.detach().float().cpu().contiguous() for name, t in params.items()},
+              str(output_dir / "model.safetensors"))
+
+
+def epochs_summary(history: list[dict]) -> dict[str, Any]:
     final = history[-1]
     best = max(history, key=lambda r: r["val_acc"])  # first epoch wins a tie
+    return {
+        "history": history,
+        "final": {k: final[k] for k in ("val_acc", "val_loss", "val_f1", "epoch")},
+        "best": {"val_acc": best["val_acc"], "val_loss": best["val_loss"], "epoch": best["epoch"]},
+    }
+
+
+def summarize(module: SparseClassifier, datamodule, settings, fit_seconds: float, train_seconds: float,
+              wandb_run) -> dict[str, Any]:
+    history = module.history
     layers = module.last_layers
     seen = len(datamodule.train) * len(history)
     peak = torch.cuda.max_memory_allocated() / 2**20 if settings["accelerator"] == "gpu" else None
@@ -161,12 +205,11 @@ def summarize(module: SparseClassifier, datamodule, settings, fit_seconds: float
             "entropy_train": layers.get("train_entropy"),
             "calibration_entropy": getattr(module.encoder, "crisp_calibration_entropy", None),
         },
-        "history": history,
-        "final": {k: final[k] for k in ("val_acc", "val_loss", "val_f1", "epoch")},
-        "best": {"val_acc": best["val_acc"], "val_loss": best["val_loss"], "epoch": best["epoch"]},
+        **epochs_summary(history),
         "timing": {
-            "fit_seconds": round(fit_seconds, 3),
-            "train_samples_per_second": round(seen / fit_seconds, 1),
+            "fit_seconds": round(fit_seconds, 3),  # trainer.fit, DDP ranks' start included
+            "train_seconds": round(train_seconds, 3),  # training and validation epochs alone
+            "train_samples_per_second": round(seen / train_seconds, 1),
             "train_examples": len(datamodule.train),
             "peak_gpu_memory_mb": None if peak is None else round(peak, 1),
             "cuda_graphs": None if module.graphed_step is None else module.graphed_step.stats,

@@ -181,3 +181,26 @@ def test_set_sparsity_errors_name_the_problem():
         crisp.set_sparsity(tiny_model("bert"), [0.1, 0.2])
     with pytest.raises(ValueError, match="attn_implementation='crisp'"):
         crisp.set_sparsity(tiny_model("bert", attn="eager"), 0.5)
+
+
+def test_a_batch_of_runs_gives_each_run_its_own_sparsity_and_statistics():
+    """Lockstep: the batch's rows are one block per run, each layer has one sparsity per run."""
+    from crisp.attention import RunRows
+
+    g = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(6, 2, 9, 8, generator=g) for _ in range(3))
+    valid = torch.arange(9)[None, None, None, :] < torch.tensor([9, 4, 7, 2, 9, 5])[:, None, None, None]
+    module = torch.nn.Module()
+    module.training, module.crisp_track_stats = False, True
+    module.crisp_sparsity = (0.0, 0.7, 0.5)
+    out, probs = crisp_attention_forward(module, query, key, value, valid, crisp_runs=RunRows(count=3))
+    stats = module.crisp_stats
+    assert stats.shape == (3, 2)
+    for run, s in enumerate(module.crisp_sparsity):
+        rows = slice(2 * run, 2 * run + 2)
+        alone = torch.nn.Module()
+        alone.training, alone.crisp_sparsity = False, s
+        expected_out, expected_probs = crisp_attention_forward(alone, query[rows], key[rows], value[rows], valid[rows])
+        torch.testing.assert_close(out[rows], expected_out, rtol=0, atol=0)
+        assert torch.equal(probs[rows] == 0, expected_probs == 0)
+        torch.testing.assert_close(stats[run], alone.crisp_stats)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import crisp
 from crisp import kernels, results
 from crisp.attention import _drop_mask, _k_table, _MaskInfo
 from crisp.graphs import GraphedTrainStep
-from tests.conftest import ROOT, VOCAB, run_crisp, tiny_config
+from tests.conftest import ROOT, VOCAB, run_crisp, smoke_overrides, tiny_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -65,14 +66,39 @@ def check_fused_matches_sort(device: str) -> None:
         torch.testing.assert_close(leaf.grad.float(), ref_leaf.grad.float(), **tolerance, msg=str(where))
 
 
+def check_fused_runs_match_each_run_alone(device: str) -> None:
+    """A batch of several runs (one block of rows each, a 2-D k table) gives each block exactly what
+    that run's own table gives it alone, forward and backward, with padding and a 4-D mask."""
+    generator = torch.Generator().manual_seed(1)
+    cases = [(3, 2, 66, torch.float32), (2, 5, 17, torch.bfloat16), (4, 1, 128, torch.float32)]
+    for runs, per_run, k_len, dtype in cases:
+        sparsities = tuple(float(s) for s in torch.tensor([0.0, 0.8, 0.5, 0.95])[:runs])
+        raw = torch.randn(runs * per_run, 2, 5, k_len, generator=generator).to(device=device, dtype=dtype)
+        lengths = torch.randint(1, k_len + 1, (runs * per_run,), generator=generator).to(device)
+        valid = torch.arange(k_len, device=device)[None, None, None, :] < lengths[:, None, None, None]
+        upstream = torch.randn(raw.shape, generator=generator).to(device=device, dtype=dtype)
+        leaf = raw.clone().requires_grad_()
+        probs = kernels.topk_softmax(leaf, valid, _k_table(k_len, sparsities, leaf.device), 0.125, runs=runs)
+        (probs.float() * upstream).sum().backward()
+        for run, s in enumerate(sparsities):
+            rows = slice(run * per_run, (run + 1) * per_run)
+            alone = raw[rows].clone().requires_grad_()
+            expected = kernels.topk_softmax(alone, valid[rows], _k_table(k_len, s, alone.device), 0.125)
+            (expected.float() * upstream[rows]).sum().backward()
+            assert torch.equal(probs[rows], expected), (runs, run, s)
+            assert torch.equal(leaf.grad[rows], alone.grad), (runs, run, s)
+
+
 @cuda
 def test_fused_kernel_matches_the_sort_on_the_gpu():
     check_fused_matches_sort("cuda")
+    check_fused_runs_match_each_run_alone("cuda")
 
 
 def test_fused_kernel_matches_the_sort_under_the_triton_interpreter():
     pytest.importorskip("triton")
-    code = "from tests.test_cuda import check_fused_matches_sort; check_fused_matches_sort('cpu')"
+    code = ("from tests.test_cuda import check_fused_matches_sort, check_fused_runs_match_each_run_alone; "
+            "check_fused_matches_sort('cpu'); check_fused_runs_match_each_run_alone('cpu')")
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -91,7 +117,7 @@ def test_crisp_attention_uses_the_kernel_on_the_gpu_and_matches_the_sort(monkeyp
     mask = (torch.arange(30, device="cuda") < torch.tensor([30, 12, 5, 21], device="cuda")[:, None]).long()
     calls = []
     kernel = kernels.topk_softmax
-    monkeypatch.setattr(kernels, "topk_softmax", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(kernels, "topk_softmax", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     fused = model(input_ids=ids, attention_mask=mask).logits
     assert len(calls) == 3  # one launch per layer
     monkeypatch.setenv("CRISP_FUSED_TOPK", "0")
@@ -186,3 +212,55 @@ def test_a_gpu_run_uses_cuda_graphs_and_learns(tmp_path):
     assert record["timing"]["cuda_graphs"]["graphs"] >= 1
     assert record["timing"]["pad_to_multiple_of"] == 16
     assert record["final"]["val_acc"] > 0.8
+
+
+def _mps_processes() -> list[str]:
+    """Live MPS daemons and servers (a stopped daemon may linger as a zombie where PID 1 reaps nothing)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(") ")
+        except OSError:
+            continue
+        if "(nvidia-cuda-mps" in fields[0] and not fields[1].startswith("Z"):
+            found.append(fields[0])
+    return found
+
+
+@cuda
+def test_a_short_mps_grid_ends_with_its_report_and_leaves_nothing_behind(tmp_path):
+    from tests.test_sweep import workers_of
+
+    overrides = ["trainer=gpu", "hydra/launcher=parallel", "hydra.launcher.n_jobs=4", "sweep.mps=true"]
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, *overrides, sweep=True), "seed=1,2,3,4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MPS daemon started" in proc.stdout and "MPS daemon stopped" in proc.stdout
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("report.md", "report.csv", "report.png"))
+    assert len([p for p in results.find_all(tmp_path) if results.read(p)["status"] == "completed"]) == 4
+    assert not workers_of(tmp_path) and not _mps_processes()
+
+
+@cuda
+def test_an_mps_daemon_left_by_a_killed_sweep_is_stopped_by_the_next(tmp_path):
+    import signal
+    import time
+
+    from tests.test_sweep import workers_of
+
+    overrides = smoke_overrides(tmp_path, "trainer=gpu", "hydra/launcher=parallel", "sweep.mps=true", sweep=True)
+    killed = subprocess.Popen([sys.executable, "-m", "crisp.run", "-m", *overrides, "trainer.max_epochs=50",
+                               "seed=1,2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 120
+    while len(workers_of(tmp_path)) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    deadline = time.time() + 30
+    while workers_of(tmp_path) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not workers_of(tmp_path) and _mps_processes()  # the workers died with it; the daemon did not
+    proc = run_crisp("-m", *overrides, "seed=1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "found an MPS daemon left by an earlier sweep" in proc.stdout
+    assert not _mps_processes()

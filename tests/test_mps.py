@@ -1,13 +1,17 @@
-"""sweep.mps: a private MPS daemon around a sweep, found by the runs through the environment.
+"""sweep.mps: a private MPS daemon around a sweep, stopped after the report, never left behind.
 
-The real daemon needs an NVIDIA driver; these tests put a stand-in ``nvidia-cuda-mps-control`` on
-PATH that records how it was called.
+The real daemon needs an NVIDIA driver (tests/test_cuda.py runs it on a GPU); these tests put a
+stand-in ``nvidia-cuda-mps-control`` on PATH that records how it was called, and whether the
+sweep's report and worker processes existed at that moment.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import tempfile
 
 import pytest
 
@@ -16,9 +20,12 @@ from crisp.sweep import mps
 from tests.conftest import run_crisp, smoke_overrides
 
 FAKE = """#!/bin/sh
-# records: the arguments, the pipe folder it was given, and what came on stdin for "quit"
-if [ "$1" = "-d" ]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" >> "$MPS_LOG"
-else read line; echo "$line $CUDA_MPS_PIPE_DIRECTORY" >> "$MPS_LOG"; fi
+# records: what it was asked, its pipe folder, and for "quit" whether the report and workers existed
+if [ "$1" = "-d" ]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" >> "$MPS_LOG"; exit 0; fi
+read line
+report=no; [ -f "$MPS_REPORT" ] && report=yes
+workers=$(pgrep -f "crisp.sweep.worker $MPS_SWEEP" | wc -l)
+echo "$line $CUDA_MPS_PIPE_DIRECTORY report=$report workers=$workers" >> "$MPS_LOG"
 """
 
 
@@ -30,17 +37,22 @@ def fake_control(tmp_path, monkeypatch):
     control.write_text(FAKE)
     control.chmod(control.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / "mps.log"
+    temp = tmp_path / "tmp"  # where daemons' pipe folders go: this test's own
+    temp.mkdir()
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("MPS_LOG", str(log))
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
     return log
 
 
-def test_daemon_starts_with_a_private_pipe_and_stops(fake_control, monkeypatch):
-    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+def test_daemon_starts_with_a_private_pipe_and_stops(fake_control):
     with mps.daemon():
         pipe = os.environ["CUDA_MPS_PIPE_DIRECTORY"]
         assert os.path.isdir(pipe) and os.environ["CUDA_MPS_LOG_DIRECTORY"] == pipe
-    assert fake_control.read_text().splitlines() == [f"start {pipe}", f"quit {pipe}"]
+    lines = fake_control.read_text().splitlines()
+    assert lines[0] == f"start {pipe}" and lines[1].startswith(f"quit {pipe} ")
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not os.path.exists(pipe)
 
 
@@ -50,31 +62,58 @@ def test_a_daemon_crisp_did_not_start_is_left_alone(fake_control, monkeypatch):
     assert not fake_control.exists() and os.environ["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/nvidia-mps"
 
 
+def test_a_daemon_whose_sweep_died_is_stopped_by_the_next(fake_control, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tempfile.mkdtemp(prefix=mps.PREFIX)
+    with open(os.path.join(abandoned, "owner"), "w") as f:
+        f.write(f"{os.uname().nodename} {int(dead.stdout)}\n")
+    in_use = tempfile.mkdtemp(prefix=mps.PREFIX)  # a live sweep's (this process): not touched
+    with open(os.path.join(in_use, "owner"), "w") as f:
+        f.write(f"{os.uname().nodename} {os.getpid()}\n")
+    assert mps.stop_abandoned() == [abandoned]
+    assert "left by an earlier sweep" in caplog.text
+    assert fake_control.read_text().startswith(f"quit {abandoned} ")
+    assert not os.path.exists(abandoned) and os.path.isdir(in_use)
+
+
 def test_missing_control_names_the_key(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(mps.MPSError, match=r"sweep.mps=true needs nvidia-cuda-mps-control.*sweep.mps=false"):
         mps.start()
 
 
-def test_a_sweep_runs_inside_the_daemon(fake_control, tmp_path):
+@pytest.mark.slow
+def test_a_sweep_stops_the_daemon_after_its_report_and_its_workers(fake_control, tmp_path):
     out = tmp_path / "sweep"
-    proc = run_crisp("-m", *smoke_overrides(out, "sweep.mps=true", "data.num_train=64", sweep=True))
+    env = {"MPS_REPORT": str(out / "report.md"), "MPS_SWEEP": str(out)}
+    proc = run_crisp("-m", *smoke_overrides(out, "sweep.mps=true", "data.num_train=64", "hydra/launcher=parallel",
+                                            "hydra.launcher.n_jobs=2", sweep=True), "seed=1,2", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = fake_control.read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ["start", "quit"]
-    assert lines[0].split()[1] == lines[1].split()[1]  # stopped the daemon it started
-    record = results.read(out / "dense_seed1")
-    assert record["status"] == results.COMPLETED
+    start, quit_ = fake_control.read_text().splitlines()
+    assert start.split()[0] == "start" and quit_.split()[:2] == ["quit", start.split()[1]]  # its own daemon
+    assert quit_.split()[2:] == ["report=yes", "workers=0"]  # the order that cannot hang
+    records = [results.read(p) for p in results.find_all(out)]
+    assert len(records) == 2 and all(r["status"] == results.COMPLETED for r in records)
     # a scheduling choice: the same run with or without MPS is the same run for resume
-    config = record["config"]
+    config = records[0]["config"]
     assert config["sweep"]["mps"] is True
-    assert record["run_key"] == results.run_key({**config, "sweep": {"mps": False}})
+    assert records[0]["run_key"] == results.run_key({**config, "sweep": {"mps": False}})
 
 
 def test_a_sweep_without_the_daemon_stops_before_any_run(tmp_path):
     out = tmp_path / "sweep"
     # an empty PATH: no nvidia-cuda-mps-control (python itself is started by its full path)
-    proc = run_crisp("-m", *smoke_overrides(out, "sweep.mps=true", sweep=True), env={"PATH": str(tmp_path)})
+    proc = run_crisp("-m", *smoke_overrides(out, "sweep.mps=true", "hydra/launcher=parallel", sweep=True),
+                     env={"PATH": str(tmp_path)})
     assert proc.returncode != 0
     assert "sweep.mps=true needs nvidia-cuda-mps-control" in proc.stderr
     assert not list(out.rglob("results.json"))
+
+
+def test_mps_with_a_launcher_that_runs_jobs_in_the_sweep_process_is_refused(fake_control, tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path / "sweep", "sweep.mps=true", sweep=True))
+    assert proc.returncode != 0
+    assert "sweep.mps=true is not allowed with the launcher" in proc.stderr
+    assert "hydra/launcher=lockstep or hydra/launcher=parallel" in proc.stderr
+    assert not fake_control.exists()  # nothing started
+

@@ -33,6 +33,7 @@ def write_run(
     error: dict | None = None,
     run_key: str | None = None,
     finished_at: str = "2024-05-01T12:00:00+00:00",
+    model: str = "distilbert-base-uncased",
 ) -> Path:
     """A results.json at ``root/where``; a failed run (acc=None) has no final/best/history."""
     key = run_key or hashlib.sha256(f"{strategy}/{sparsity}/{seed}".encode()).hexdigest()[:16]
@@ -45,7 +46,7 @@ def write_run(
         "strategy": strategy,
         "sparsity": sparsity,
         "seed": seed,
-        "model": "distilbert-base-uncased",
+        "model": model,
         "data": "sst2",
         "config": {"sparsity": sparsity, "seed": seed},
         "overrides": [f"sparsity={sparsity}", f"seed={seed}"],
@@ -186,7 +187,20 @@ def test_merges_several_dirs_and_writes_into_the_first(tmp_path):
     assert all((first / name).exists() for name in OUTPUTS)
     assert not any((second / name).exists() for name in OUTPUTS)
     markdown = (first / "report.md").read_text()
-    assert str(first) in markdown and str(second) in markdown
+    assert "Read from:\n- `.`\n- `.../second`" in markdown  # where it is, not a machine's paths
+    assert str(tmp_path) not in markdown
+
+
+def test_a_committed_report_shows_no_machine_paths(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_run(sweep, "0/1", strategy="dense", sparsity=0.0, seed=1, acc=0.90, model="/home/me/models/minilm-l6")
+    write_run(sweep, "1/1", seed=1, acc=0.93, model="/home/me/models/minilm-l6")
+    write_run(sweep, "1/2", seed=2, acc=None, status="failed",
+              error={"type": "Stalled", "message": f"log: {sweep}/1/2/worker.log"})
+    write_report([sweep])
+    markdown = (sweep / "report.md").read_text()
+    assert "Model: minilm-l6 on" in markdown and "`1/2`" in markdown and "log: 1/2/worker.log" in markdown
+    assert "/home/me" not in markdown and str(tmp_path) not in markdown
 
 
 def test_failed_and_unparseable_runs_are_counted_and_listed(sweep):

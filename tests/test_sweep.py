@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,85 @@ def test_ddp_inside_a_sweep(tmp_path):
         assert len(list((tmp_path / name).rglob("results.json"))) == 1
         assert len(list((tmp_path / name).rglob("metrics.csv"))) == 1  # one logger run, from rank 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["dense_seed1", "dense_seed2"]
+
+
+# ---------------------------------------------------------------------------------------------- worker processes
+
+
+def workers_of(sweep_dir) -> list[int]:
+    """Pids of live worker processes of this sweep (their command line names its task files)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if "crisp.sweep.worker" in cmdline and any(arg.startswith(str(sweep_dir)) for arg in cmdline):
+            pids.append(int(entry))
+    return pids
+
+
+def start_sweep(sweep_dir, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "crisp.run", "-m", *smoke_overrides(sweep_dir, "hydra/launcher=parallel", *extra,
+                                                                      sweep=True)]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_parallel_runs_each_job_in_a_process_that_ends_with_it(tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+                                            sweep=True), "seed=1,2,3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = records(tmp_path)
+    assert len(found) == 3 and all(r["status"] == "completed" for r in found.values())
+    assert len({r["environment"]["pid"] for r in found.values()}) == 3
+    assert "dense_seed2 completed: val_acc" in proc.stdout  # one line per run, not three progress bars
+    assert (tmp_path / "dense_seed2" / "worker.log").stat().st_size > 0
+    assert not workers_of(tmp_path)
+
+
+def test_a_worker_that_stops_answering_is_ended_and_the_sweep_reports_it(tmp_path):
+    proc = start_sweep(tmp_path, "hydra.launcher.n_jobs=2", "hydra.launcher.stall_timeout_s=20", "seed=1,2,3")
+    lock = tmp_path / "dense_seed1" / ".crisp.lock"
+    wait_for(lock.exists)
+    victim = int(lock.read_text().split()[1])
+    os.kill(victim, signal.SIGSTOP)  # alive, but no progress: a hung CUDA call looks the same from outside
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "1 run(s) failed: dense_seed1" in stderr and "dense_seed1 failed: Stalled" in stdout
+    found = records(tmp_path)
+    assert found["dense_seed1"]["status"] == "failed" and found["dense_seed1"]["error"]["type"] == "Stalled"
+    assert "showed no progress for" in found["dense_seed1"]["error"]["message"]
+    assert found["dense_seed2"]["status"] == found["dense_seed3"]["status"] == "completed"
+    assert "Stalled" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ProcessLookupError):
+        os.kill(victim, 0)
+    assert not workers_of(tmp_path) and not list(tmp_path.rglob(".crisp.lock"))
+
+
+def test_sigterm_ends_the_workers_and_records_their_runs(tmp_path):
+    proc = start_sweep(tmp_path, "hydra.launcher.n_jobs=2", "trainer.max_epochs=30", "seed=1,2,3")
+    wait_for(lambda: len(workers_of(tmp_path)) == 2 and len(list(tmp_path.rglob(".crisp.lock"))) == 2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "sweep interrupted by SIGTERM" in stdout and f"hydra.sweep.dir={tmp_path}" in stdout
+    assert not workers_of(tmp_path)
+    found = records(tmp_path)
+    assert {r["error"]["type"] for r in found.values()} == {"Interrupted"}  # running and not yet started
+    assert len(found) == 3
+
+
+def test_workers_die_with_a_sweep_killed_outright(tmp_path):
+    proc = start_sweep(tmp_path, "hydra.launcher.n_jobs=2", "trainer.max_epochs=30", "seed=1,2")
+    wait_for(lambda: len(workers_of(tmp_path)) == 2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep's own process group: the workers are in their own
+    proc.communicate()
+    wait_for(lambda: not workers_of(tmp_path), timeout=10)

@@ -28,3 +28,19 @@ class ParallelLauncher(_ProcessLauncher):
         from crisp.sweep.parallel import launch_jobs
 
         return launch_jobs(self, job_overrides, initial_job_idx)
+
+
+class LockstepLauncher(_ProcessLauncher):
+    """``hydra/launcher=lockstep``: runs that share a recipe trained as one fused model per group."""
+
+    def __init__(self, max_runs_per_group: int | str | None = "auto", row_width: int = 64,
+                 pack_workers: int | str = "auto", stall_timeout_s: float = 600) -> None:
+        self.max_runs_per_group, self.row_width, self.stall_timeout_s = max_runs_per_group, row_width, stall_timeout_s
+        from crisp.sweep.lockstep import check_pack_workers
+
+        self.pack_workers = check_pack_workers(pack_workers)  # before Hydra writes anything
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from crisp.sweep.lockstep import launch_jobs
+
+        return launch_jobs(self, job_overrides, initial_job_idx)

@@ -1,0 +1,86 @@
+"""A lockstep group's data: each run's own batch order, every step packed into one batch.
+
+Each run keeps exactly the sampler it would have alone (a ``RandomSampler`` over its training set
+with a generator seeded by its seed, advanced once per epoch), so run r sees the same batches in the
+same order as when it trains by itself. A step draws the next batch of every active run and packs
+them together (:mod:`crisp.lockstep.packing`); runs that share data and seed share a layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from crisp.data import TokenizedSplit
+from crisp.lockstep.packing import pack
+
+
+class GroupSplits(Dataset):
+    """One split per run; ``__getitems__`` takes [(run, indices), ...] and returns a packed batch."""
+
+    def __init__(self, splits: Sequence[TokenizedSplit], width: int, row_multiple: int = 1):
+        self.splits, self.width, self.row_multiple = list(splits), width, row_multiple
+
+    def __len__(self) -> int:
+        return len(self.splits[0])
+
+    def __getitems__(self, items: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
+        return pack([(self.splits[run], indices) for run, indices in items], self.width, self.row_multiple)
+
+
+class GroupSampler:
+    """Yields, per step, every active run's next batch of indices from that run's own sampler."""
+
+    def __init__(self, samplers: Sequence[BatchSampler], active: list[int]):
+        self.samplers, self.active = list(samplers), active  # ``active`` is shared: runs may leave
+
+    def __len__(self) -> int:
+        return len(self.samplers[0])
+
+    def __iter__(self) -> Iterator[list[tuple[int, list[int]]]]:
+        runs = list(self.active)  # fixed for the epoch: runs leave a group between epochs
+        iterators = [iter(self.samplers[run]) for run in runs]
+        for _ in range(len(self)):
+            yield [(run, next(it)) for run, it in zip(runs, iterators, strict=True)]
+
+
+def _identity(batch):
+    return batch
+
+
+class GroupDataModule(pl.LightningDataModule):
+    def __init__(self, train: Sequence[TokenizedSplit], val: Sequence[TokenizedSplit], seeds: Sequence[int],
+                 batch_size: int, eval_batch_size: int, width: int, pin_memory: bool = False,
+                 workers: int = 0, row_multiple: int = 1):
+        super().__init__()
+        sizes = {len(s) for s in train}, {len(s) for s in val}
+        if len(sizes[0]) > 1 or len(sizes[1]) > 1:
+            raise ValueError(f"runs trained in lockstep need equal-sized splits: train sizes {sorted(sizes[0])}, "
+                             f"validation sizes {sorted(sizes[1])}")
+        self.train, self.val = GroupSplits(train, width, row_multiple), GroupSplits(val, width, row_multiple)
+        self.active = list(range(len(seeds)))
+        # each run's own sampler, as its DataLoader would make it alone (crisp.data.SST2DataModule)
+        self.train_samplers = [BatchSampler(RandomSampler(s, generator=torch.Generator().manual_seed(seed)),
+                                            batch_size, drop_last=False) for s, seed in zip(train, seeds, strict=True)]
+        self.val_samplers = [BatchSampler(SequentialSampler(s), eval_batch_size, drop_last=False) for s in val]
+        self.pin_memory, self.workers = pin_memory, workers
+
+    def keep_runs(self, keep: list[int]) -> None:
+        """Only these runs (indices among the active ones) go on."""
+        self.active[:] = [self.active[i] for i in keep]
+
+    def _loader(self, dataset: GroupSplits, samplers: list[BatchSampler]) -> DataLoader:
+        # packing a step of R runs takes milliseconds of Python: worker processes do it while the
+        # GPU trains (the samplers stay here, so runs that leave are seen at the next epoch)
+        return DataLoader(dataset, batch_sampler=GroupSampler(samplers, self.active), collate_fn=_identity,
+                          pin_memory=self.pin_memory, num_workers=self.workers,
+                          persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, self.train_samplers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, self.val_samplers)

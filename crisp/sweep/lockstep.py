@@ -1,0 +1,134 @@
+"""``hydra/launcher=lockstep``: the runs of a sweep that can train together, trained as one model.
+
+Jobs whose configs are equal except for what a grid varies per run (seed, sparsity, strategy and
+its parameters, and the names that follow from them) share a recipe: the same model, data, batch
+size, epochs, optimizer and trainer settings. Each group of them trains in one worker process as one
+fused model (:mod:`crisp.lockstep`), one step for all its runs. Configs are compared before
+interpolation, so ``data_seed: ${seed}`` is the same recipe for every seed.
+
+A group larger than the device holds (about 20 bytes per parameter per run: weights, gradients,
+AdamW's two moments and room for activations) is split into equal parts that take turns; on
+several GPUs, groups are split until each GPU has one, and run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+from hydra.core.utils import JobReturn
+from omegaconf import OmegaConf
+
+from crisp import results
+from crisp.sweep import launch
+from crisp.sweep.jobs import Job, job_return
+from crisp.sweep.pool import visible_gpus
+
+log = logging.getLogger("crisp")
+PER_RUN = ("hydra", "seed", "sparsity", "strategy", "name", "tags")
+BYTES_PER_PARAMETER = 20
+ACTIVATIONS_PER_RUN = 150 * 2**20
+
+
+def recipe(job: Job) -> str:
+    config = OmegaConf.to_container(job.config, resolve=False)
+    return json.dumps({k: v for k, v in config.items() if k not in PER_RUN}, sort_keys=True, default=str)
+
+
+def plan(jobs: Sequence[Job], capacity: int | None, devices: int) -> list[list[Job]]:
+    """Groups of jobs with one recipe, each at most ``capacity`` runs, at least ``devices`` groups when possible."""
+    by_recipe: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_recipe.setdefault(recipe(job), []).append(job)
+    groups = []
+    for group in by_recipe.values():
+        parts = math.ceil(len(group) / capacity) if capacity else 1
+        groups += _split(group, parts)
+    while len(groups) < devices and max(map(len, groups), default=0) > 1:
+        largest = max(groups, key=len)
+        groups.remove(largest)
+        groups += _split(largest, 2)
+    return groups
+
+
+def _split(group: list[Job], parts: int) -> list[list[Job]]:
+    size = math.ceil(len(group) / parts)
+    return [group[i : i + size] for i in range(0, len(group), size)]
+
+
+def capacity(job: Job, max_runs: int | str | None) -> int | None:
+    """How many runs of ``job``'s recipe one device holds: ``max_runs``, or estimated for ``auto``."""
+    if max_runs != "auto":
+        return None if max_runs is None else int(max_runs)
+    try:
+        per_run = BYTES_PER_PARAMETER * _parameters(job) + ACTIVATIONS_PER_RUN
+    except Exception as err:  # the worker will meet the same problem and report it
+        log.warning("lockstep: cannot size groups for %s (%s): one group", job.name, err)
+        return None
+    return max(1, int(0.8 * _device_memory() // per_run))
+
+
+def _parameters(job: Job) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from crisp.hub import resolve_model
+
+    model = job.record["config"]["model"]
+    if model.get("from_config"):
+        config = AutoConfig.for_model(**model["from_config"], vocab_size=model.get("tokenizer_vocab_size", 30522))
+    else:
+        name, local = resolve_model(model["name_or_path"])
+        config = AutoConfig.from_pretrained(name, local_files_only=local)
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForSequenceClassification.from_config(config).parameters())
+
+
+def check_pack_workers(value: int | str) -> int | str:
+    """``hydra.launcher.pack_workers``: "auto" or a count of processes, checked before anything runs."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise SystemExit(f"crisp: hydra.launcher.pack_workers={value!r}: use auto or a number of processes >= 0")
+
+
+def _device_memory() -> int:
+    """Bytes of the smallest visible GPU (nvidia-smi: no CUDA context here), or of this machine's memory."""
+    if visible_gpus() and shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=False).stdout.split()
+        if out:
+            return min(int(v) for v in out) * 2**20
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    options = {"row_width": launcher.row_width, "pack_workers": launcher.pack_workers}
+    sweep_dir, jobs = launch.prepare(launcher, job_overrides, initial_job_idx)
+    returns: dict[int, JobReturn] = {}
+    pending, owner = [], {}
+    for job in jobs:
+        if job.output_dir in owner:  # e.g. the dense run, shared by every strategy's sparsity=0 job
+            returns[job.idx] = job_return(job, {**job.record, "status": "skipped"})
+            log.info("%s: the same run as job %d, trained once", job.name, owner[job.output_dir])
+        elif results.is_completed(job.output_dir, job.record["run_key"]):
+            returns[job.idx] = job_return(job, {**job.record, "status": "skipped"})
+            log.info("%s: already completed in %s, skipped", job.name, job.output_dir)
+        else:
+            pending.append(job)
+        owner.setdefault(job.output_dir, job.idx)
+    gpus = visible_gpus()
+    groups = plan(pending, capacity(pending[0], launcher.max_runs_per_group) if pending else None, len(gpus))
+    tasks = []
+    for k, group in enumerate(groups):
+        log.info("lockstep group %d: %d runs (%s)", k, len(group), ", ".join(job.name for job in group))
+        tasks.append(launch.task(launcher, f"group{k}", "lockstep", group, sweep_dir / f"lockstep-group{k}.log",
+                                 options=options))
+    if tasks:
+        ran = launch.run_tasks(sweep_dir, tasks, pending, max(1, len(gpus)), launcher.stall_timeout_s)
+        returns.update({job.idx: ret for job, ret in zip(pending, ran, strict=True)})
+    return [returns[job.idx] for job in jobs]

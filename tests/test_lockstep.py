@@ -1,0 +1,235 @@
+"""Lockstep: a group of runs trained as one fused model behaves like each run trained alone."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+import crisp
+from crisp import results
+from crisp.lockstep.dropout import RunRandom
+from crisp.lockstep.fused import fuse
+from crisp.lockstep.packing import attention_mask, pack, pack_rows
+from crisp.sweep.lockstep import plan, recipe
+from tests.conftest import ROOT, run_crisp, smoke_overrides, tiny_model
+from tests.test_sweep import records, wait_for, workers_of
+
+NO_DROPOUT = ["+model.from_config.dropout=0", "+model.from_config.attention_dropout=0",
+              "+model.from_config.seq_classif_dropout=0"]
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+def test_packing_keeps_every_sentence_whole_and_apart():
+    from crisp.data import TokenizedSplit
+
+    lengths = torch.tensor([5, 3, 7, 2, 6])
+    ids = torch.stack([torch.arange(100 * i, 100 * i + 8) for i in range(5)])
+    split = TokenizedSplit(ids, lengths, torch.tensor([0, 1, 0, 1, 1]))
+    batch = pack([(split, [0, 1, 2]), (split, [3, 4, 0])], width=8)
+    rows = batch["input_ids"].size(0)
+    assert rows % 2 == 0 and batch["input_ids"].size(1) == 8  # the same number of rows per run
+    flat_ids, flat_pos = batch["input_ids"].flatten(), batch["position_ids"].flatten()
+    for first, sentence in zip(batch["first"].tolist(), [0, 1, 2, 3, 4, 0], strict=True):
+        n = int(lengths[sentence])
+        assert flat_ids[first : first + n].tolist() == ids[sentence, :n].tolist()
+        assert flat_pos[first : first + n].tolist() == list(range(n))
+    assert batch["labels"].tolist() == [0, 1, 0, 1, 1, 0]
+    assert all(r < rows // 2 for r in torch.div(batch["first"][:3], 8, rounding_mode="floor").tolist())
+    mask = attention_mask(batch["segments"])[:, 0]
+    segments = batch["segments"]
+    for row in range(rows):
+        for q in range(8):
+            expected = [(segments[row, q] >= 0 and segments[row, k] == segments[row, q]) or k == q for k in range(8)]
+            assert mask[row, q].tolist() == expected
+
+
+def test_first_fit_packs_longest_first():
+    row, offset, count = pack_rows([5, 3, 7, 2, 6], width=8)
+    # 7 takes row 0, 6 row 1, 5 row 2, then 3 fits only after the 5 and 2 after the 6
+    assert count == 3 and row == [2, 2, 0, 1, 1] and offset == [0, 5, 0, 6, 0]
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "bert"])
+def test_a_fused_model_computes_what_each_run_computes_alone(arch):
+    """Forward of packed sentences through the fused model = each model on its own padded batch."""
+    from crisp.data import TokenizedSplit
+
+    models = [tiny_model(arch, seed=seed) for seed in (0, 1, 2)]
+    sparsities = (0.0, 0.5, 0.8)
+    for model, s in zip(models, sparsities, strict=True):
+        crisp.set_sparsity(model, s)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 12, (5,), generator=g)
+    ids = torch.randint(5, 60, (5, 12), generator=g) * (torch.arange(12) < lengths[:, None])
+    split = TokenizedSplit(ids, lengths, torch.zeros(5, dtype=torch.long))
+    expected = [m(input_ids=ids, attention_mask=(ids != 0).long()).logits for m in models]
+    fused = fuse(models, RunRandom([0, 1, 2], "cpu")).eval()
+    for module in crisp.attention.attention_modules(fused):
+        module.crisp_sparsity = sparsities
+    batch = pack([(split, list(range(5)))] * 3, width=16)
+    from crisp.attention import RunRows
+
+    extra = {"token_type_ids": torch.zeros_like(batch["segments"])} if arch == "bert" else {}
+    logits = fused(input_ids=batch["input_ids"], attention_mask=attention_mask(batch["segments"]),
+                   position_ids=batch["position_ids"], crisp_first=batch["first"],
+                   crisp_runs=RunRows(3, query_valid=batch["segments"] >= 0), **extra).logits
+    torch.testing.assert_close(logits, torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_each_run_has_its_own_dropout_stream():
+    """A run's masks depend on its seed, the step and the call site, not on the rest of its group."""
+    shape = torch.Size([2, 3, 1000])
+    group_a, group_b = RunRandom([11, 22], "cpu"), RunRandom([11, 33], "cpu")
+    masks = {}
+    for name, random in (("a", group_a), ("b", group_b)):
+        random.next_step()
+        first, second = random.keep_mask(shape, 0.1, "cpu"), random.keep_mask(shape, 0.1, "cpu")
+        random.next_step()
+        masks[name] = first, second, random.keep_mask(shape, 0.1, "cpu")
+    (a1, a2, a3), (b1, _, b3) = masks["a"], masks["b"]
+    assert torch.equal(a1[0], b1[0]) and torch.equal(a3[0], b3[0])  # seed 11, whatever its neighbours
+    assert not torch.equal(a1[1], b1[1])  # seeds 22 and 33
+    assert not torch.equal(a1[0], a2[0]) and not torch.equal(a1[0], a3[0])  # sites and steps
+    assert 0.88 < a1.float().mean() < 0.92
+
+
+def _job(tmp_path, *overrides):
+    from crisp.config import register_configs, register_resolvers
+    from crisp.sweep.jobs import Job
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", *overrides], return_hydra_config=True)
+    return Job(0, list(overrides), cfg, tmp_path, {"name": "-".join(overrides)})
+
+
+def test_jobs_that_differ_in_seed_sparsity_or_strategy_share_a_recipe(tmp_path):
+    jobs = [_job(tmp_path, "seed=1"), _job(tmp_path, "seed=2", "sparsity=0.8"), _job(tmp_path, "strategy=adaptive"),
+            _job(tmp_path, "optim.lr=0.01"), _job(tmp_path, "data.num_train=64")]
+    assert recipe(jobs[0]) == recipe(jobs[1]) == recipe(jobs[2])  # data_seed: ${seed} is one recipe
+    assert len({recipe(job) for job in jobs}) == 3
+    assert [len(g) for g in plan(jobs, capacity=None, devices=1)] == [3, 1, 1]
+    assert [len(g) for g in plan(jobs[:3], capacity=2, devices=1)] == [2, 1]  # too big for the device
+    assert [len(g) for g in plan(jobs[:3], capacity=None, devices=2)] == [2, 1]  # one group per GPU
+
+
+# ---------------------------------------------------------------------------------------------- as users run it
+
+
+@pytest.mark.slow
+def test_the_readme_lockstep_smoke_grid_trains_in_one_process(tmp_path):
+    proc = run_crisp("-m", "experiment=smoke", "sparsity=0,0.8", "seed=1,2", "hydra/launcher=lockstep",
+                     f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = records(tmp_path)
+    assert sorted(found) == ["dense_seed1", "dense_seed2", "uniform_s0.8_seed1", "uniform_s0.8_seed2"]
+    assert all(r["status"] == "completed" for r in found.values())
+    assert len({r["environment"]["pid"] for r in found.values()}) == 1
+    assert all(r["timing"]["lockstep"]["runs"] == 4 for r in found.values())
+    assert found["uniform_s0.8_seed1"]["layers"]["configured"] == [0.8, 0.8]
+    assert (tmp_path / "report.md").is_file() and "| uniform | 0.8 | 2 |" in proc.stdout
+
+
+def _step_losses(run_dir) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+@pytest.mark.slow
+def test_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
+    """Dropout off, fp32: the same losses step by step and the same final weights as each run alone,
+    for two seeds and two sparsities in one group, uniform and adaptive."""
+    grid = ["experiment=smoke", "data.num_train=128", "data.num_val=64", "data.eval_batch_size=16",
+            "trainer.max_epochs=2",
+            "trainer.log_every_n_steps=1", "trainer.save_weights=true", *NO_DROPOUT,
+            "seed=1,2", "sparsity=0.5,0.8", "strategy=uniform,adaptive"]
+    alone = run_crisp("-m", *grid, f"hydra.sweep.dir={tmp_path / 'alone'}")
+    together = run_crisp("-m", *grid, "hydra/launcher=lockstep", f"hydra.sweep.dir={tmp_path / 'lockstep'}")
+    assert alone.returncode == 0 and together.returncode == 0, together.stderr[-3000:]
+    solo, fused = records(tmp_path / "alone"), records(tmp_path / "lockstep")
+    assert len(fused) == 8 and len({r["environment"]["pid"] for r in fused.values()}) == 1
+    assert fused["adaptive_s0.8_seed2"]["layers"]["configured"] != [0.8, 0.8]  # adaptive really spread it
+    for name, record in solo.items():
+        assert fused[name]["run_key"] == record["run_key"]
+        assert fused[name]["layers"]["configured"] == record["layers"]["configured"]
+        losses = _step_losses(tmp_path / "alone" / name)
+        assert len(losses) == 8
+        torch.testing.assert_close(_step_losses(tmp_path / "lockstep" / name), losses, rtol=1e-5, atol=1e-6)
+        # validation over several batches: each run's own loss, accuracy and F1, epoch by epoch
+        for epoch, expected in zip(fused[name]["history"], record["history"], strict=True):
+            assert epoch == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+        weights = load_file(tmp_path / "alone" / name / "model.safetensors")
+        lockstep_weights = load_file(tmp_path / "lockstep" / name / "model.safetensors")
+        assert weights.keys() == lockstep_weights.keys()
+        for key, tensor in weights.items():
+            torch.testing.assert_close(lockstep_weights[key], tensor, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+
+
+POISON = """
+import torch
+from crisp.lockstep import model
+step = model.LockstepClassifier.training_step
+def poisoned(self, batch, batch_idx):
+    if self.current_epoch == 0 and batch_idx == 2 and "dense_seed2" in [run.name for run in self.runs]:
+        victim = [run.name for run in self.runs].index("dense_seed2")
+        with torch.no_grad():
+            for p in self.encoder.parameters():
+                p[victim].fill_(float("nan"))
+    return step(self, batch, batch_idx)
+model.LockstepClassifier.training_step = poisoned
+"""
+
+
+@pytest.mark.slow
+def test_a_run_whose_loss_turns_nan_leaves_the_group_and_the_others_go_on(tmp_path):
+    # the learning rate is the group's: poison one run's weights (in every process: sitecustomize)
+    (tmp_path / "sitecustomize.py").write_text(POISON)
+    out = tmp_path / "sweep"
+    grid = [*smoke_overrides(out, "hydra/launcher=lockstep", *NO_DROPOUT, sweep=True), "seed=1,2,3"]
+    proc = run_crisp("-m", *grid, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert proc.returncode != 0 and "1 run(s) failed: dense_seed2" in proc.stderr
+    found = records(out)
+    assert found["dense_seed2"]["status"] == "failed"
+    assert "the training loss became nan in epoch 0" in found["dense_seed2"]["error"]["message"]
+    assert all(found[name]["status"] == "completed" for name in ("dense_seed1", "dense_seed3"))
+    # the others are untouched by it: the same numbers as a group that never had it
+    without = run_crisp("-m", *smoke_overrides(tmp_path / "without", "hydra/launcher=lockstep", *NO_DROPOUT,
+                                               sweep=True), "seed=1,3")
+    assert without.returncode == 0
+    for name, record in records(tmp_path / "without").items():
+        for epoch, expected in zip(found[name]["history"], record["history"], strict=True):
+            assert epoch == pytest.approx(expected, rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_a_killed_group_resumes_and_skips_what_completed(tmp_path):
+    overrides = smoke_overrides(tmp_path, "hydra/launcher=lockstep", "trainer.max_epochs=20", sweep=True)
+    proc = subprocess.Popen([sys.executable, "-m", "crisp.run", "-m", *overrides, "seed=1,2"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: len(list(tmp_path.rglob(".crisp.lock"))) == 2, timeout=180)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    wait_for(lambda: not workers_of(tmp_path), timeout=10)
+    assert not list(tmp_path.rglob("results.json"))
+    short = [o for o in overrides if not o.startswith("trainer.max_epochs")]
+    again = run_crisp("-m", *short, "trainer.max_epochs=1", "seed=1,2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    first = records(tmp_path)
+    assert sorted(first) == ["dense_seed1", "dense_seed2"] and all(r["status"] == "completed" for r in first.values())
+    more = run_crisp("-m", *short, "trainer.max_epochs=1", "seed=1,2,3")
+    assert more.returncode == 0
+    assert more.stdout.count("already completed") == 2
+    assert {name: r["finished_at"] for name, r in records(tmp_path).items() if name != "dense_seed3"} == \
+        {name: r["finished_at"] for name, r in first.items()}
+    assert results.read(tmp_path / "dense_seed3")["timing"]["lockstep"]["runs"] == 1
