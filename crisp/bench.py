@@ -381,7 +381,8 @@ def peer(args) -> dict:
                        for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows, strict=True)]
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     training = TrainingArguments(output_dir=args.dir, per_device_train_batch_size=32, per_device_eval_batch_size=256,
-                                 num_train_epochs=args.epochs, learning_rate=2e-5, weight_decay=0.01, warmup_steps=0.06,  # a float: a ratio
+                                 num_train_epochs=args.epochs, learning_rate=2e-5, weight_decay=0.01,
+                                 warmup_steps=0.06,  # a float: a ratio
                                  bf16=torch.cuda.is_available(), save_strategy="no", report_to="none",
                                  logging_steps=500, seed=1)
 
