@@ -38,8 +38,7 @@ from omegaconf import OmegaConf
 from crisp import results
 from crisp.sweep import launch
 from crisp.sweep.jobs import Job, job_return, record_failure
-from crisp.sweep.pool import SweepInterrupted
-from crisp.sweep.pool import _signals_raise as signals_raise
+from crisp.sweep.pool import SweepInterrupted, signals_raise
 from crisp.sweep.slurm_queue import ACTIVE, HELD, Queue, describe_exit, free_dead_claims, release_claim
 from crisp.sweep.slurm_task import ArrayTask
 

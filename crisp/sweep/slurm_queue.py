@@ -118,12 +118,9 @@ def describe_exit(status: str, params: dict[str, Any]) -> str:
 
 def _claim(job: Job) -> tuple[Path, str] | None:
     """The SLURM task (``<job>_<task>``) that holds the run's ``.crisp.lock``, if a SLURM task holds it."""
-    path = RunLock(job.output_dir).path
-    try:
-        _host, _pid, task = path.read_text().split()
-    except (OSError, ValueError):
-        return None
-    return (path, task) if task != "-" else None
+    lock = RunLock(job.output_dir)
+    holder = lock.holder()
+    return (lock.path, holder.task) if holder is not None and holder.task != "-" else None
 
 
 def release_claim(job: Job, slurm_id: str) -> None:
