@@ -54,9 +54,9 @@ def slurm(cluster):
         time.sleep(0.5)
 
 
-def launcher(cluster: SlurmCluster, *extra: str) -> list[str]:
+def launcher(cluster: SlurmCluster, *extra: str, kind: str = "slurm") -> list[str]:
     """The README's worked example (partition, time limit, parallelism), sized for a CPU-only test node."""
-    return ["hydra/launcher=slurm", f"hydra.launcher.partition={cluster.partition}", "hydra.launcher.timeout_min=10",
+    return [f"hydra/launcher={kind}", f"hydra.launcher.partition={cluster.partition}", "hydra.launcher.timeout_min=10",
             "hydra.launcher.array_parallelism=2", "hydra.launcher.gpus_per_task=null",
             "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=null", "hydra.launcher.poll_s=1", *extra]
 
@@ -170,6 +170,36 @@ def test_a_grid_is_one_job_array_with_the_basic_launchers_report(slurm, tmp_path
     assert log.count("SLURM accounting is off") == 1 and "sacct" not in log.replace("(sacct: ", "")
     assert "arning" not in log and "Traceback" not in log
     assert len(log.splitlines()) <= 3 * len(tasks) + 12, log
+
+
+def test_lockstep_groups_are_array_tasks_and_the_same_command_skips_them(slurm, tmp_path):
+    out = tmp_path / "sweep"
+    overrides = [*smoke_overrides(out, *launcher(slurm, "hydra.launcher.max_runs_per_group=2", kind="slurm_lockstep"),
+                                  sweep=True), "sparsity=0,0.8", "seed=1,2"]
+    proc = run_crisp("-m", *overrides, env=slurm.env())
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    job = re.search(r"SLURM job (\d+): 2 task\(s\)", log).group(1)
+    groups = {task: names.split(", ") for task, names in re.findall(r"  task (\S+): (.+)", log)}
+    assert sorted(groups) == [f"{job}_0", f"{job}_1"] and all(len(names) == 2 for names in groups.values())
+    assert {slurm.task_states(job)[task] for task in groups} == {"COMPLETED"}
+    found = records(out)
+    assert sorted(found) == ["dense_seed1", "dense_seed2", "uniform_s0.8_seed1", "uniform_s0.8_seed2"]
+    assert all(r["status"] == "completed" and r["timing"]["lockstep"]["runs"] == 2 for r in found.values())
+    # each group trained in its task's process, as one model
+    by_pid: dict[int, set[str]] = {}
+    for name, record in found.items():
+        by_pid.setdefault(record["environment"]["pid"], set()).add(name)
+    assert sorted(map(sorted, by_pid.values())) == sorted(map(sorted, groups.values()))
+    assert (out / "report.md").is_file() and "| uniform | 0.8 | 2 |" in proc.stdout
+    assert "arning" not in log and "Traceback" not in log
+
+    finished = {name: r["finished_at"] for name, r in found.items()}
+    again = run_crisp("-m", *overrides, env=slurm.env())
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-3000:]
+    assert log.count("already completed") == 4 and "SLURM job" not in log  # nothing submitted
+    assert {name: r["finished_at"] for name, r in records(out).items()} == finished
 
 
 def test_a_requeued_task_comes_back_and_only_its_run_trains_again(slurm, tmp_path):

@@ -7,7 +7,8 @@
 - :mod:`~crisp.sweep.launch`, :mod:`~crisp.sweep.parallel`, :mod:`~crisp.sweep.lockstep`: crisp's
   Hydra launchers on this machine, one process per run or per lockstep group (the plugin classes are
   in ``hydra_plugins/crisp_launchers``).
-- :mod:`~crisp.sweep.slurm`, :mod:`~crisp.sweep.slurm_task`, :mod:`~crisp.sweep.slurm_queue`: the SLURM
-  launcher, one job array per sweep: what a task runs on its node, and how the sweep follows the array.
+- :mod:`~crisp.sweep.slurm`, :mod:`~crisp.sweep.slurm_task`, :mod:`~crisp.sweep.slurm_queue`,
+  :mod:`~crisp.sweep.slurm_lockstep`: the SLURM launchers, one job array per sweep with one task per
+  run or per lockstep group: what a task runs on its node, and how the sweep follows the array.
 - :mod:`~crisp.sweep.mps`, :mod:`~crisp.sweep.callback`: the sweep's start and end.
 """

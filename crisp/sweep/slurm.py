@@ -10,7 +10,8 @@ learns that a task ended. This launcher keeps what submitit does well (one ``sba
 - runs already completed with the same run_key are not submitted again, so running the same command
   again submits only what is missing;
 - each array task runs an :class:`~crisp.sweep.slurm_task.ArrayTask`: a list of jobs, in one process
-  (one job per task here; a group of jobs trained together can be one task the same way);
+  (one job per task here; ``hydra/launcher=slurm_lockstep`` makes each task a lockstep group:
+  :mod:`~crisp.sweep.slurm_lockstep`);
 - the sweep follows the array with ``squeue`` (:mod:`~crisp.sweep.slurm_queue`: it works with
   accounting off, and ``sacct`` is asked only about tasks that slurmctld has forgotten) and logs when
   a task starts, is requeued and ends;
@@ -31,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
@@ -85,8 +85,7 @@ class Tracked:
 
 
 def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    _require_slurm()
-    sweep_dir, jobs = launch.prepare(launcher, job_overrides, initial_job_idx)
+    sweep_dir, jobs = prepare(launcher, job_overrides, initial_job_idx)
     returns: dict[int, JobReturn] = {}
     todo = []
     for job in jobs:
@@ -95,21 +94,26 @@ def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_id
             returns[job.idx] = job_return(job, {**job.record, "status": "skipped"})
         else:
             todo.append(job)
-    if todo:
-        free_dead_claims(todo)
-        params = launcher.params
-        tasks = [ArrayTask([job], launcher.hydra_context, launcher.task_function, Singleton.get_state(),
-                           params["timeout_min"], params["max_num_timeout"]) for job in todo]
-        tracked = _submit(launcher, tasks)
-        returns.update(_follow(tracked, launcher, sweep_dir))
+    returns.update(run_array(launcher, sweep_dir, [ArrayTask.of(launcher, [job]) for job in todo]))
     return [returns[job.idx] for job in jobs]
 
 
-def _require_slurm() -> None:
+def prepare(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[Path, list[Job]]:
+    """The sweep's directory and jobs, once SLURM's commands are known to be here."""
     missing = [cmd for cmd in ("sbatch", "squeue", "srun") if shutil.which(cmd) is None]
     if missing:
-        raise SystemExit(f"crisp: hydra/launcher=slurm submits to SLURM, but {', '.join(missing)} is not on PATH "
+        name = launcher.config.hydra.runtime.choices.get("hydra/launcher", "slurm")
+        raise SystemExit(f"crisp: hydra/launcher={name} submits to SLURM, but {', '.join(missing)} is not on PATH "
                          "here: run the sweep on the cluster's login node, or use hydra/launcher=parallel")
+    return launch.prepare(launcher, job_overrides, initial_job_idx)
+
+
+def run_array(launcher, sweep_dir: Path, tasks: list[ArrayTask]) -> dict[int, JobReturn]:
+    """Submit ``tasks`` as one job array and follow it to its end: a JobReturn for each of their jobs, by number."""
+    if not tasks:
+        return {}
+    free_dead_claims([job for task in tasks for job in task.jobs])
+    return _follow(_submit(launcher, tasks), launcher, sweep_dir)
 
 
 def _executor(params: dict[str, Any]):
@@ -194,8 +198,8 @@ def _follow(tracked: list[Tracked], launcher, sweep_dir: Path) -> dict[int, JobR
 
 def _note_progress(t: Tracked, state: str, restarts: int, node: str) -> None:
     if restarts > t.restarts:
-        log.warning("task %s (%s) was requeued (restart %d): it starts its run again when SLURM reschedules it",
-                    t.id, t.names, restarts)
+        log.warning("task %s (%s) was requeued (restart %d): what it had not completed starts again when SLURM "
+                    "reschedules it", t.id, t.names, restarts)
     elif state == "RUNNING" and t.state != "RUNNING":
         log.info("task %s (%s) running on %s", t.id, t.names, node or "?")
         t.started = time.monotonic()

@@ -42,6 +42,13 @@ class ArrayTask:
     timeout_min: int
     max_num_timeout: int
 
+    @classmethod
+    def of(cls, launcher, jobs: list[Job], **fields: Any) -> ArrayTask:
+        """The task that runs ``jobs`` with the launcher's Hydra context, task function and time limits."""
+        params = launcher.params
+        return cls(jobs, launcher.hydra_context, launcher.task_function, Singleton.get_state(), params["timeout_min"],
+                   params["max_num_timeout"], **fields)
+
     def __call__(self) -> list[JobReturn]:
         import submitit
 
