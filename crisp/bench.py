@@ -382,7 +382,8 @@ def peer(args) -> dict:
     # fp32 master weights, as the hub checkpoint loads (a folder saved in fp16 would otherwise load as fp16)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2, dtype=torch.float32)
     training = TrainingArguments(output_dir=args.dir, per_device_train_batch_size=32, per_device_eval_batch_size=256,
-                                 num_train_epochs=args.epochs, learning_rate=2e-5, weight_decay=0.01, warmup_steps=0.06,  # a float: a ratio
+                                 num_train_epochs=args.epochs, learning_rate=2e-5, weight_decay=0.01,
+                                 warmup_steps=0.06,  # a float: a ratio
                                  bf16=torch.cuda.is_available(), save_strategy="no", report_to="none",
                                  logging_steps=500, seed=1)
 

@@ -43,10 +43,7 @@ class FusedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runs, shape = self.weight.size(0), x.shape
         x = x.reshape(runs, -1, shape[-1])
-        if self.bias is None:
-            y = torch.bmm(x, self.weight)
-        else:
-            y = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+        y = torch.bmm(x, self.weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
         return y.reshape(*shape[:-1], -1)
 
 

@@ -4,7 +4,11 @@
 - :mod:`~crisp.sweep.jobs`: a job's config, run directory and results record, seen from a launcher.
 - :mod:`~crisp.sweep.pool`, :mod:`~crisp.sweep.worker`, :mod:`~crisp.sweep.heartbeat`: worker
   processes that are watched for progress and never outlive the sweep.
-- :mod:`~crisp.sweep.launch`, :mod:`~crisp.sweep.parallel`: crisp's Hydra launchers' shared logic
-  (the plugin classes are in ``hydra_plugins/crisp_launchers``).
+- :mod:`~crisp.sweep.launch`, :mod:`~crisp.sweep.parallel`, :mod:`~crisp.sweep.lockstep`: crisp's
+  Hydra launchers on this machine, one process per run or per lockstep group (the plugin classes are
+  in ``hydra_plugins/crisp_launchers``).
+- :mod:`~crisp.sweep.slurm`, :mod:`~crisp.sweep.slurm_task`, :mod:`~crisp.sweep.slurm_queue`,
+  :mod:`~crisp.sweep.slurm_lockstep`: the SLURM launchers, one job array per sweep with one task per
+  run or per lockstep group: what a task runs on its node, and how the sweep follows the array.
 - :mod:`~crisp.sweep.mps`, :mod:`~crisp.sweep.callback`: the sweep's start and end.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import NamedTuple
 
 
 class RunLockBusy(RuntimeError):
@@ -19,6 +20,14 @@ def _scheduler_task() -> str:
     return f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
 
 
+class Holder(NamedTuple):
+    """Who holds a run's claim, as ``.crisp.lock`` says."""
+
+    host: str
+    pid: int
+    task: str  # the SLURM task (``<job>_<task>``), or "-" outside SLURM
+
+
 class RunLock:
     """An exclusive claim on a run directory (``.crisp.lock``: host, pid and SLURM task).
 
@@ -30,22 +39,29 @@ class RunLock:
         self.path = Path(run_dir) / ".crisp.lock"
         self.token = f"{socket.gethostname()} {os.getpid()} {_scheduler_task()}"
 
-    def _stale(self) -> bool:
+    def holder(self) -> Holder | None:
+        """The claim's holder; None when there is no claim, or none that can be read (a half-written file)."""
         try:
             host, pid, task = self.path.read_text().split()
+            return Holder(host, int(pid), task)
         except (OSError, ValueError):
+            return None
+
+    def _stale(self) -> bool:
+        holder = self.holder()
+        if holder is None:
             return True
-        if task != "-" and task == _scheduler_task():
+        if holder.task != "-" and holder.task == _scheduler_task():
             return True  # we are the requeued SLURM task that left it when it was preempted
-        if host != socket.gethostname():
+        if holder.host != socket.gethostname():
             return False  # another machine's claim: cannot tell, respect it
         try:
-            os.kill(int(pid), 0)
+            os.kill(holder.pid, 0)
         except ProcessLookupError:
             return True
         except PermissionError:
             return False
-        return int(pid) == os.getpid()  # our own leftover (a crash in this worker) is stale too
+        return holder.pid == os.getpid()  # our own leftover (a crash in this worker) is stale too
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Sequence
+from typing import Any
 
 from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf
@@ -61,8 +62,9 @@ def _split(group: list[Job], parts: int) -> list[list[Job]]:
     return [group[i : i + size] for i in range(0, len(group), size)]
 
 
-def capacity(job: Job, max_runs: int | str | None) -> int | None:
-    """How many runs of ``job``'s recipe one device holds: ``max_runs``, or estimated for ``auto``."""
+def capacity(job: Job, max_runs: int | str | None, memory: int | None = None) -> int | None:
+    """How many runs of ``job``'s recipe one device holds: ``max_runs``, or estimated for ``auto`` from
+    ``memory`` bytes (by default this machine's smallest GPU, or its memory without one)."""
     if max_runs != "auto":
         return None if max_runs is None else int(max_runs)
     try:
@@ -70,7 +72,7 @@ def capacity(job: Job, max_runs: int | str | None) -> int | None:
     except Exception as err:  # the worker will meet the same problem and report it
         log.warning("lockstep: cannot size groups for %s (%s): one group", job.name, err)
         return None
-    return max(1, int(0.8 * _device_memory() // per_run))
+    return max(1, int(0.8 * (memory or _device_memory()) // per_run))
 
 
 def _parameters(job: Job) -> int:
@@ -107,12 +109,31 @@ def _device_memory() -> int:
 
 
 def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    options = {"row_width": launcher.row_width, "pack_workers": launcher.pack_workers}
     sweep_dir, jobs = launch.prepare(launcher, job_overrides, initial_job_idx)
+    gpus = visible_gpus()
+    returns, groups = group_jobs(jobs, launcher.max_runs_per_group, len(gpus))
+    tasks = [launch.task(launcher, f"group{k}", "lockstep", group, sweep_dir / f"lockstep-group{k}.log",
+                         options=options(launcher)) for k, group in enumerate(groups)]
+    if tasks:
+        pending = [job for group in groups for job in group]
+        ran = launch.run_tasks(sweep_dir, tasks, pending, max(1, len(gpus)), launcher.stall_timeout_s)
+        returns.update({job.idx: ret for job, ret in zip(pending, ran, strict=True)})
+    return [returns[job.idx] for job in jobs]
+
+
+def group_jobs(jobs: Sequence[Job], max_runs: int | str | None, devices: int,
+               memory: int | None = None) -> tuple[dict[int, JobReturn], list[list[Job]]]:
+    """The groups a sweep's jobs train in, and the JobReturns of the jobs that need no training.
+
+    A job needs none when an earlier job of the sweep trains the same run (the dense run, shared by
+    every strategy's sparsity=0 job: one group must not hold a run twice) or when its run already
+    completed with the same run_key. Both lockstep launchers, on this machine and on SLURM, group
+    this way; ``memory`` is the bytes one group trains in, if not this machine's device (see :func:`capacity`).
+    """
     returns: dict[int, JobReturn] = {}
     pending, owner = [], {}
     for job in jobs:
-        if job.output_dir in owner:  # e.g. the dense run, shared by every strategy's sparsity=0 job
+        if job.output_dir in owner:
             returns[job.idx] = job_return(job, {**job.record, "status": "skipped"})
             log.info("%s: the same run as job %d, trained once", job.name, owner[job.output_dir])
         elif results.is_completed(job.output_dir, job.record["run_key"]):
@@ -121,14 +142,12 @@ def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_id
         else:
             pending.append(job)
         owner.setdefault(job.output_dir, job.idx)
-    gpus = visible_gpus()
-    groups = plan(pending, capacity(pending[0], launcher.max_runs_per_group) if pending else None, len(gpus))
-    tasks = []
+    groups = plan(pending, capacity(pending[0], max_runs, memory) if pending else None, devices)
     for k, group in enumerate(groups):
         log.info("lockstep group %d: %d runs (%s)", k, len(group), ", ".join(job.name for job in group))
-        tasks.append(launch.task(launcher, f"group{k}", "lockstep", group, sweep_dir / f"lockstep-group{k}.log",
-                                 options=options))
-    if tasks:
-        ran = launch.run_tasks(sweep_dir, tasks, pending, max(1, len(gpus)), launcher.stall_timeout_s)
-        returns.update({job.idx: ret for job, ret in zip(pending, ran, strict=True)})
-    return [returns[job.idx] for job in jobs]
+    return returns, groups
+
+
+def options(launcher) -> dict[str, Any]:
+    """What :func:`crisp.lockstep.group.run_group` takes from the launcher's settings."""
+    return {"row_width": launcher.row_width, "pack_workers": launcher.pack_workers}

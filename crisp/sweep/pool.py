@@ -89,7 +89,7 @@ class WorkerPool:
         """Run every task; ``on_done`` is called once per task as it ends, in this process."""
         pending, running = deque(tasks), []
         try:
-            with _signals_raise():
+            with signals_raise():
                 while pending or running:
                     while pending and len(running) < self.max_running:
                         task = pending.popleft()
@@ -193,8 +193,9 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 @contextmanager
-def _signals_raise():
-    """SIGINT and SIGTERM raise SweepInterrupted here, so that workers are ended before the sweep exits."""
+def signals_raise():
+    """SIGINT and SIGTERM raise SweepInterrupted here, so that a launcher ends its workers (or cancels its
+    SLURM array) before the sweep exits."""
 
     def handler(signum, frame):
         raise SweepInterrupted(signal.Signals(signum).name)
