@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from crisp import bench
+from tests.conftest import run_crisp
 
 
 def test_attention_bench_writes_every_implementation(tmp_path, capsys):
@@ -39,3 +42,46 @@ def test_kernel_bench_times_eager_and_crisp_probabilities(tmp_path):
     # no Triton on a CPU tensor: the fused kernel is left out, not faked
     assert [r["implementation"] for r in rows] == ["eager softmax", "crisp sort"]
     assert rows[0]["vs_eager"] == 1.0 and all(r["us_fwd_bwd"] > 0 for r in rows)
+
+
+def _peer_inputs(root):
+    """A tiny BERT folder (its own word-piece vocabulary) and GLUE-format TSVs whose label is learnable."""
+    import random
+
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = ["good", "great", "bad", "awful", "movie", "plot", "fine", "dull"]
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    BertTokenizerFast(str(root / "vocab.txt")).save_pretrained(root / "model")
+    config = BertConfig(vocab_size=13, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertForSequenceClassification(config).save_pretrained(root / "model")
+    rng = random.Random(0)
+    (root / "data").mkdir()
+    for name, n in (("train.tsv", 256), ("dev.tsv", 64)):
+        lines = ["sentence\tlabel"]
+        for _ in range(n):
+            sentence = rng.choices(words, k=5)
+            lines.append(" ".join(sentence) + f"\t{int('good' in sentence or 'great' in sentence)}")
+        (root / "data" / name).write_text("\n".join(lines) + "\n")
+    return root / "model", root / "data"
+
+
+@pytest.mark.slow
+def test_grid_bench_times_the_users_command_to_its_report_beside_a_trainer_peer(tmp_path):
+    model, data = _peer_inputs(tmp_path)
+    grid = ["-m", "experiment=smoke", "data.num_train=256", "data.num_val=64", "trainer.max_epochs=1", "seed=1,2",
+            "hydra/launcher=lockstep", f"hydra.sweep.dir={tmp_path / 'grid'}"]
+    proc = run_crisp("grid", "--dir", str(tmp_path / "bench"), "--peer-model", str(model), "--peer-data", str(data),
+                     "--", *grid, module="crisp.bench")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "bench" / "bench_grid.json").read_text())
+    assert record["exit_code"] == 0 and record["report"] and record["runs"]["completed"] == 2
+    assert record["command"] == "python -m crisp.run " + " ".join(grid)
+    peer = record["peer"]
+    assert 0 < peer["train_seconds"] < peer["command_seconds"] and peer["epochs"] == 1
+    assert 0.0 <= peer["val_acc"] <= 1.0
+    summary = record["summary"]
+    # one grid run done the peer's way: its start-up once, then the grid's epochs at the peer's pace
+    per_run = peer["command_seconds"] - peer["train_seconds"] + peer["train_seconds"] * summary["grid_epochs"]
+    assert summary["peer_seconds_per_grid_run"] == pytest.approx(per_run, abs=0.1)
+    assert summary["speedup_vs_peer"] == pytest.approx(2 * per_run / record["wall_seconds"], rel=0.01)
