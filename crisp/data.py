@@ -11,6 +11,7 @@ import csv
 import hashlib
 import os
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +197,13 @@ def _identity(batch):
     return batch
 
 
+def loader_worker_init(worker_id: int) -> None:
+    """A data-loader worker leaves the scheduler's signals to its training process: SLURM's
+    time-limit warning (SIGUSR2) reaches every process of a task, and a forked worker would
+    otherwise run submitit's requeue handler too."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class SST2DataModule(pl.LightningDataModule):
     def __init__(self, cfg: DictConfig, tokenizer, splits: dict[str, Split], seed: int, pin_memory: bool = False,
                  pad_to_multiple_of: int = 1):
@@ -215,6 +223,7 @@ class SST2DataModule(pl.LightningDataModule):
             num_workers=self.cfg.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.cfg.num_workers > 0,
+            worker_init_fn=loader_worker_init,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -97,3 +99,23 @@ def test_padding_to_a_multiple_bounds_the_batch_shapes():
     batch = data.__getitems__([0, 3])
     assert batch["attention_mask"].sum(1).tolist() == [3, 20]  # the extra columns are masked
     assert torch.equal(batch["input_ids"][:, :20], ids[[0, 3]])
+
+
+class _WorkerSignal(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+
+
+def test_loader_workers_leave_slurms_time_limit_warning_to_the_training_process():
+    from crisp.data import loader_worker_init
+
+    previous = signal.signal(signal.SIGUSR2, lambda *_: None)  # as submitit's requeue handler
+    try:
+        loader = torch.utils.data.DataLoader(_WorkerSignal(), num_workers=1, worker_init_fn=loader_worker_init)
+        assert [bool(ignored) for ignored in loader] == [True, True]
+        assert signal.getsignal(signal.SIGUSR2) not in (signal.SIG_IGN, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

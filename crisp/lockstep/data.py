@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from crisp.data import TokenizedSplit
+from crisp.data import TokenizedSplit, loader_worker_init
 from crisp.lockstep.packing import pack
 
 
@@ -77,7 +77,8 @@ class GroupDataModule(pl.LightningDataModule):
         # GPU trains (the samplers stay here, so runs that leave are seen at the next epoch)
         return DataLoader(dataset, batch_sampler=GroupSampler(samplers, self.active), collate_fn=_identity,
                           pin_memory=self.pin_memory, num_workers=self.workers,
-                          persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
+                          persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None,
+                          worker_init_fn=loader_worker_init)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, self.train_samplers)
