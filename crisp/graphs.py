@@ -9,7 +9,9 @@ multiple of ``data.pad_to_multiple_of`` tokens, so a run sees a handful) and per
 Each graph runs forward, loss and backward; the optimizer step stays outside, so the learning-rate
 schedule and Lightning's bookkeeping work unchanged. The first ``warmup`` steps of every shape run
 eagerly on a side stream (lazy initialisation must not happen during capture) and are real
-training steps: no batch is skipped or repeated.
+training steps: no batch is skipped or repeated. Each graph keeps a set of gradient buffers of its
+own: a new graph is captured only while the device has room for its gradients and as much again
+(an eager step's gradients, activations); after that, new shapes keep running eagerly.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class GraphedTrainStep:
         key = (tuple((name, tuple(t.shape), t.dtype) for name, t in batch.items()), extra)
         graph = self.graphs.get(key)
         if graph is None:
-            if self.eager_steps[key] < self.warmup:
+            if self.eager_steps[key] < self.warmup or not self._room_for_graph():
                 self.eager_steps[key] += 1
                 return self._eager(batch)
             graph = self.graphs[key] = self._capture(batch)
@@ -61,6 +63,11 @@ class GraphedTrainStep:
                 param.grad = grad
             self._grads_of = graph
         return graph.outputs
+
+    def _room_for_graph(self) -> bool:
+        grads = sum(p.numel() * p.element_size() for p in self.params)
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        return free > 3 * grads
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         loss, *rest = self.fn(batch)

@@ -24,7 +24,8 @@ FAKE = """#!/bin/sh
 if [ "$1" = "-d" ]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" >> "$MPS_LOG"; exit 0; fi
 read line
 report=no; [ -f "$MPS_REPORT" ] && report=yes
-workers=$(pgrep -f "crisp.sweep.worker $MPS_SWEEP" | wc -l)
+workers=0  # processes whose output goes to a log in the sweep's folder
+for fd in /proc/[0-9]*/fd/1; do case "$(readlink "$fd")" in "$MPS_SWEEP"*) workers=$((workers + 1));; esac; done
 echo "$line $CUDA_MPS_PIPE_DIRECTORY report=$report workers=$workers" >> "$MPS_LOG"
 """
 

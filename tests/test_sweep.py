@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -106,14 +105,14 @@ def test_ddp_inside_a_sweep(tmp_path):
 
 
 def workers_of(sweep_dir) -> list[int]:
-    """Pids of live worker processes of this sweep (their command line names its task files)."""
+    """Pids of live worker processes of this sweep (and their children): their output goes to a log in it."""
     pids = []
     for entry in os.listdir("/proc"):
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+            out = os.readlink(f"/proc/{entry}/fd/1")
         except (OSError, ValueError):
             continue
-        if "crisp.sweep.worker" in cmdline and any(arg.startswith(str(sweep_dir)) for arg in cmdline):
+        if out.startswith(str(sweep_dir)) and entry.isdigit():
             pids.append(int(entry))
     return pids
 
@@ -132,9 +131,10 @@ def wait_for(condition, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def test_parallel_runs_each_job_in_a_process_that_ends_with_it(tmp_path):
+@pytest.mark.parametrize("start", ["auto", "exec"])  # auto forks the workers (Linux); exec: fresh interpreters
+def test_parallel_runs_each_job_in_a_process_that_ends_with_it(tmp_path, start):
     proc = run_crisp("-m", *smoke_overrides(tmp_path, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
-                                            sweep=True), "seed=1,2,3")
+                                            f"hydra.launcher.worker_start={start}", sweep=True), "seed=1,2,3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = records(tmp_path)
     assert len(found) == 3 and all(r["status"] == "completed" for r in found.values())
@@ -142,6 +142,19 @@ def test_parallel_runs_each_job_in_a_process_that_ends_with_it(tmp_path):
     assert "dense_seed2 completed: val_acc" in proc.stdout  # one line per run, not three progress bars
     assert (tmp_path / "dense_seed2" / "worker.log").stat().st_size > 0
     assert not workers_of(tmp_path)
+
+
+@pytest.mark.parametrize(("launcher", "setting", "needle"), [
+    ("parallel", "worker_start=spawn", "use one of auto, fork, exec"),
+    ("lockstep", "worker_start=thread", "use one of auto, fork, exec"),
+    ("lockstep", "pack_workers=-1", "use auto or a number of processes >= 0"),
+])
+def test_a_bad_launcher_setting_fails_before_anything_is_written(tmp_path, launcher, setting, needle):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, f"hydra/launcher={launcher}", f"hydra.launcher.{setting}",
+                                            sweep=True), "seed=1,2")
+    assert proc.returncode != 0
+    assert f"hydra.launcher.{setting.split('=')[0]}=" in proc.stderr and needle in proc.stderr, proc.stderr[-2000:]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_a_worker_that_stops_answering_is_ended_and_the_sweep_reports_it(tmp_path):

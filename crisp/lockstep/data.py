@@ -21,14 +21,14 @@ from crisp.lockstep.packing import pack
 class GroupSplits(Dataset):
     """One split per run; ``__getitems__`` takes [(run, indices), ...] and returns a packed batch."""
 
-    def __init__(self, splits: Sequence[TokenizedSplit], width: int, row_multiple: int = 1):
-        self.splits, self.width, self.row_multiple = list(splits), width, row_multiple
+    def __init__(self, splits: Sequence[TokenizedSplit], width: int):
+        self.splits, self.width = list(splits), width
 
     def __len__(self) -> int:
         return len(self.splits[0])
 
     def __getitems__(self, items: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
-        return pack([(self.splits[run], indices) for run, indices in items], self.width, self.row_multiple)
+        return pack([(self.splits[run], indices) for run, indices in items], self.width)
 
 
 class GroupSampler:
@@ -54,13 +54,13 @@ def _identity(batch):
 class GroupDataModule(pl.LightningDataModule):
     def __init__(self, train: Sequence[TokenizedSplit], val: Sequence[TokenizedSplit], seeds: Sequence[int],
                  batch_size: int, eval_batch_size: int, width: int, pin_memory: bool = False,
-                 workers: int = 0, row_multiple: int = 1):
+                 workers: int = 0):
         super().__init__()
         sizes = {len(s) for s in train}, {len(s) for s in val}
         if len(sizes[0]) > 1 or len(sizes[1]) > 1:
             raise ValueError(f"runs trained in lockstep need equal-sized splits: train sizes {sorted(sizes[0])}, "
                              f"validation sizes {sorted(sizes[1])}")
-        self.train, self.val = GroupSplits(train, width, row_multiple), GroupSplits(val, width, row_multiple)
+        self.train, self.val = GroupSplits(train, width), GroupSplits(val, width)
         self.active = list(range(len(seeds)))
         # each run's own sampler, as its DataLoader would make it alone (crisp.data.SST2DataModule)
         self.train_samplers = [BatchSampler(RandomSampler(s, generator=torch.Generator().manual_seed(seed)),

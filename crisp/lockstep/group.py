@@ -136,9 +136,7 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     datamodule = GroupDataModule([m.train for m in members], [m.val for m in members], [m.cfg.seed for m in members],
                                  cfg.data.batch_size, cfg.data.eval_batch_size, width,
                                  pin_memory=device.type == "cuda",
-                                 workers=(2 if device.type == "cuda" else 0) if workers == "auto" else workers,
-                                 # CUDA graphs: one per batch shape, so few row counts
-                                 row_multiple=4 if settings["cuda_graphs"] else 1)
+                                 workers=(2 if device.type == "cuda" else 0) if workers == "auto" else workers)
     for m in members:
         m.run.logger = loggers.make_logger(m.cfg, m.config, m.output_dir) or None
     module = LockstepClassifier(encoder, [m.run for m in members], random, cfg, cuda_graphs=settings["cuda_graphs"],

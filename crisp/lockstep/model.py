@@ -126,8 +126,7 @@ class LockstepClassifier(pl.LightningModule):
 
     def _graphed_training_step(self, batch, track: bool):
         if self.graphed_step is None:
-            # a shape is captured at its fourth step: an epoch's short last batch never is (each
-            # graph holds a full set of R runs' gradients)
+            # a shape is captured at its fourth step: an epoch's short last batch never is
             self.graphed_step = GraphedTrainStep(self._loss_and_logits, list(self.encoder.parameters()), warmup=3)
         outputs = []
 

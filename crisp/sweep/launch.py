@@ -18,7 +18,7 @@ from hydra.core.utils import JobReturn, configure_log, setup_globals
 
 from crisp import results
 from crisp.sweep.jobs import Job, job_return, load_jobs, record_failure
-from crisp.sweep.pool import Outcome, SweepInterrupted, Task, WorkerPool, visible_gpus
+from crisp.sweep.pool import Outcome, SweepInterrupted, Task, WorkerPool, fork_workers, visible_gpus
 
 log = logging.getLogger("crisp")
 TASK_DIR = ".crisp"  # per-sweep folder for the launcher's spec, result and heartbeat files
@@ -40,7 +40,7 @@ def task(launcher, label: str, kind: str, jobs: list[Job], log_path: Path, **spe
 
 
 def run_tasks(sweep_dir: Path, tasks: list[Task], jobs: list[Job], max_running: int,
-              stall_timeout_s: float) -> list[JobReturn]:
+              stall_timeout_s: float, worker_start: str = "auto") -> list[JobReturn]:
     """Run ``tasks`` (each covering some of ``jobs``); one JobReturn per job, in the jobs' order."""
     returns: dict[int, JobReturn] = {}
 
@@ -55,7 +55,7 @@ def run_tasks(sweep_dir: Path, tasks: list[Task], jobs: list[Job], max_running: 
         for job in task_jobs:
             _log_outcome(job, returns[job.idx].return_value, outcome.seconds)
 
-    pool = WorkerPool(max_running, stall_timeout_s, visible_gpus())
+    pool = WorkerPool(max_running, stall_timeout_s, visible_gpus(), fork=fork_workers(worker_start))
     log.info("%d jobs in %d worker tasks, at most %d at once", len(jobs), len(tasks), pool.max_running)
     try:
         pool.run(tasks, done)

@@ -116,7 +116,8 @@ def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_id
                          options=options(launcher)) for k, group in enumerate(groups)]
     if tasks:
         pending = [job for group in groups for job in group]
-        ran = launch.run_tasks(sweep_dir, tasks, pending, max(1, len(gpus)), launcher.stall_timeout_s)
+        ran = launch.run_tasks(sweep_dir, tasks, pending, max(1, len(gpus)), launcher.stall_timeout_s,
+                               launcher.worker_start)
         returns.update({job.idx: ret for job, ret in zip(pending, ran, strict=True)})
     return [returns[job.idx] for job in jobs]
 

@@ -17,4 +17,4 @@ def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_id
     sweep_dir, jobs = launch.prepare(launcher, job_overrides, initial_job_idx)
     tasks = [launch.task(launcher, f"job{job.idx}-{job.name}", "jobs", [job], job.output_dir / "worker.log")
              for job in jobs]
-    return launch.run_tasks(sweep_dir, tasks, jobs, launcher.n_jobs, launcher.stall_timeout_s)
+    return launch.run_tasks(sweep_dir, tasks, jobs, launcher.n_jobs, launcher.stall_timeout_s, launcher.worker_start)

@@ -28,6 +28,16 @@ def _die_with_parent() -> None:
         os._exit(1)  # the sweep died before the line above took effect
 
 
+# what each kind of task imports: a forked worker finds it imported by the sweep's process already
+PRELOAD = {"jobs": "crisp.train", "lockstep": "crisp.lockstep.group"}
+
+
+def preload(kind: str) -> None:
+    import importlib
+
+    importlib.import_module(PRELOAD[kind])
+
+
 def main(argv: list[str]) -> int:
     spec_path, result_path = argv
     _die_with_parent()

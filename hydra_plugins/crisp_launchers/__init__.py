@@ -21,8 +21,11 @@ class _ProcessLauncher(Launcher):
 class ParallelLauncher(_ProcessLauncher):
     """``hydra/launcher=parallel``: every run in its own worker process, ``n_jobs`` at once."""
 
-    def __init__(self, n_jobs: int, stall_timeout_s: float = 600) -> None:
+    def __init__(self, n_jobs: int, stall_timeout_s: float = 600, worker_start: str = "auto") -> None:
+        from crisp.sweep.pool import check_worker_start
+
         self.n_jobs, self.stall_timeout_s = n_jobs, stall_timeout_s
+        self.worker_start = check_worker_start(worker_start)  # before Hydra writes anything
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from crisp.sweep.parallel import launch_jobs
@@ -34,11 +37,13 @@ class LockstepLauncher(_ProcessLauncher):
     """``hydra/launcher=lockstep``: runs that share a recipe trained as one fused model per group."""
 
     def __init__(self, max_runs_per_group: int | str | None = "auto", row_width: int = 64,
-                 pack_workers: int | str = "auto", stall_timeout_s: float = 600) -> None:
+                 pack_workers: int | str = "auto", stall_timeout_s: float = 600, worker_start: str = "auto") -> None:
         self.max_runs_per_group, self.row_width, self.stall_timeout_s = max_runs_per_group, row_width, stall_timeout_s
         from crisp.sweep.lockstep import check_pack_workers
+        from crisp.sweep.pool import check_worker_start
 
         self.pack_workers = check_pack_workers(pack_workers)  # before Hydra writes anything
+        self.worker_start = check_worker_start(worker_start)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from crisp.sweep.lockstep import launch_jobs
