@@ -27,6 +27,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, DistilB
 
 import crisp
 from crisp.graphs import GraphedTrainStep
+from crisp.results import model_label
 from crisp.sweep import mps
 
 ENCODERS = {
@@ -396,7 +397,7 @@ def peer(args) -> dict:
     evaluation = trainer.evaluate()
     record = {"wall_seconds": time.perf_counter() - start, "train_seconds": train["train_runtime"],
               "train_samples_per_second": train["train_samples_per_second"], "epochs": args.epochs,
-              "val_acc": evaluation["eval_accuracy"], "model": args.model,
+              "val_acc": evaluation["eval_accuracy"], "model": model_label({"name_or_path": args.model}),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     _write(str(Path(args.dir) / "peer.json"), record)
     return record

@@ -80,6 +80,7 @@ def test_grid_bench_times_the_users_command_to_its_report_beside_a_trainer_peer(
     peer = record["peer"]
     assert 0 < peer["train_seconds"] < peer["command_seconds"] and peer["epochs"] == 1
     assert 0.0 <= peer["val_acc"] <= 1.0
+    assert peer["model"] == model.name  # the folder's name: committed results show no machine's paths
     summary = record["summary"]
     # one grid run done the peer's way: its start-up once, then the grid's epochs at the peer's pace
     per_run = peer["command_seconds"] - peer["train_seconds"] + peer["train_seconds"] * summary["grid_epochs"]
