@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 import crisp
+import crisp.graphs
 from crisp import kernels, results
 from crisp.attention import _drop_mask, _k_table, _MaskInfo
 from crisp.graphs import GraphedTrainStep
@@ -168,8 +169,12 @@ def _train_graphed(model, batches) -> list[float]:
 
 
 @cuda
-def test_graphed_steps_train_exactly_like_eager_steps():
-    """Several shapes interleaved: every replay must hand the optimizer its own graph's gradients."""
+@pytest.mark.parametrize(("grads_share", "stats"), [(0.2, {"graphs": 3, "eager_steps": 3}),
+                                                    (1e-9, {"graphs": 1, "eager_steps": 8})])
+def test_graphed_steps_train_exactly_like_eager_steps(monkeypatch, grads_share, stats):
+    """Several shapes interleaved: every replay must hand the optimizer its own graph's gradients; shapes
+    met once the graphs' gradients fill their share of the memory run eagerly, the same steps."""
+    monkeypatch.setattr(crisp.graphs, "GRADS_SHARE", grads_share)
     torch.set_float32_matmul_precision("highest")
     batches = _batches([8, 16, 8, 16, 24, 8, 24, 16, 8, 16, 24, 8])
     eager_model, graphed_model = _tiny_bert(0), _tiny_bert(0)
@@ -182,7 +187,7 @@ def test_graphed_steps_train_exactly_like_eager_steps():
         optimizer.step()
         eager_losses.append(loss.item())
     graphed_losses, step = _train_graphed(graphed_model, batches)
-    assert step.stats == {"graphs": 3, "eager_steps": 3}  # one warm-up step per shape, then replays
+    assert step.stats == stats  # one warm-up step per shape, then replays (or eager steps)
     torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-5, atol=1e-6)
     for p, q in zip(graphed_model.parameters(), eager_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)

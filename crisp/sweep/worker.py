@@ -1,6 +1,7 @@
-"""A sweep worker: ``python -m crisp.sweep.worker SPEC RESULT``, started by :mod:`crisp.sweep.pool`.
+"""A sweep worker: :func:`main` in a process forked from the sweep's (by :mod:`crisp.sweep.pool`), or
+``python -m crisp.sweep.worker SPEC RESULT`` in a fresh interpreter (``hydra.launcher.worker_start=exec``).
 
-It runs the jobs in the pickled spec, in this fresh process, the way Hydra's own launchers run a job
+It runs the jobs in the pickled spec, in this process of its own, the way Hydra's own launchers run a job
 (``hydra.core.utils.run_job``): one after another (``kind: jobs``), or as one lockstep group
 (``kind: lockstep``). It writes the list of JobReturns to RESULT and exits, so that its GPU context
 goes with it.
