@@ -67,6 +67,19 @@ class GraphedTrainStep:
             self._grads_of = graph
         return graph.outputs
 
+    def optimizer_step(self, module, batch: dict[str, torch.Tensor], extra: Hashable = None) -> list[torch.Tensor]:
+        """A training step of a LightningModule in manual optimisation: this step (forward and backward)
+        as its optimizer's closure, then the optimizer and the learning-rate schedule; returns the outputs."""
+        outputs = []
+
+        def forward_backward():
+            outputs[:] = self(batch, extra)
+            return outputs[0]
+
+        module.optimizers().step(closure=forward_backward)
+        module.lr_schedulers().step()
+        return outputs
+
     def _room_for_graph(self) -> bool:
         grads = sum(p.numel() * p.element_size() for p in self.params)
         total = torch.cuda.get_device_properties(self.params[0].device).total_memory

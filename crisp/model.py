@@ -93,15 +93,7 @@ class SparseClassifier(pl.LightningModule):
             self.graphed_step = GraphedTrainStep(self._loss_and_logits, list(self.encoder.parameters()))
         # a graph bakes in whether statistics are recorded and every layer's sparsity
         key = (track, tuple(getattr(m, "crisp_sparsity", 0.0) for m in self.attention))
-        outputs = []
-
-        def forward_backward():
-            outputs[:] = self.graphed_step(batch, key)
-            return outputs[0]
-
-        self.optimizers().step(closure=forward_backward)
-        self.lr_schedulers().step()
-        return outputs
+        return self.graphed_step.optimizer_step(self, batch, key)
 
     def training_step(self, batch, batch_idx):
         track = batch_idx % self.stats_every == 0

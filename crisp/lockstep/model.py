@@ -128,15 +128,7 @@ class LockstepClassifier(pl.LightningModule):
         if self.graphed_step is None:
             # a shape is captured at its fourth step: an epoch's short last batch never is
             self.graphed_step = GraphedTrainStep(self._loss_and_logits, list(self.encoder.parameters()), warmup=3)
-        outputs = []
-
-        def forward_backward():
-            outputs[:] = self.graphed_step(batch, track)
-            return outputs[0]
-
-        self.optimizers().step(closure=forward_backward)
-        self.lr_schedulers().step()
-        return outputs
+        return self.graphed_step.optimizer_step(self, batch, track)
 
     def validation_step(self, batch, batch_idx):
         self._track(True)
