@@ -1,4 +1,4 @@
-"""The GPU fast paths: the fused top-k kernel and CUDA-graph training steps.
+"""The GPU fast paths: the fused top-k kernel, lockstep dropout and LayerNorm, and CUDA-graph training steps.
 
 They need a GPU (run them on one with ``pytest tests/test_cuda.py``); the kernel is also checked on
 the CPU under Triton's interpreter where Triton is installed.
@@ -125,6 +125,88 @@ def test_crisp_attention_uses_the_kernel_on_the_gpu_and_matches_the_sort(monkeyp
     sorted_ = model(input_ids=ids, attention_mask=mask).logits
     assert len(calls) == 3
     torch.testing.assert_close(fused, sorted_, rtol=0, atol=1e-6)
+
+
+def check_kernel_dropout_applies_each_runs_own_mask(device: str) -> None:
+    """Lockstep dropout on the GPU draws and applies a run's mask in one launch and draws it again in
+    the backward pass: the same mask as the run's ``keep_mask``, whatever the run's neighbours, in
+    fp32 and bf16, with blocks that do not fill the kernel's."""
+    from crisp.lockstep.dropout import RunRandom
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3 * 4, 5, 33, device=device, dtype=dtype, requires_grad=True)  # 660 per run
+        grad = torch.randn_like(x)
+        group, masks = RunRandom([3, 7, 11], device), RunRandom([3, 7, 11], device)
+        for random in (group, masks):
+            random.next_step()
+            random.next_step()
+        keep = masks.keep_mask(x.shape, 0.3, x.device)
+        y = group.dropout(x, 0.3)
+        y.backward(grad)
+        assert 0.6 < keep.float().mean() < 0.8
+        ulp = 0 if dtype == torch.float32 else 2**-7  # Triton's interpreter rounds bf16 its own way
+        torch.testing.assert_close(y, (x.float() * keep * (1 / 0.7)).to(dtype), rtol=ulp, atol=0)
+        torch.testing.assert_close(x.grad, (grad.float() * keep * (1 / 0.7)).to(dtype), rtol=ulp, atol=0)
+        alone = RunRandom([7], device)
+        alone.next_step()
+        alone.next_step()
+        assert torch.equal(alone.keep_mask(torch.Size([4, 5, 33]), 0.3, x.device), keep[4:8])
+
+
+@cuda
+def test_kernel_dropout_applies_each_runs_own_mask_on_the_gpu():
+    check_kernel_dropout_applies_each_runs_own_mask("cuda")
+
+
+def test_kernel_dropout_applies_each_runs_own_mask_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    code = ("from tests.test_cuda import check_kernel_dropout_applies_each_runs_own_mask; "
+            "check_kernel_dropout_applies_each_runs_own_mask('cpu')")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def check_run_layer_norm_matches_pytorch(device: str) -> None:
+    """The one-launch LayerNorm with each run's scale and shift: PyTorch's output and gradients (input,
+    every run's weight and bias), fp32 and bf16 inputs, a width that is no power of two, blocks of
+    rows that do not fill the backward's programs."""
+    from crisp.lockstep.layer_norm import run_layer_norm
+
+    runs, rows, dim = 3, 37, 48
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(runs * rows, dim, device=device).mul(3).add(1).to(dtype).requires_grad_()
+        weight = torch.randn(runs, dim, device=device, requires_grad=True)
+        bias = torch.randn(runs, dim, device=device, requires_grad=True)
+        grad = torch.randn(runs * rows, dim, device=device)
+        y = run_layer_norm(x, weight, bias, 1e-12)
+        y.backward(grad)
+        fused_grads = [t.grad.clone() for t in (x, weight, bias)]
+        for t in (x, weight, bias):
+            t.grad = None
+        normalised = F.layer_norm(x.float(), (dim,), eps=1e-12).view(runs, rows, dim)
+        expected = (normalised * weight[:, None] + bias[:, None]).view(runs * rows, dim)
+        expected.backward(grad)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        for fused, reference in zip(fused_grads, (x.grad, weight.grad, bias.grad), strict=True):
+            assert fused.dtype == reference.dtype
+            torch.testing.assert_close(fused, reference, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-4)
+
+
+@cuda
+def test_run_layer_norm_matches_pytorch_on_the_gpu():
+    check_run_layer_norm_matches_pytorch("cuda")
+
+
+def test_run_layer_norm_matches_pytorch_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    code = "from tests.test_cuda import check_run_layer_norm_matches_pytorch; check_run_layer_norm_matches_pytorch('cpu')"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _tiny_bert(seed: int, dropout: float = 0.0):

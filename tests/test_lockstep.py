@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import crisp
 from crisp import results
 from crisp.lockstep.dropout import RunRandom
-from crisp.lockstep.fused import fuse
+from crisp.lockstep.fused import FusedEmbedding, follow_weight_decay, fuse, run_state_dict
 from crisp.lockstep.packing import attention_mask, pack, pack_rows
 from crisp.sweep.lockstep import plan, recipe
 from tests.conftest import ROOT, run_crisp, smoke_overrides, tiny_model
@@ -59,31 +59,75 @@ def test_first_fit_packs_longest_first():
     assert count == 3 and row == [2, 2, 0, 1, 1] and offset == [0, 5, 0, 6, 0]
 
 
+def _sentences(count: int, low: int, high: int, seed: int = 0):
+    from crisp.data import TokenizedSplit
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 12, (count,), generator=g)
+    ids = torch.randint(low, high, (count, 12), generator=g) * (torch.arange(12) < lengths[:, None])
+    return TokenizedSplit(ids, lengths, torch.randint(0, 2, (count,), generator=g))
+
+
+def _fused_logits(fused, split, runs: int, arch: str) -> torch.Tensor:
+    from crisp.attention import RunRows
+
+    batch = pack([(split, list(range(len(split))))] * runs, width=16)
+    extra = {"token_type_ids": torch.zeros_like(batch["segments"])} if arch == "bert" else {}
+    return fused(input_ids=batch["input_ids"], attention_mask=attention_mask(batch["segments"]),
+                 position_ids=batch["position_ids"], crisp_first=batch["first"],
+                 crisp_runs=RunRows(runs, query_valid=batch["segments"] >= 0), **extra).logits
+
+
 @pytest.mark.parametrize("arch", ["distilbert", "bert"])
 def test_a_fused_model_computes_what_each_run_computes_alone(arch):
     """Forward of packed sentences through the fused model = each model on its own padded batch."""
-    from crisp.data import TokenizedSplit
-
     models = [tiny_model(arch, seed=seed) for seed in (0, 1, 2)]
     sparsities = (0.0, 0.5, 0.8)
     for model, s in zip(models, sparsities, strict=True):
         crisp.set_sparsity(model, s)
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(2, 12, (5,), generator=g)
-    ids = torch.randint(5, 60, (5, 12), generator=g) * (torch.arange(12) < lengths[:, None])
-    split = TokenizedSplit(ids, lengths, torch.zeros(5, dtype=torch.long))
-    expected = [m(input_ids=ids, attention_mask=(ids != 0).long()).logits for m in models]
+    split = _sentences(5, 5, 60)
+    expected = [m(input_ids=split.input_ids, attention_mask=(split.input_ids != 0).long()).logits for m in models]
     fused = fuse(models, RunRandom([0, 1, 2], "cpu")).eval()
     for module in crisp.attention.attention_modules(fused):
         module.crisp_sparsity = sparsities
-    batch = pack([(split, list(range(5)))] * 3, width=16)
-    from crisp.attention import RunRows
+    torch.testing.assert_close(_fused_logits(fused, split, 3, arch), torch.cat(expected), rtol=1e-5, atol=1e-6)
 
-    extra = {"token_type_ids": torch.zeros_like(batch["segments"])} if arch == "bert" else {}
-    logits = fused(input_ids=batch["input_ids"], attention_mask=attention_mask(batch["segments"]),
-                   position_ids=batch["position_ids"], crisp_first=batch["first"],
-                   crisp_runs=RunRows(3, query_valid=batch["segments"] >= 0), **extra).logits
-    torch.testing.assert_close(logits, torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+def test_word_embeddings_the_training_data_never_holds_only_decay_as_adamw_decays_them_alone():
+    """Rows outside the training tokens leave the optimizer: after AdamW steps (strong weight decay)
+    every run's whole table, and its logits on sentences with unseen tokens, are those of the run alone."""
+    from torch.nn import functional as F
+
+    train, unseen = _sentences(6, 1, 40), _sentences(4, 30, 64, seed=1)  # vocab 64: ids 40-63 never train
+    alone = [tiny_model("bert", seed=seed).train() for seed in (0, 1)]
+    fused = fuse([tiny_model("bert", seed=seed) for seed in (0, 1)], RunRandom([0, 1], "cpu"),
+                 trained_tokens=train.input_ids.unique()).train()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=20.0) for m in alone]
+    group = torch.optim.AdamW(fused.parameters(), lr=1e-3, weight_decay=20.0)
+    follow_weight_decay(fused, group)
+    words = next(m for m in fused.modules() if isinstance(m, FusedEmbedding) and m.frozen is not None)
+    assert words.weight.shape[1] == len(train.input_ids.unique()) < 64
+    for _ in range(3):
+        for model, optimizer in zip(alone, optimizers, strict=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(input_ids=train.input_ids, attention_mask=(train.input_ids != 0).long()).logits,
+                            train.labels).backward()
+            optimizer.step()
+        group.zero_grad()
+        logits = _fused_logits(fused, train, 2, "bert")
+        F.cross_entropy(logits, train.labels.repeat(2), reduction="none").view(2, -1).mean(1).sum().backward()
+        group.step()
+    for run, model in enumerate(alone):
+        state = run_state_dict(fused, run)
+        for name, tensor in model.state_dict().items():
+            if name in state:
+                torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+        untouched = model.get_input_embeddings().weight[40:]
+        assert not torch.equal(untouched, tiny_model("bert", seed=run).get_input_embeddings().weight[40:])  # decayed
+    expected = [m.eval()(input_ids=unseen.input_ids, attention_mask=(unseen.input_ids != 0).long()).logits
+                for m in alone]
+    torch.testing.assert_close(_fused_logits(fused.eval(), unseen, 2, "bert"), torch.cat(expected),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_each_run_has_its_own_dropout_stream():

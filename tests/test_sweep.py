@@ -195,3 +195,37 @@ def test_workers_die_with_a_sweep_killed_outright(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep's own process group: the workers are in their own
     proc.communicate()
     wait_for(lambda: not workers_of(tmp_path), timeout=10)
+
+
+def test_a_big_sweep_composes_its_jobs_in_forked_processes_exactly_as_one_by_one(monkeypatch, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import JobRuntime
+    from hydra.types import HydraContext
+    from omegaconf import OmegaConf
+
+    from crisp.config import register_configs, register_resolvers
+    from crisp.sweep import jobs as sweep_jobs
+
+    register_configs()
+    register_resolvers()
+    overrides = [[f"seed={seed}", f"sparsity={s}", f"strategy={strategy}"]
+                 for seed in (1, 2) for s in (0, 0.8) for strategy in ("uniform", "adaptive")]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3", job_name="run"):
+        JobRuntime.instance().set("name", "run")
+        master = compose("config", overrides=["experiment=smoke", f"hydra.sweep.dir={tmp_path}"],
+                         return_hydra_config=True)
+        master.hydra.job.config_name = "config"
+        context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=None)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+        here = []  # jobs composed in this process
+        compose_one = sweep_jobs.job_config
+        monkeypatch.setattr(sweep_jobs, "job_config", lambda *args: here.append(args) or compose_one(*args))
+        forked = sweep_jobs.job_configs(context, master, overrides, 5)
+        assert not here
+        monkeypatch.setattr(sweep_jobs, "JOBS_PER_COMPOSER", len(overrides) + 1)  # one by one, in this process
+        alone = sweep_jobs.job_configs(context, master, overrides, 5)
+        assert len(here) == len(overrides)
+    assert [OmegaConf.to_container(c) for c in forked] == [OmegaConf.to_container(c) for c in alone]
+    assert [(c.seed, c.sparsity, c.strategy.name, c.hydra.job.num) for c in forked] == \
+        [(int(o[0][5:]), float(o[1][9:]), o[2][9:], 5 + i) for i, o in enumerate(overrides)]

@@ -4,9 +4,11 @@ In a fused step one dropout call covers every run's rows. With one generator for
 run's masks would depend on which other runs share its group; here run r's masks are a function of
 its seed, the training step and the call site alone: ``key = mix(seed_r, step, site)``, then a
 counter-based generator indexed by the element's position in the run's block. On a GPU that is one
-Triton launch per dropout call (Philox, ``tl.rand``), reading the step from the device, so it can
-be replayed from a CUDA graph; on a CPU each run's block is drawn from a ``torch.Generator`` seeded
-with the key. The two give different (equally random) masks.
+Triton launch per dropout call (Philox, ``tl.rand``) that draws the mask and applies it, reading the
+step from the device, so it can be replayed from a CUDA graph; the backward pass draws the same mask
+again instead of keeping it (one read and one write per element each way, where a stored mask and
+separate multiplies took five passes). On a CPU each run's block is drawn from a ``torch.Generator``
+seeded with the key. The two give different (equally random) masks.
 """
 
 from __future__ import annotations
@@ -32,14 +34,18 @@ def _use_kernel(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _keep_mask_kernel(seeds_ptr, step_ptr, keep_ptr, per_run, site_key, p, BLOCK: tl.constexpr):
+    def _dropout_kernel(x_ptr, out_ptr, seeds_ptr, step_ptr, per_run, site_key, p, scale, BLOCK: tl.constexpr):
+        """out = x * keep * scale over each run's block; keep = run's Philox draw >= p."""
         run = tl.program_id(0)
         offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < per_run
         seed = tl.load(seeds_ptr + run).to(tl.uint64)
         step = tl.load(step_ptr).to(tl.uint64)
         key = seed * 0x9E3779B97F4A7C1 + step * 0xBF58476D1CE4E5B + site_key
         keep = tl.rand(key, offsets) >= p
-        tl.store(keep_ptr + run.to(tl.int64) * per_run + offsets, keep, mask=offsets < per_run)
+        at = run.to(tl.int64) * per_run + offsets
+        x = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + at, tl.where(keep, x * scale, 0.0).to(out_ptr.dtype.element_ty), mask=inside)
 
 
 class RunRandom:
@@ -57,16 +63,29 @@ class RunRandom:
     def keep_runs(self, keep: list[int]) -> None:
         self.seeds = self.seeds[torch.tensor(keep, device=self.seeds.device)]
 
+    def _site_key(self) -> int:
+        site, self.site = self.site, self.site + 1
+        return (site * _SITE) % 2**63
+
+    def _apply_kernel(self, x: torch.Tensor, p: float, scale: float, site_key: int,
+                      seeds: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        runs, block = len(seeds), 1024
+        per_run = x.numel() // runs
+        _dropout_kernel[(runs, triton.cdiv(per_run, block))](x, out, seeds, self.step, per_run, site_key, p, scale,
+                                                             BLOCK=block)
+        return out
+
     def keep_mask(self, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+        """The next call site's mask (True = kept), ``[runs * ..., ...]`` with one equal block per run."""
+        if _use_kernel(self.seeds):
+            ones = torch.ones(shape, device=device)
+            return self._apply_kernel(ones, p, 1.0, self._site_key(), self.seeds) != 0
         runs = len(self.seeds)
         per_run = shape.numel() // runs
-        site, self.site = self.site, self.site + 1
-        if _use_kernel(self.seeds):
-            keep = torch.empty(shape, dtype=torch.bool, device=device)
-            block = 1024
-            _keep_mask_kernel[(runs, triton.cdiv(per_run, block))](
-                self.seeds, self.step, keep, per_run, (site * _SITE) % 2**63, p, BLOCK=block)
-            return keep
+        site = self.site
+        self._site_key()
         step = int(self.step)
         blocks = []
         for seed in self.seeds.tolist():
@@ -76,10 +95,25 @@ class RunRandom:
         return torch.cat(blocks).view(shape)
 
     def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        return _RunDropout.apply(x, p, self)
+        if _use_kernel(x):
+            return _KernelDropout.apply(x, p, self)
+        return _MaskDropout.apply(x, p, self)
 
 
-class _RunDropout(torch.autograd.Function):
+class _KernelDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p, random):
+        ctx.random, ctx.p, ctx.scale, ctx.seeds = random, p, 1.0 / (1.0 - p), random.seeds
+        ctx.site_key = random._site_key()
+        return random._apply_kernel(x, p, ctx.scale, ctx.site_key, ctx.seeds)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the same step (advanced only by the next forward), seeds and site: the same mask
+        return ctx.random._apply_kernel(grad, ctx.p, ctx.scale, ctx.site_key, ctx.seeds), None, None
+
+
+class _MaskDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p, random):
         keep = random.keep_mask(x.shape, p, x.device)

@@ -129,7 +129,10 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     width = max(options.get("row_width", 64), _round_up(max(int(s.lengths.max()) for m in members
                                                              for s in (m.train, m.val)), 16))
     random = RunRandom([m.cfg.seed for m in members], device)
-    encoder = fuse([m.encoder for m in members], random).to(device)
+    # every token id the runs' training batches can hold (0 pads packed rows)
+    splits = {id(m.train): m.train for m in members}.values()
+    trained_tokens = torch.cat([torch.zeros(1, dtype=torch.long), *(s.input_ids.flatten() for s in splits)]).unique()
+    encoder = fuse([m.encoder for m in members], random, trained_tokens).to(device)
     for m in members:
         m.encoder = None  # fused now: the single models' tensors can go
     workers = options.get("pack_workers", "auto")

@@ -26,7 +26,7 @@ from crisp.attention import RunRows, attention_modules
 from crisp.graphs import GraphedTrainStep
 from crisp.lockstep.data import GroupDataModule
 from crisp.lockstep.dropout import RunRandom
-from crisp.lockstep.fused import keep_runs, solo_ndim
+from crisp.lockstep.fused import follow_weight_decay, keep_runs, solo_ndim
 from crisp.lockstep.packing import attention_mask
 from crisp.sweep import heartbeat
 
@@ -219,6 +219,7 @@ class LockstepClassifier(pl.LightningModule):
         fused = on_cuda if self.optim.fused == "auto" else bool(self.optim.fused)
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
                                       fused=fused or None)
+        follow_weight_decay(self.encoder, optimizer)
         total = self.trainer.estimated_stepping_batches
         scheduler = get_linear_schedule_with_warmup(optimizer, round(self.optim.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
