@@ -202,11 +202,41 @@ def test_run_layer_norm_matches_pytorch_on_the_gpu():
 
 def test_run_layer_norm_matches_pytorch_under_the_triton_interpreter():
     pytest.importorskip("triton")
-    code = "from tests.test_cuda import check_run_layer_norm_matches_pytorch; check_run_layer_norm_matches_pytorch('cpu')"
+    code = ("from tests.test_cuda import check_run_layer_norm_matches_pytorch; "
+            "check_run_layer_norm_matches_pytorch('cpu')")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@cuda
+def test_a_fused_linear_under_autocast_computes_what_autocast_computes():
+    """Output and input gradient as autocast's own batched matmul gives them; the weight and bias
+    gradients in fp32 straight from the matmul, within bf16 rounding of autocast's."""
+    from crisp.lockstep.fused import FusedLinear
+
+    torch.manual_seed(0)
+    fused = FusedLinear([torch.nn.Linear(48, 40) for _ in range(3)]).cuda()
+    x = torch.randn(3 * 37, 48, device="cuda", requires_grad=True)
+    grad = torch.randn(3 * 37, 40, device="cuda")
+    results_ = []
+    for ours in (True, False):
+        for t in (x, fused.weight, fused.bias):
+            t.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if ours:
+                y = fused(x)
+            else:
+                y = torch.baddbmm(fused.bias.unsqueeze(1), x.view(3, 37, 48), fused.weight).view(3 * 37, 40)
+        y.backward(grad)
+        results_.append([y, x.grad, fused.weight.grad, fused.bias.grad])
+    (y, gx, gw, gb), (ref_y, ref_gx, ref_gw, ref_gb) = results_
+    assert y.dtype == torch.bfloat16 and gx.dtype == gw.dtype == gb.dtype == torch.float32
+    torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=0)
+    torch.testing.assert_close(gw, ref_gw, rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(gb, ref_gb, rtol=2**-8, atol=1e-5)
 
 
 def _tiny_bert(seed: int, dropout: float = 0.0):
