@@ -34,18 +34,29 @@ def _use_kernel(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _dropout_kernel(x_ptr, out_ptr, seeds_ptr, step_ptr, per_run, site_key, p, scale, BLOCK: tl.constexpr):
-        """out = x * keep * scale over each run's block; keep = run's Philox draw >= p."""
-        run = tl.program_id(0)
-        offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    def _apply_mask(x_ptr, out_ptr, run_start, offsets, per_run, uniform, p, scale):
         inside = offsets < per_run
+        x = tl.load(x_ptr + run_start + offsets, mask=inside, other=0.0).to(tl.float32)
+        kept = tl.where(uniform >= p, x * scale, 0.0)
+        tl.store(out_ptr + run_start + offsets, kept.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _dropout_kernel(x_ptr, out_ptr, seeds_ptr, step_ptr, per_run, site_key, p, scale, BLOCK: tl.constexpr):
+        """out = x * keep * scale over each run's block; keep = the run's Philox draw >= p. One Philox
+        evaluation gives four numbers: each program's block is four quarters, one number each."""
+        run = tl.program_id(0)
+        quarter: tl.constexpr = BLOCK // 4
+        counters = tl.program_id(1) * quarter + tl.arange(0, quarter)
         seed = tl.load(seeds_ptr + run).to(tl.uint64)
         step = tl.load(step_ptr).to(tl.uint64)
         key = seed * 0x9E3779B97F4A7C1 + step * 0xBF58476D1CE4E5B + site_key
-        keep = tl.rand(key, offsets) >= p
-        at = run.to(tl.int64) * per_run + offsets
-        x = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out_ptr + at, tl.where(keep, x * scale, 0.0).to(out_ptr.dtype.element_ty), mask=inside)
+        u0, u1, u2, u3 = tl.rand4x(key, counters)
+        run_start = run.to(tl.int64) * per_run
+        first = tl.program_id(1) * BLOCK + tl.arange(0, quarter)
+        _apply_mask(x_ptr, out_ptr, run_start, first, per_run, u0, p, scale)
+        _apply_mask(x_ptr, out_ptr, run_start, first + quarter, per_run, u1, p, scale)
+        _apply_mask(x_ptr, out_ptr, run_start, first + 2 * quarter, per_run, u2, p, scale)
+        _apply_mask(x_ptr, out_ptr, run_start, first + 3 * quarter, per_run, u3, p, scale)
 
 
 class RunRandom:
