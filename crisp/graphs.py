@@ -11,7 +11,7 @@ schedule and Lightning's bookkeeping work unchanged. The first ``warmup`` steps 
 eagerly on a side stream (lazy initialisation must not happen during capture) and are real
 training steps: no batch is skipped or repeated. Each graph keeps a set of gradient buffers of its
 own, so the graphs' gradients may take at most ``GRADS_SHARE`` of the device's memory (one graph
-always): a lockstep group of 70 MiniLM runs has 6.4 GB of gradients per graph, and graphs captured
+always): a lockstep group of 70 MiniLM runs has 4.3 GB of gradients per graph, and graphs captured
 for every row count it meets leave no room for validation. Shapes met after that run eagerly.
 """
 
