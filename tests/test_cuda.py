@@ -96,14 +96,18 @@ def test_fused_kernel_matches_the_sort_on_the_gpu():
     check_fused_runs_match_each_run_alone("cuda")
 
 
-def test_fused_kernel_matches_the_sort_under_the_triton_interpreter():
+def check_under_the_triton_interpreter(*checks: str) -> None:
+    """Run these checks of this module on the CPU under Triton's interpreter, in a fresh process
+    (Triton reads ``TRITON_INTERPRET`` when a kernel is defined)."""
     pytest.importorskip("triton")
-    code = ("from tests.test_cuda import check_fused_matches_sort, check_fused_runs_match_each_run_alone; "
-            "check_fused_matches_sort('cpu'); check_fused_runs_match_each_run_alone('cpu')")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    code = f"from tests.test_cuda import {', '.join(checks)}; " + "; ".join(f"{check}('cpu')" for check in checks)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fused_kernel_matches_the_sort_under_the_triton_interpreter():
+    check_under_the_triton_interpreter("check_fused_matches_sort", "check_fused_runs_match_each_run_alone")
 
 
 @cuda
@@ -159,13 +163,7 @@ def test_kernel_dropout_applies_each_runs_own_mask_on_the_gpu():
 
 
 def test_kernel_dropout_applies_each_runs_own_mask_under_the_triton_interpreter():
-    pytest.importorskip("triton")
-    code = ("from tests.test_cuda import check_kernel_dropout_applies_each_runs_own_mask; "
-            "check_kernel_dropout_applies_each_runs_own_mask('cpu')")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_under_the_triton_interpreter("check_kernel_dropout_applies_each_runs_own_mask")
 
 
 def check_run_layer_norm_matches_pytorch(device: str) -> None:
@@ -201,13 +199,7 @@ def test_run_layer_norm_matches_pytorch_on_the_gpu():
 
 
 def test_run_layer_norm_matches_pytorch_under_the_triton_interpreter():
-    pytest.importorskip("triton")
-    code = ("from tests.test_cuda import check_run_layer_norm_matches_pytorch; "
-            "check_run_layer_norm_matches_pytorch('cpu')")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_under_the_triton_interpreter("check_run_layer_norm_matches_pytorch")
 
 
 @cuda
