@@ -6,7 +6,8 @@ are swapped:
 
 - ``Linear`` -> :class:`FusedLinear`: R weight matrices, one batched matmul over ``[R, tokens, in]``
   (stored transposed, ``[R, in, out]``: the matmul's weight gradient then comes out in the
-  parameter's own layout and is not copied again for every parameter on every step);
+  parameter's own layout and is not copied again for every parameter on every step; under CUDA
+  autocast the weight and bias gradients come out in fp32, not cast up from bf16);
 - ``Embedding`` -> :class:`FusedEmbedding`: R tables, one lookup in their concatenation; the word
   embeddings train only the rows that the training data uses (see the class);
 - ``LayerNorm`` -> :class:`FusedLayerNorm`: normalisation, then each run's scale and shift (one
@@ -16,7 +17,8 @@ are swapped:
 Activations, reshapes and attention already work row by row; crisp's attention function gives each
 run its own sparsity (``crisp_sparsity`` is then a tuple, see :class:`crisp.attention.RunRows`).
 A fused parameter's first dimension is the run: ``param[r]`` is run r's tensor, shaped as in its
-own model, so AdamW (elementwise) updates every run exactly as it would alone.
+own model, so AdamW (elementwise) updates every run exactly as it would alone; each fused module's
+``solo(leaf, run)`` gives run r's tensor as its own model holds it.
 """
 
 from __future__ import annotations
