@@ -127,6 +127,31 @@ def test_launchers_compose(launcher):
         assert node["n_jobs"] >= 1 and not math.isnan(node["n_jobs"])
 
 
+def test_crisps_launchers_check_each_job_of_a_grid_once_hydras_own_launcher_as_before():
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+    from hydra.types import HydraContext
+
+    from hydra_plugins.crisp_launchers import ComposeOnceSweeper, LockstepLauncher, ParallelLauncher
+
+    assert make(hydra=True).hydra.sweeper._target_ == "hydra_plugins.crisp_launchers.ComposeOnceSweeper"
+    composed = []
+
+    class Loader:  # what the sweeper's own check would compose
+        def load_sweep_config(self, master_config, sweep_overrides):
+            composed.append(sweep_overrides)
+
+    sweeper = ComposeOnceSweeper(max_batch_size=None)
+    sweeper.hydra_context, sweeper.config = HydraContext(config_loader=Loader(), callbacks=None), make(hydra=True)
+    batch = [["seed=1"], ["seed=2"]]
+    for launcher in (LockstepLauncher(), ParallelLauncher(n_jobs=1)):  # they compose every job before starting any
+        sweeper.launcher = launcher
+        sweeper.validate_batch_is_legal(batch)
+    assert composed == []
+    sweeper.launcher = BasicLauncher()
+    sweeper.validate_batch_is_legal(batch)
+    assert composed == batch
+
+
 def test_ddp_trainer_composes():
     cfg = make("trainer=ddp")
     assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.devices) == ("ddp", "gpu", "auto")

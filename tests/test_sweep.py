@@ -157,6 +157,15 @@ def test_a_bad_launcher_setting_fails_before_anything_is_written(tmp_path, launc
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("launcher", ["lockstep", "parallel"])
+def test_a_grid_with_a_job_that_cannot_be_composed_fails_before_any_run_starts(tmp_path, launcher):
+    grid = smoke_overrides(tmp_path, f"hydra/launcher={launcher}", sweep=True)
+    proc = run_crisp("-m", *grid, "model=tiny,nonexistent")
+    assert proc.returncode != 0
+    assert "Could not find 'model/nonexistent'" in proc.stderr, proc.stderr[-2000:]
+    assert not results.find_all(tmp_path) and not list(tmp_path.glob("*/.hydra"))
+
+
 def test_a_worker_that_stops_answering_is_ended_and_the_sweep_reports_it(tmp_path):
     proc = start_sweep(tmp_path, "hydra.launcher.n_jobs=2", "hydra.launcher.stall_timeout_s=20", "seed=1,2,3")
     lock = tmp_path / "dense_seed1" / ".crisp.lock"

@@ -1,4 +1,4 @@
-"""crisp's Hydra launchers (Hydra finds launcher plugins in the ``hydra_plugins`` namespace only).
+"""crisp's Hydra launchers and sweeper (Hydra finds plugins in the ``hydra_plugins`` namespace only).
 
 The classes are thin: the work is in :mod:`crisp.sweep`.
 """
@@ -7,13 +7,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 
+class ComposeOnceSweeper(BasicSweeper):
+    """``hydra/sweeper=crisp`` (crisp's default): Hydra's basic sweeper, except that it does not compose
+    every job of a batch just to check it when the launcher composes them all itself, in the sweep's
+    process, before it starts any (``composes_jobs_first``: all of crisp's launchers). A bad job then
+    fails there, as early; a grid's jobs are composed once instead of twice (80 jobs: 10 s on the
+    H100 host). Any other launcher is checked as Hydra checks it."""
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        if not getattr(self.launcher, "composes_jobs_first", False):
+            super().validate_batch_is_legal(batch)
+
+
 class _ProcessLauncher(Launcher):
+    composes_jobs_first = True  # crisp.sweep.launch.prepare, before any worker starts
+
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 

@@ -48,6 +48,8 @@ ConfigStore.instance().store(
 class SlurmArrayLauncher(submitit_launcher.SlurmLauncher):
     """One SLURM job array per sweep; a task that ends without its results is recorded failed, not raised."""
 
+    composes_jobs_first = True  # crisp.sweep.launch.prepare, before anything is submitted
+
     def __init__(self, poll_s: float = 10.0, **params: Any) -> None:
         if not poll_s > 0:
             raise ValueError(f"hydra.launcher.poll_s={poll_s} is not allowed: it must be a number of seconds > 0")
