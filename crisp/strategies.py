@@ -114,11 +114,14 @@ def apply_strategy(
     name: str,
     sparsity: float,
     calibration_batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    entropy: list[float] | None = None,
     **params,
 ) -> list[float]:
     """Set per-layer sparsity on ``model`` with strategy ``name``; returns the values it set.
 
-    ``sparsity=0`` means dense whatever the strategy (no calibration runs).
+    ``sparsity=0`` means dense whatever the strategy (no calibration runs). A strategy that needs the
+    dense model's attention entropy measures it on ``calibration_batches``, unless it is given as
+    ``entropy`` (measured already on this model and those batches).
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is not allowed: choose one of {sorted(STRATEGIES)}")
@@ -128,8 +131,8 @@ def apply_strategy(
         return set_sparsity(model, [0.0] * num_layers)
     strategy = STRATEGIES[name]
     if strategy.needs_entropy:
-        if calibration_batches is None:
+        if entropy is None and calibration_batches is None:
             raise ValueError(f"strategy={name!r} needs calibration_batches to measure attention entropy")
-        params["entropy"] = measure_entropy(model, calibration_batches)
+        params["entropy"] = measure_entropy(model, calibration_batches) if entropy is None else list(entropy)
         model.crisp_calibration_entropy = params["entropy"]  # saved with the run's results
     return set_sparsity(model, strategy(num_layers, sparsity, **params))

@@ -207,6 +207,7 @@ def test_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
     for name, record in solo.items():
         assert fused[name]["run_key"] == record["run_key"]
         assert fused[name]["layers"]["configured"] == record["layers"]["configured"]
+        assert fused[name]["layers"]["calibration_entropy"] == record["layers"]["calibration_entropy"]  # adaptive's
         losses = _step_losses(tmp_path / "alone" / name)
         assert len(losses) == 8
         torch.testing.assert_close(_step_losses(tmp_path / "lockstep" / name), losses, rtol=1e-5, atol=1e-6)

@@ -85,6 +85,10 @@ def test_apply_strategy_adaptive_calibrates_on_dense_model():
     assert values == pytest.approx(adaptive(3, 0.7, entropy=entropy))
     assert crisp.get_sparsity(model) == values
     assert model.crisp_calibration_entropy == pytest.approx(entropy)
+    # an entropy measured already (lockstep: the runs of a seed share one calibration) is not measured again
+    other = tiny_model("bert")
+    assert crisp.apply_strategy(other, "adaptive", 0.7, entropy=model.crisp_calibration_entropy) == values
+    assert other.crisp_calibration_entropy == model.crisp_calibration_entropy
 
 
 def test_apply_strategy_dense_and_errors():

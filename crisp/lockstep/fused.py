@@ -231,20 +231,22 @@ _FUSED = {nn.Linear: FusedLinear, nn.Embedding: FusedEmbedding, nn.LayerNorm: Fu
 def fuse(models: Sequence[nn.Module], random: RunRandom, trained_tokens: torch.Tensor | None = None) -> nn.Module:
     """One model that trains ``models`` (same architecture) in lockstep; built in place of models[0].
 
+    Runs that start from the same weights may pass one model object more than once: each gets a copy.
     Every parameter must sit in a Linear, Embedding or LayerNorm: anything else is refused. With
     ``trained_tokens`` (every token id of the training data) the word embeddings train those rows only.
     """
     fused = models[0]
     words = fused.get_input_embeddings()
-    for name, module in list(fused.named_modules()):
+    replacements = {}
+    for name, module in fused.named_modules():
         if module is words and trained_tokens is not None:
-            replacement = FusedEmbedding([m.get_submodule(name) for m in models], trained_tokens)
+            replacements[name] = FusedEmbedding([m.get_submodule(name) for m in models], trained_tokens)
         elif type(module) in _FUSED:
-            replacement = _FUSED[type(module)]([m.get_submodule(name) for m in models])
+            replacements[name] = _FUSED[type(module)]([m.get_submodule(name) for m in models])
         elif isinstance(module, nn.Dropout):
-            replacement = RunDropout(module.p, random)
-        else:
-            continue
+            replacements[name] = RunDropout(module.p, random)
+    # swapped only once all are built: models[0] may be another run's model too
+    for name, replacement in replacements.items():
         parent, _, child = name.rpartition(".")
         setattr(fused.get_submodule(parent), child, replacement)
     prefix = fused.base_model_prefix

@@ -37,7 +37,7 @@ from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import fuse, run_state_dict
 from crisp.lockstep.model import LockstepClassifier, Run
 from crisp.run import failure
-from crisp.strategies import STRATEGIES
+from crisp.strategies import STRATEGIES, measure_entropy
 from crisp.sweep import heartbeat
 from crisp.sweep.jobs import Job, job_return
 from crisp.sweep.lock import RunLock, RunLockBusy
@@ -180,8 +180,13 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
 
 
 def _build_runs(members: list[Member], device: torch.device) -> None:
-    """Each run's data, tokenizer, initial model and per-layer sparsity, as crisp.train makes them alone."""
-    splits, tokenizers, tokenized = {}, {}, {}
+    """Each run's data, tokenizer, initial model and per-layer sparsity, as crisp.train makes them alone.
+
+    A model's initialisation depends on its config and seed only, so the runs of one seed start from
+    one model, built once (fuse stacks a copy for each); the adaptive runs of a seed share its
+    calibration too (the dense model's entropy on the seed's calibration batches).
+    """
+    splits, tokenizers, tokenized, initial, entropies = {}, {}, {}, {}, {}
     for m in members:
         cfg = m.cfg
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -193,21 +198,25 @@ def _build_runs(members: list[Member], device: torch.device) -> None:
         if tok_key not in tokenizers:
             tokenizers[tok_key] = build_tokenizer(cfg.model, splits[data_key]["train"].texts)
         tokenizer = tokenizers[tok_key]
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's random init depends on the seed only
-        encoder = build_encoder(cfg.model, tokenizer)
+        init_key = (tok_key, cfg.seed)
+        if init_key not in initial:
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the init depends on the seed only
+            initial[init_key] = build_encoder(cfg.model, tokenizer).to(device).train()
+        encoder = initial[init_key]
         for split in ("train", "validation"):
             if (tok_key, data_key, split) not in tokenized:
                 tokenized[tok_key, data_key, split] = tokenize(tokenizer, splits[data_key][split], cfg.data.max_length)
         m.train, m.val = tokenized[tok_key, data_key, "train"], tokenized[tok_key, data_key, "validation"]
-        encoder = encoder.to(device).train()
         strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
         name, params = strategy.pop("name"), strategy
-        batches = None
         if STRATEGIES[name].needs_entropy and cfg.sparsity > 0:
-            batches = calibration_batches(m.train, cfg.data.batch_size, cfg.data.calibration_batches, cfg.seed)
-        layer_sparsity = crisp.apply_strategy(encoder, name, cfg.sparsity, batches, **params)
+            calibration = (init_key, data_key, cfg.data.batch_size, cfg.data.calibration_batches)
+            if calibration not in entropies:
+                batches = calibration_batches(m.train, cfg.data.batch_size, cfg.data.calibration_batches, cfg.seed)
+                entropies[calibration] = measure_entropy(encoder, batches)
+            m.calibration_entropy = entropies[calibration]
+        layer_sparsity = crisp.apply_strategy(encoder, name, cfg.sparsity, entropy=m.calibration_entropy, **params)
         crisp.configure(encoder, apply_in_eval=cfg.sparsifier.apply_in_eval, track_stats=False)
-        m.calibration_entropy = getattr(encoder, "crisp_calibration_entropy", None)
         allocation = ", ".join(f"{s:.3f}" for s in layer_sparsity)
         print(f"crisp: {m.job.name}: strategy={name} sparsity={cfg.sparsity:g} -> per-layer sparsity [{allocation}]")
         m.encoder, m.run = encoder, Run(m.job.name, layer_sparsity)
