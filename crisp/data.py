@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import os
 import random
 import signal
@@ -182,8 +183,8 @@ def tokenize(tokenizer, split: Split, max_length: int, cache: bool = True) -> To
     encoded = tokenizer(split.texts, truncation=True, max_length=max_length)["input_ids"]
     lengths = torch.tensor([len(ids) for ids in encoded])
     input_ids = torch.full((len(encoded), int(lengths.max())), tokenizer.pad_token_id, dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
+    # every sentence left-aligned in its row, all at once (a boolean mask fills row by row)
+    input_ids[torch.arange(input_ids.size(1)) < lengths[:, None]] = torch.tensor(list(itertools.chain(*encoded)))
     tensors = {"input_ids": input_ids, "lengths": lengths, "labels": torch.tensor(split.labels)}
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)

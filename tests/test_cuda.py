@@ -204,8 +204,8 @@ def test_run_layer_norm_matches_pytorch_under_the_triton_interpreter():
 
 @cuda
 def test_a_fused_linear_under_autocast_computes_what_autocast_computes():
-    """Output and input gradient as autocast's own batched matmul gives them; the weight and bias
-    gradients in fp32 straight from the matmul, within bf16 rounding of autocast's."""
+    """The output as autocast's own batched matmul gives it; the gradients of the fp32 input, weight
+    and bias in fp32 straight from the matmuls, within bf16 rounding of autocast's."""
     from crisp.lockstep.fused import FusedLinear
 
     torch.manual_seed(0)
@@ -226,9 +226,49 @@ def test_a_fused_linear_under_autocast_computes_what_autocast_computes():
     (y, gx, gw, gb), (ref_y, ref_gx, ref_gw, ref_gb) = results_
     assert y.dtype == torch.bfloat16 and gx.dtype == gw.dtype == gb.dtype == torch.float32
     torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
-    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=0)
-    torch.testing.assert_close(gw, ref_gw, rtol=2**-8, atol=1e-5)
-    torch.testing.assert_close(gb, ref_gb, rtol=2**-8, atol=1e-5)
+    for ours, ref in ((gx, ref_gx), (gw, ref_gw), (gb, ref_gb)):
+        torch.testing.assert_close(ours, ref, rtol=2**-8, atol=1e-5)
+
+
+@cuda
+def test_linears_that_share_an_input_cast_it_once_and_compute_what_each_computes_alone():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from crisp.lockstep.fused import FusedLinear, InputCasts
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    linears = [[torch.nn.Linear(32, 32) for _ in range(2)] for _ in range(3)]  # query, key, value of 2 runs
+    x = torch.randn(2, 9, 32, device="cuda", requires_grad=True)
+    outputs = {}
+    for shared in (True, False):
+        casts = InputCasts()
+        qkv = [FusedLinear(runs, casts if shared else None).cuda() for runs in linears]
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16), Casts() as seen:
+            ys = [linear(x) for linear in qkv]
+        sum((y.float() * (i + 1)).sum() for i, y in enumerate(ys)).backward()
+        outputs[shared] = (ys, x.grad.clone(), [linear.weight.grad for linear in qkv])
+        assert seen.shapes.count(tuple(x.shape)) == (1 if shared else 3)
+    (ys, gx, gws), (ref_ys, ref_gx, ref_gws) = outputs[True], outputs[False]
+    for ours, ref in zip([*ys, gx, *gws], [*ref_ys, ref_gx, *ref_gws], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    casts = InputCasts()
+    query, key = (FusedLinear(runs, casts).cuda() for runs in linears[:2])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        query(x)
+        with torch.no_grad():
+            x.mul_(2)  # changed in place since its cast: cast again, not the stale copy
+        torch.testing.assert_close(key(x), FusedLinear(linears[1]).cuda()(x), rtol=0, atol=0)
 
 
 def _tiny_bert(seed: int, dropout: float = 0.0):

@@ -232,7 +232,7 @@ def test_a_big_sweep_composes_its_jobs_in_forked_processes_exactly_as_one_by_one
         monkeypatch.setattr(sweep_jobs, "job_config", lambda *args: here.append(args) or compose_one(*args))
         forked = sweep_jobs.job_configs(context, master, overrides, 5)
         assert not here
-        monkeypatch.setattr(sweep_jobs, "JOBS_PER_COMPOSER", len(overrides) + 1)  # one by one, in this process
+        monkeypatch.setattr(sweep_jobs, "JOBS_PER_PROCESS", len(overrides) + 1)  # one by one, in this process
         alone = sweep_jobs.job_configs(context, master, overrides, 5)
         assert len(here) == len(overrides)
     assert [OmegaConf.to_container(c) for c in forked] == [OmegaConf.to_container(c) for c in alone]

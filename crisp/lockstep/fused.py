@@ -7,7 +7,8 @@ are swapped:
 - ``Linear`` -> :class:`FusedLinear`: R weight matrices, one batched matmul over ``[R, tokens, in]``
   (stored transposed, ``[R, in, out]``: the matmul's weight gradient then comes out in the
   parameter's own layout and is not copied again for every parameter on every step; under CUDA
-  autocast the weight and bias gradients come out in fp32, not cast up from bf16);
+  autocast the gradients of fp32 tensors come out in fp32, not cast up from bf16, and an input
+  that several linears share (query, key, value) is cast once);
 - ``Embedding`` -> :class:`FusedEmbedding`: R tables, one lookup in their concatenation; the word
   embeddings train only the rows that the training data uses (see the class);
 - ``LayerNorm`` -> :class:`FusedLayerNorm`: normalisation, then each run's scale and shift (one
@@ -23,6 +24,7 @@ own model, so AdamW (elementwise) updates every run exactly as it would alone; e
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -41,48 +43,76 @@ def _stack(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
 _FP32_OUT_BMM = hasattr(torch.ops.aten.bmm, "dtype")
 
 
+class InputCasts:
+    """The bf16 copy of the last input a model's FusedLinears cast, for the next that takes the same input.
+
+    BERT's query, key and value projections read one hidden state: autocast casts it three times, here
+    once. Assumes one forward at a time per fused model (one cache per model, made by :func:`fuse`); a
+    copy is reused only for the very tensor it was cast from, unmodified since (its version counter),
+    and is dropped by the first backward, so that it does not outlive the step.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._source, self._version, self._copy = None, -1, None
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype == dtype:
+            return x
+        if self._source is None or self._source() is not x or self._version != x._version or self._copy.dtype != dtype:
+            self._source, self._version, self._copy = weakref.ref(x), x._version, x.to(dtype)
+        return self._copy
+
+
 class _AutocastBatchedLinear(torch.autograd.Function):
-    """What autocast computes for ``baddbmm(bias, x, weight)``, except that the weight and bias
-    gradients come out of the matmul and the reduction in fp32, where autocast rounds them to bf16
-    and casts them up in two more kernels (6 more bytes of traffic per parameter and step)."""
+    """What autocast computes for ``baddbmm(bias, x, weight)``, except that the gradients come out of
+    the matmuls and the reduction in fp32 where the tensor is fp32 (autocast rounds them to bf16 and
+    casts them up in more kernels: 6 more bytes of traffic per element), and that an input shared by
+    several linears is cast once (:class:`InputCasts`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype):
-        x16, w16 = x.to(dtype), weight.to(dtype)
+    def forward(ctx, x, weight, bias, dtype, casts):
+        # x as the module got it: the very tensor that the sibling projections get too
+        x16, w16 = casts(x, dtype).reshape(weight.size(0), -1, x.size(-1)), weight.to(dtype)
         y = torch.bmm(x16, w16) if bias is None else torch.baddbmm(bias.to(dtype).unsqueeze(1), x16, w16)
         ctx.save_for_backward(x16, w16)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.x_dtype, ctx.x_shape, ctx.casts = bias is not None, x.dtype, x.shape, casts
         return y
 
     @staticmethod
     def backward(ctx, grad):
+        ctx.casts.clear()
         x16, w16 = ctx.saved_tensors
         grad = grad.to(w16.dtype)
-        # x's gradient in bf16, cast to x's dtype by autograd (as autocast's cast would be)
-        grad_x = torch.bmm(grad, w16.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            fp32 = ctx.x_dtype == torch.float32
+            grad_x = torch.bmm(grad, w16.transpose(1, 2), **({"out_dtype": torch.float32} if fp32 else {}))
+            grad_x = grad_x.reshape(ctx.x_shape)
         grad_w = torch.bmm(x16.transpose(1, 2), grad, out_dtype=torch.float32)
         grad_b = grad.sum(1, dtype=torch.float32) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class FusedLinear(nn.Module):
 
-    def __init__(self, linears: Sequence[nn.Linear]):
+    def __init__(self, linears: Sequence[nn.Linear], casts: InputCasts | None = None):
         super().__init__()
         self.weight = _stack([m.weight.t() for m in linears])  # [R, in, out]
         self.bias = _stack([m.bias for m in linears]) if linears[0].bias is not None else None  # [R, out]
+        self.casts = casts or InputCasts()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runs, shape = self.weight.size(0), x.shape
-        x = x.reshape(runs, -1, shape[-1])
         if x.is_cuda and _FP32_OUT_BMM and torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
             with torch.autocast("cuda", enabled=False):
-                y = _AutocastBatchedLinear.apply(x, self.weight, self.bias, dtype)
-        elif self.bias is None:
-            y = torch.bmm(x, self.weight)
-        else:
-            y = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+                y = _AutocastBatchedLinear.apply(x, self.weight, self.bias, dtype, self.casts)
+            return y.reshape(*shape[:-1], -1)
+        x = x.reshape(runs, -1, shape[-1])
+        y = torch.bmm(x, self.weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
         return y.reshape(*shape[:-1], -1)
 
     def solo(self, leaf: str, run: int) -> torch.Tensor:
@@ -237,10 +267,12 @@ def fuse(models: Sequence[nn.Module], random: RunRandom, trained_tokens: torch.T
     """
     fused = models[0]
     words = fused.get_input_embeddings()
-    replacements = {}
+    replacements, casts = {}, InputCasts()
     for name, module in fused.named_modules():
         if module is words and trained_tokens is not None:
             replacements[name] = FusedEmbedding([m.get_submodule(name) for m in models], trained_tokens)
+        elif type(module) is nn.Linear:
+            replacements[name] = FusedLinear([m.get_submodule(name) for m in models], casts)
         elif type(module) in _FUSED:
             replacements[name] = _FUSED[type(module)]([m.get_submodule(name) for m in models])
         elif isinstance(module, nn.Dropout):

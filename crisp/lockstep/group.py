@@ -39,7 +39,7 @@ from crisp.lockstep.model import LockstepClassifier, Run
 from crisp.run import failure
 from crisp.strategies import STRATEGIES, measure_entropy
 from crisp.sweep import heartbeat
-from crisp.sweep.jobs import Job, job_return
+from crisp.sweep.jobs import Job, job_return, map_forked
 from crisp.sweep.lock import RunLock, RunLockBusy
 from crisp.train import Progress, environment, epochs_summary, save_weights, trainer_settings
 
@@ -73,7 +73,7 @@ class Member:
 
 
 def run_group(hydra_context: HydraContext, jobs: list[Job], options: dict[str, Any]) -> list[JobReturn]:
-    members = [_prepare(hydra_context, job) for job in jobs]
+    members = map_forked(lambda job: _prepare(hydra_context, job), jobs)  # Hydra's run_job: pure Python
     with ExitStack() as claims:
         for m in members:
             if m.result is None:
