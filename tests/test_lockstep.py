@@ -183,6 +183,7 @@ def test_the_readme_lockstep_smoke_grid_trains_in_one_process(tmp_path):
     assert all(r["timing"]["lockstep"]["runs"] == 4 for r in found.values())
     assert found["uniform_s0.8_seed1"]["layers"]["configured"] == [0.8, 0.8]
     assert (tmp_path / "report.md").is_file() and "| uniform | 0.8 | 2 |" in proc.stdout
+    assert not (tmp_path / ".crisp").exists()  # the group's spec and result pickles go once collected
 
 
 def _step_losses(run_dir) -> list[float]:

@@ -142,6 +142,7 @@ def test_parallel_runs_each_job_in_a_process_that_ends_with_it(tmp_path, start):
     assert "dense_seed2 completed: val_acc" in proc.stdout  # one line per run, not three progress bars
     assert (tmp_path / "dense_seed2" / "worker.log").stat().st_size > 0
     assert not workers_of(tmp_path)
+    assert not (tmp_path / ".crisp").exists()  # the workers' specs and results go once collected
 
 
 @pytest.mark.parametrize(("launcher", "setting", "needle"), [
@@ -183,6 +184,7 @@ def test_a_worker_that_stops_answering_is_ended_and_the_sweep_reports_it(tmp_pat
     with pytest.raises(ProcessLookupError):
         os.kill(victim, 0)
     assert not workers_of(tmp_path) and not list(tmp_path.rglob(".crisp.lock"))
+    assert not (tmp_path / ".crisp").exists()
 
 
 def test_sigterm_ends_the_workers_and_records_their_runs(tmp_path):
@@ -196,6 +198,7 @@ def test_sigterm_ends_the_workers_and_records_their_runs(tmp_path):
     found = records(tmp_path)
     assert {r["error"]["type"] for r in found.values()} == {"Interrupted"}  # running and not yet started
     assert len(found) == 3
+    assert not (tmp_path / ".crisp").exists()
 
 
 def test_workers_die_with_a_sweep_killed_outright(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,15 +107,25 @@ class WorkerPool:
                         outcome = self._check(task)
                         if outcome is not None:
                             running.remove(task)
-                            on_done(task, outcome)
+                            self._finish(task, outcome, on_done)
         except SweepInterrupted as stop:
             for task in running:
                 _kill_group(task.proc, self.grace_s)
+            why = f"the sweep was interrupted ({stop})"
             for task in running:
-                on_done(task, self._outcome(task, ("Interrupted", f"the sweep was interrupted ({stop})")))
+                self._finish(task, self._outcome(task, ("Interrupted", why)), on_done)
             for task in pending:
-                on_done(task, Outcome(error=("Interrupted", f"the sweep was interrupted ({stop}) before it started")))
+                self._finish(task, Outcome(error=("Interrupted", f"{why} before it started")), on_done)
             raise
+
+    @staticmethod
+    def _finish(task: Task, outcome: Outcome, on_done: Callable[[Task, Outcome], None]) -> None:
+        """Hand the outcome on, then remove the task's spec, result and heartbeat: a finished sweep's folder
+        holds its runs, not the pickles that carried them."""
+        on_done(task, outcome)
+        shutil.rmtree(task.files, ignore_errors=True)
+        with suppress(OSError):
+            task.files.parent.rmdir()  # only if empty: another sweep may share the folder
 
     def _start(self, task: Task, running: list[Task]) -> None:
         task.files.mkdir(parents=True, exist_ok=True)
