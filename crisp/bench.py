@@ -26,9 +26,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig
 
 import crisp
-from crisp.graphs import GraphedTrainStep
-from crisp.results import model_label
-from crisp.sweep import mps
+from crisp.runs.results import model_label
+from crisp.sweep import nvidia_mps as mps
+from crisp.training.cuda_graphs import GraphedTrainStep
 
 ENCODERS = {
     "distilbert-base": lambda: DistilBertConfig(),  # 6 layers, 768 wide, 12 heads
@@ -226,8 +226,8 @@ def _timed_us(fn, reps: int, on_gpu: bool) -> float:
 def _probability_steps(batch: int, length: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Forward and backward of raw scores -> attention probabilities at s=0.8, per implementation:
     eager's scale + additive mask + softmax, crisp's portable sort path, crisp's fused kernel."""
-    from crisp import kernels
-    from crisp.attention import _drop_mask, _k_table, _MaskInfo
+    from crisp.sparsity import kernels
+    from crisp.sparsity.topk import MaskInfo, drop_mask, k_table
 
     sparsity, scaling = 0.8, 32**-0.5
     generator = torch.Generator().manual_seed(0)
@@ -236,14 +236,14 @@ def _probability_steps(batch: int, length: int, dtype: torch.dtype, device: torc
     _, mask, _ = _batch(batch, length, 30522, device, generator)
     valid = mask.bool()[:, None, None, :]
     additive = torch.zeros(valid.shape, device=device, dtype=dtype).masked_fill(~valid, torch.finfo(dtype).min)
-    info, table = _MaskInfo(valid, length, device), _k_table(length, sparsity, device)
+    info, table = MaskInfo(valid, length, device), k_table(length, sparsity, device)
 
     def eager():
         torch.autograd.grad(torch.softmax(raw * scaling + additive, -1), raw, grad)
 
     def sort():
         scores = (raw * scaling).masked_fill(info.invalid, torch.finfo(dtype).min)
-        scores = scores.masked_fill(_drop_mask(scores.detach(), info, sparsity), float("-inf"))
+        scores = scores.masked_fill(drop_mask(scores.detach(), info, sparsity), float("-inf"))
         torch.autograd.grad(torch.softmax(scores, -1), raw, grad)
 
     def fused():

@@ -1,7 +1,13 @@
 """The Hydra entry point: ``python -m crisp.run [overrides]`` (one run) or ``-m`` (a grid).
 
-Each run writes ``results.json`` into its output directory, also when it fails. In a sweep a failing
-run is recorded and the sweep goes on; a run already completed with the same run_key is skipped.
+Each run goes through the one run lifecycle (:mod:`crisp.runs.lifecycle`): claimed, skipped if it
+completed already with the same run_key, trained, and recorded in its results.json, also when it
+fails. In a sweep a failing run is recorded and the sweep goes on; alone, it exits non-zero: 2 with
+one clear line for an error the user can fix, 1 with the traceback for anything else.
+
+Heavy imports (torch, transformers, Lightning) wait until a run trains: a config error is answered
+within a second or two (crisp's Hydra callback checks a single run's values before anything is
+written; its sweeper checks every job of a grid).
 """
 
 from __future__ import annotations
@@ -9,7 +15,6 @@ from __future__ import annotations
 import gc
 import logging
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +23,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from crisp import results
-from crisp.config import ConfigError, register_configs, register_resolvers, resolved_config
-from crisp.data import DataError
-from crisp.ddp import is_child_rank
-from crisp.hub import HubUnreachableError
-from crisp.sweep.lock import RunLock, RunLockBusy
+from crisp.runs import lifecycle, results
+from crisp.runs.config import CONF_DIR, register_configs, register_resolvers, resolved_config, written_config
+from crisp.runs.errors import USER_ERRORS
+from crisp.training.ddp import is_child_rank
 
 log = logging.getLogger("crisp")
 register_configs()
 register_resolvers()
-
-# errors whose message says everything: no traceback for these
-USER_ERRORS = (ConfigError, DataError, HubUnreachableError)
-
-
-def failure(err: BaseException) -> dict[str, str]:
-    return {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -42,48 +38,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    started = results.now()
-    base: dict[str, Any] = {"schema": results.SCHEMA_VERSION, "output_dir": str(output_dir)}
-    if is_child_rank():  # a DDP rank > 0: train alongside rank 0, which writes the results
-        from crisp.train import train
+    from crisp.training.train import train  # heavy imports only for runs that train
 
+    if is_child_rank():  # a DDP rank > 0: train alongside rank 0, which writes the results
         train(cfg, resolved_config(cfg), output_dir)
         return {"status": "ddp-rank"}
+    config = resolved_config(cfg)
+    base = Path(hydra_cfg.sweep.dir) if in_sweep else None
+    record = results.run_record(config, output_dir, list(hydra_cfg.overrides.task), base, written_config(cfg))
+    one = lifecycle.Run.of(record, output_dir)
     try:
-        config = resolved_config(cfg)
-        base = results.run_record(config, output_dir, hydra_cfg.overrides.task)
-        with RunLock(output_dir):
-            # checked under the claim: a job sharing this run may have just finished it
-            if results.is_completed(output_dir, base["run_key"]):
-                log.info("%s: already completed in %s, skipped", config["name"], output_dir)
-                return {**base, "status": "skipped"}
-            from crisp.train import train  # heavy imports only for runs that train
-
-            outcome = train(cfg, config, output_dir)
-            payload = {**base, "status": results.COMPLETED, "error": None, **outcome}
-            payload |= {"started_at": started, "finished_at": results.now()}
-            results.write_atomic(output_dir / results.FILENAME, payload)
-        log.info("%s: completed, results in %s", base["name"], output_dir / results.FILENAME)
-        return payload
-    except RunLockBusy as busy:
-        log.info("%s: %s, skipped", base.get("name", output_dir.name), busy)
-        return {**base, "status": "skipped"}
-    except Exception as err:  # recorded, then raised (one run) or swallowed (a sweep goes on)
-        payload = results.record_failure(output_dir, {**base, "started_at": started}, failure(err))
-        log.error("%s failed: %s: %s", base.get("name", output_dir.name), type(err).__name__, err)
-        if not in_sweep:
-            if isinstance(err, USER_ERRORS):
-                print(f"crisp: error: {err}", file=sys.stderr)  # one clear line; details in results.json
-                sys.exit(2)
-            raise
-        if not isinstance(err, USER_ERRORS):
-            log.error(payload["error"]["traceback"])
-        return payload
+        [payload] = lifecycle.attempt([one], lambda todo: todo[0].complete(train(cfg, config, output_dir)))
     finally:
         gc.collect()
+    error = payload.get("error") or {}
+    if payload["status"] == results.FAILED and not in_sweep:
+        if error.get("type") in {e.__name__ for e in USER_ERRORS}:
+            print(f"crisp: error: {error['message']}", file=sys.stderr)  # one clear line; details in results.json
+            sys.exit(2)
+        sys.exit(1)  # its traceback is logged above
+    return payload
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
     return run(cfg)  # launchers that run jobs elsewhere hand this back to the sweep
 
@@ -94,4 +71,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig
+from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig, MPNetConfig
 
 import crisp  # noqa: F401  (registers the "crisp" attention implementation)
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2_DIR = Path(os.environ.get("CRISP_SST2_DIR", ROOT.parent / "shared" / "data" / "sst2"))
+GLUE_DIR = Path(os.environ.get("CRISP_GLUE_DIR", ROOT.parent / "shared" / "data" / "glue"))
 VOCAB = 64
 
 
@@ -26,6 +27,10 @@ def tiny_config(arch: str):
         return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                           intermediate_size=64, max_position_embeddings=128,
                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if arch == "mpnet":
+        return MPNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=130,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     raise ValueError(arch)
 
 
@@ -34,7 +39,7 @@ def tiny_model(arch: str, attn: str = "crisp", seed: int = 0):
     return AutoModelForSequenceClassification.from_config(tiny_config(arch), attn_implementation=attn).eval()
 
 
-@pytest.fixture(params=["distilbert", "bert"])
+@pytest.fixture(params=["distilbert", "bert", "mpnet"])
 def arch(request):
     return request.param
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crisp
-from crisp.attention import crisp_attention_forward, kept_keys, topk_keep_mask
+from crisp.sparsity.attention import crisp_attention_forward
+from crisp.sparsity.topk import kept_keys, topk_keep_mask
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -99,8 +100,8 @@ def test_dense_equals_eager(arch):
     dense = crisp_model(input_ids=ids, attention_mask=mask).logits
     eager = eager_model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(dense, eager, atol=1e-6, rtol=0)
-    assert all(hasattr(m, "crisp_stats") for m in crisp.attention.attention_modules(crisp_model))
-    assert not any(hasattr(m, "crisp_stats") for m in crisp.attention.attention_modules(eager_model))
+    assert all(hasattr(m, "crisp_stats") for m in crisp.sparsity.families.attention_modules(crisp_model))
+    assert not any(hasattr(m, "crisp_stats") for m in crisp.sparsity.families.attention_modules(eager_model))
     crisp.set_sparsity(crisp_model, 0.8)
     sparse = crisp_model(input_ids=ids, attention_mask=mask).logits
     assert (sparse - eager).abs().max() > 1e-4  # sparsity really changes the computation
@@ -185,7 +186,7 @@ def test_set_sparsity_errors_name_the_problem():
 
 def test_a_batch_of_runs_gives_each_run_its_own_sparsity_and_statistics():
     """Lockstep: the batch's rows are one block per run, each layer has one sparsity per run."""
-    from crisp.attention import RunRows
+    from crisp.sparsity.attention import RunRows
 
     g = torch.Generator().manual_seed(3)
     query, key, value = (torch.randn(6, 2, 9, 8, generator=g) for _ in range(3))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from crisp import results
+from crisp.runs import results
 from tests.conftest import SST2_DIR, run_crisp, smoke_overrides
 
 

@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from crisp.config import ConfigError, register_configs, register_resolvers, run_name, validate
-from crisp.results import run_key
+from crisp.runs.config import ConfigError, register_configs, register_resolvers, run_name, validate
+from crisp.runs.results import run_key
 from tests.conftest import ROOT
 
 register_configs()
@@ -127,29 +127,34 @@ def test_launchers_compose(launcher):
         assert node["n_jobs"] >= 1 and not math.isnan(node["n_jobs"])
 
 
-def test_crisps_launchers_check_each_job_of_a_grid_once_hydras_own_launcher_as_before():
-    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-    from hydra.types import HydraContext
+def test_every_distinct_run_of_a_grid_gets_its_own_directory_named_from_what_varies():
+    from crisp.sweep.sweeper import with_run_dirs
 
-    from hydra_plugins.crisp_launchers import ComposeOnceSweeper, LockstepLauncher, ParallelLauncher
+    grid = [["experiment=smoke", f"optim.lr={lr}", f"seed={seed}", "logger=none"] for lr in ("1e-5", "5e-5")
+            for seed in (1, 2)]
+    assert [job[-1] for job in with_run_dirs(grid)] == ["hydra.sweep.subdir='optim.lr=1e-5/${name}'"] * 2 + \
+        ["hydra.sweep.subdir='optim.lr=5e-5/${name}'"] * 2
+    # strategy, sparsity and seed are in the name; how a run is watched names no folder
+    plain = [["strategy=uniform", "sparsity=0", "seed=1", "logger=csv"], ["strategy=adaptive", "sparsity=0.8",
+                                                                          "seed=1", "logger=none"]]
+    assert with_run_dirs(plain) == plain
+    # a name given to every job labels the runs; each keeps its own folder
+    named = with_run_dirs([["name=myexp", "sparsity=0"], ["name=myexp", "sparsity=0.8"]])
+    leaf = "hydra.sweep.subdir='${crisp.run_name:${strategy.name},${sparsity},${seed}}'"
+    assert all(job[-1] == leaf for job in named)
+    # folders from a model path or a quoted value stay one folder each
+    paths = with_run_dirs([["model.name_or_path=/models/a", "seed=1"], ["model.name_or_path=/models/b", "seed=1"]])
+    assert paths[0][-1] == "hydra.sweep.subdir='model.name_or_path=models_a/${name}'"
+    assert with_run_dirs([["hydra.sweep.subdir=x", "seed=1"]]) == [["hydra.sweep.subdir=x", "seed=1"]]  # as given
 
-    assert make(hydra=True).hydra.sweeper._target_ == "hydra_plugins.crisp_launchers.ComposeOnceSweeper"
-    composed = []
 
-    class Loader:  # what the sweeper's own check would compose
-        def load_sweep_config(self, master_config, sweep_overrides):
-            composed.append(sweep_overrides)
+def test_crisps_sweeper_is_the_default_and_its_launchers_compose_under_another_sweeper():
+    from hydra_plugins.crisp_launchers import AutoLauncher, ComposeOnceSweeper, LockstepLauncher
 
-    sweeper = ComposeOnceSweeper(max_batch_size=None)
-    sweeper.hydra_context, sweeper.config = HydraContext(config_loader=Loader(), callbacks=None), make(hydra=True)
-    batch = [["seed=1"], ["seed=2"]]
-    for launcher in (LockstepLauncher(), ParallelLauncher(n_jobs=1)):  # they compose every job before starting any
-        sweeper.launcher = launcher
-        sweeper.validate_batch_is_legal(batch)
-    assert composed == []
-    sweeper.launcher = BasicLauncher()
-    sweeper.validate_batch_is_legal(batch)
-    assert composed == batch
+    cfg = make(hydra=True)
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.crisp_launchers.ComposeOnceSweeper"
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.crisp_launchers.AutoLauncher"
+    assert issubclass(AutoLauncher, LockstepLauncher) and hasattr(ComposeOnceSweeper, "sweep")
 
 
 def test_ddp_trainer_composes():

@@ -16,10 +16,11 @@ import torch
 from torch.nn import functional as F
 
 import crisp
-import crisp.graphs
-from crisp import kernels, results
-from crisp.attention import _drop_mask, _k_table, _MaskInfo
-from crisp.graphs import GraphedTrainStep
+import crisp.training.cuda_graphs
+from crisp.runs import results
+from crisp.sparsity import kernels
+from crisp.sparsity.topk import MaskInfo, drop_mask, k_table
+from crisp.training.cuda_graphs import GraphedTrainStep
 from tests.conftest import ROOT, VOCAB, run_crisp, smoke_overrides, tiny_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -49,11 +50,11 @@ def check_fused_matches_sort(device: str) -> None:
         upstream = torch.randn(b, h, q, k_len, generator=generator).to(device=device, dtype=dtype)
 
         leaf, ref_leaf = raw.clone().requires_grad_(), raw.clone().requires_grad_()
-        probs = kernels.topk_softmax(leaf, valid, _k_table(k_len, s, leaf.device), scaling)
+        probs = kernels.topk_softmax(leaf, valid, k_table(k_len, s, leaf.device), scaling)
         # the portable path: scale, mask, sort, fill, softmax
         scores = ref_leaf * scaling
         masked = scores if valid is None else scores.masked_fill(~valid, torch.finfo(dtype).min)
-        drop = _drop_mask(masked.detach(), _MaskInfo(valid, k_len, scores.device), s)
+        drop = drop_mask(masked.detach(), MaskInfo(valid, k_len, scores.device), s)
         expected = torch.softmax(masked.float().masked_fill(drop, float("-inf")), -1)
         where = (trial, b, h, q, k_len, s, dtype)
         assert probs.dtype == dtype, where
@@ -79,12 +80,12 @@ def check_fused_runs_match_each_run_alone(device: str) -> None:
         valid = torch.arange(k_len, device=device)[None, None, None, :] < lengths[:, None, None, None]
         upstream = torch.randn(raw.shape, generator=generator).to(device=device, dtype=dtype)
         leaf = raw.clone().requires_grad_()
-        probs = kernels.topk_softmax(leaf, valid, _k_table(k_len, sparsities, leaf.device), 0.125, runs=runs)
+        probs = kernels.topk_softmax(leaf, valid, k_table(k_len, sparsities, leaf.device), 0.125, runs=runs)
         (probs.float() * upstream).sum().backward()
         for run, s in enumerate(sparsities):
             rows = slice(run * per_run, (run + 1) * per_run)
             alone = raw[rows].clone().requires_grad_()
-            expected = kernels.topk_softmax(alone, valid[rows], _k_table(k_len, s, alone.device), 0.125)
+            expected = kernels.topk_softmax(alone, valid[rows], k_table(k_len, s, alone.device), 0.125)
             (expected.float() * upstream[rows]).sum().backward()
             assert torch.equal(probs[rows], expected), (runs, run, s)
             assert torch.equal(leaf.grad[rows], alone.grad), (runs, run, s)
@@ -318,7 +319,7 @@ def _train_graphed(model, batches) -> list[float]:
 def test_graphed_steps_train_exactly_like_eager_steps(monkeypatch, grads_share, stats):
     """Several shapes interleaved: every replay must hand the optimizer its own graph's gradients; shapes
     met once the graphs' gradients fill their share of the memory run eagerly, the same steps."""
-    monkeypatch.setattr(crisp.graphs, "GRADS_SHARE", grads_share)
+    monkeypatch.setattr(crisp.training.cuda_graphs, "GRADS_SHARE", grads_share)
     torch.set_float32_matmul_precision("highest")
     batches = _batches([8, 16, 8, 16, 24, 8, 24, 16, 8, 16, 24, 8])
     eager_model, graphed_model = _tiny_bert(0), _tiny_bert(0)

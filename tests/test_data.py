@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from crisp.data import (
+from crisp.training.data import (
     _POSITIVE,
     DataError,
     Split,
@@ -18,7 +18,7 @@ from crisp.data import (
     read_glue_tsv,
     tokenize,
 )
-from crisp.encoder import train_word_tokenizer
+from crisp.training.encoder import train_word_tokenizer
 from tests.conftest import SST2_DIR
 
 
@@ -46,7 +46,7 @@ def test_quotes_are_plain_characters(tmp_path):
     ("rows", "header", "message"),
     [
         (["good\t2"], "sentence\tlabel", r"dev.tsv:2: label='2' is not allowed"),
-        (["good\t1"], "text\tlabel", "lacks the columns"),
+        (["good\t1"], "text\tlabel", "lacks the column"),
         ([], "sentence\tlabel", "the split is empty"),
         (["good"], "sentence\tlabel", "expected 2 tab-separated fields"),
     ],
@@ -75,7 +75,7 @@ def test_synthetic_is_deterministic_and_learnable_by_its_cues():
 
 
 def test_batches_are_dynamically_padded(tmp_path, monkeypatch):
-    monkeypatch.setattr("crisp.data.CACHE_DIR", tmp_path)
+    monkeypatch.setattr("crisp.training.data.CACHE_DIR", tmp_path)
     split = Split(["a b c d e f", "a", "b c"], [1, 0, 1])
     tokenizer = train_word_tokenizer(split.texts, 50)
     data = tokenize(tokenizer, split, max_length=16)
@@ -110,7 +110,7 @@ class _WorkerSignal(torch.utils.data.Dataset):
 
 
 def test_loader_workers_leave_slurms_time_limit_warning_to_the_training_process():
-    from crisp.data import loader_worker_init
+    from crisp.training.data import loader_worker_init
 
     previous = signal.signal(signal.SIGUSR2, lambda *_: None)  # as submitit's requeue handler
     try:

@@ -14,12 +14,12 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 import crisp
-from crisp import results
 from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import FusedEmbedding, follow_weight_decay, fuse, run_state_dict
 from crisp.lockstep.packing import attention_mask, pack, pack_rows
-from crisp.sweep.lockstep import plan, recipe
-from tests.conftest import ROOT, run_crisp, smoke_overrides, tiny_model
+from crisp.runs import results
+from crisp.sweep.lockstep_launcher import plan, recipe
+from tests.conftest import GLUE_DIR, ROOT, run_crisp, smoke_overrides, tiny_model
 from tests.test_sweep import records, wait_for, workers_of
 
 NO_DROPOUT = ["+model.from_config.dropout=0", "+model.from_config.attention_dropout=0",
@@ -30,7 +30,7 @@ NO_DROPOUT = ["+model.from_config.dropout=0", "+model.from_config.attention_drop
 
 
 def test_packing_keeps_every_sentence_whole_and_apart():
-    from crisp.data import TokenizedSplit
+    from crisp.training.data import TokenizedSplit
 
     lengths = torch.tensor([5, 3, 7, 2, 6])
     ids = torch.stack([torch.arange(100 * i, 100 * i + 8) for i in range(5)])
@@ -60,7 +60,7 @@ def test_first_fit_packs_longest_first():
 
 
 def _sentences(count: int, low: int, high: int, seed: int = 0):
-    from crisp.data import TokenizedSplit
+    from crisp.training.data import TokenizedSplit
 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, 12, (count,), generator=g)
@@ -69,16 +69,19 @@ def _sentences(count: int, low: int, high: int, seed: int = 0):
 
 
 def _fused_logits(fused, split, runs: int, arch: str) -> torch.Tensor:
-    from crisp.attention import RunRows
+    from crisp.lockstep.fused import sentences_start_at
+    from crisp.sparsity.attention import RunRows, batch_of_runs
+    from crisp.sparsity.families import family_of
 
     batch = pack([(split, list(range(len(split))))] * runs, width=16)
-    extra = {"token_type_ids": torch.zeros_like(batch["segments"])} if arch == "bert" else {}
-    return fused(input_ids=batch["input_ids"], attention_mask=attention_mask(batch["segments"]),
-                 position_ids=batch["position_ids"], crisp_first=batch["first"],
-                 crisp_runs=RunRows(runs, query_valid=batch["segments"] >= 0), **extra).logits
+    extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    first = family_of(fused).first_position(fused)
+    with batch_of_runs(RunRows(runs, query_valid=batch["segments"] >= 0)), sentences_start_at(batch["first"]):
+        return fused(input_ids=batch["input_ids"], attention_mask=attention_mask(batch["segments"]),
+                     position_ids=batch["position_ids"] + first, **extra).logits
 
 
-@pytest.mark.parametrize("arch", ["distilbert", "bert"])
+@pytest.mark.parametrize("arch", ["distilbert", "bert", "mpnet"])
 def test_a_fused_model_computes_what_each_run_computes_alone(arch):
     """Forward of packed sentences through the fused model = each model on its own padded batch."""
     models = [tiny_model(arch, seed=seed) for seed in (0, 1, 2)]
@@ -88,7 +91,7 @@ def test_a_fused_model_computes_what_each_run_computes_alone(arch):
     split = _sentences(5, 5, 60)
     expected = [m(input_ids=split.input_ids, attention_mask=(split.input_ids != 0).long()).logits for m in models]
     fused = fuse(models, RunRandom([0, 1, 2], "cpu")).eval()
-    for module in crisp.attention.attention_modules(fused):
+    for module in crisp.sparsity.families.attention_modules(fused):
         module.crisp_sparsity = sparsities
     torch.testing.assert_close(_fused_logits(fused, split, 3, arch), torch.cat(expected), rtol=1e-5, atol=1e-6)
 
@@ -148,14 +151,14 @@ def test_each_run_has_its_own_dropout_stream():
 
 
 def _job(tmp_path, *overrides):
-    from crisp.config import register_configs, register_resolvers
+    from crisp.runs.config import register_configs, register_resolvers
     from crisp.sweep.jobs import Job
 
     register_configs()
     register_resolvers()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", *overrides], return_hydra_config=True)
-    return Job(0, list(overrides), cfg, tmp_path, {"name": "-".join(overrides)})
+    return Job(0, list(overrides), cfg, tmp_path, {"name": "-".join(overrides)}, tmp_path)
 
 
 def test_jobs_that_differ_in_seed_sparsity_or_strategy_share_a_recipe(tmp_path):
@@ -191,40 +194,97 @@ def _step_losses(run_dir) -> list[float]:
         return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
 
 
-@pytest.mark.slow
-def test_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
-    """Dropout off, fp32: the same losses step by step and the same final weights as each run alone,
-    for two seeds and two sparsities in one group, uniform and adaptive."""
-    grid = ["experiment=smoke", "data.num_train=128", "data.num_val=64", "data.eval_batch_size=16",
-            "trainer.max_epochs=2",
-            "trainer.log_every_n_steps=1", "trainer.save_weights=true", *NO_DROPOUT,
-            "seed=1,2", "sparsity=0.5,0.8", "strategy=uniform,adaptive"]
-    alone = run_crisp("-m", *grid, f"hydra.sweep.dir={tmp_path / 'alone'}")
-    together = run_crisp("-m", *grid, "hydra/launcher=lockstep", f"hydra.sweep.dir={tmp_path / 'lockstep'}")
-    assert alone.returncode == 0 and together.returncode == 0, together.stderr[-3000:]
+def _equal_training(tmp_path, grid: list[str], runs: int, steps: int, env: dict | None = None) -> tuple[dict, dict]:
+    """The grid once run by run (Hydra's basic launcher) and once in lockstep: the same losses step by step,
+    validation numbers epoch by epoch and final weights; returns both sets of records."""
+    alone = run_crisp("-m", *grid, "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path / 'alone'}", env=env)
+    together = run_crisp("-m", *grid, "hydra/launcher=lockstep", f"hydra.sweep.dir={tmp_path / 'lockstep'}", env=env)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert together.returncode == 0, together.stderr[-3000:]
     solo, fused = records(tmp_path / "alone"), records(tmp_path / "lockstep")
-    assert len(fused) == 8 and len({r["environment"]["pid"] for r in fused.values()}) == 1
-    assert fused["adaptive_s0.8_seed2"]["layers"]["configured"] != [0.8, 0.8]  # adaptive really spread it
+    assert len(fused) == len(solo) == runs and len({r["environment"]["pid"] for r in fused.values()}) == 1
     for name, record in solo.items():
         assert fused[name]["run_key"] == record["run_key"]
         assert fused[name]["layers"]["configured"] == record["layers"]["configured"]
         assert fused[name]["layers"]["calibration_entropy"] == record["layers"]["calibration_entropy"]  # adaptive's
         losses = _step_losses(tmp_path / "alone" / name)
-        assert len(losses) == 8
+        assert len(losses) == steps
         torch.testing.assert_close(_step_losses(tmp_path / "lockstep" / name), losses, rtol=1e-5, atol=1e-6)
-        # validation over several batches: each run's own loss, accuracy and F1, epoch by epoch
+        # validation over several batches: each run's own loss and metrics, epoch by epoch (a correlation of
+        # nearly constant early predictions moves in its 6th digit with float rounding)
         for epoch, expected in zip(fused[name]["history"], record["history"], strict=True):
-            assert epoch == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+            assert epoch == pytest.approx(expected, rel=1e-4, abs=1e-5), name
         weights = load_file(tmp_path / "alone" / name / "model.safetensors")
         lockstep_weights = load_file(tmp_path / "lockstep" / name / "model.safetensors")
         assert weights.keys() == lockstep_weights.keys()
         for key, tensor in weights.items():
             torch.testing.assert_close(lockstep_weights[key], tensor, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+    return solo, fused
+
+
+EXACT = ["trainer.log_every_n_steps=1", "trainer.save_weights=true", "trainer=cpu", "logger=csv"]
+
+
+@pytest.mark.slow
+def test_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
+    """Dropout off, fp32: two seeds and two sparsities in one group, uniform and adaptive."""
+    grid = ["experiment=smoke", "data.num_train=128", "data.num_val=64", "data.eval_batch_size=16",
+            "trainer.max_epochs=2", *EXACT, *NO_DROPOUT, "seed=1,2", "sparsity=0.5,0.8", "strategy=uniform,adaptive"]
+    _, fused = _equal_training(tmp_path, grid, runs=8, steps=8)
+    assert fused["adaptive_s0.8_seed2"]["layers"]["configured"] != [0.8, 0.8]  # adaptive really spread it
+
+
+MPNET = ["~model.from_config", "+model.from_config={model_type:mpnet,hidden_size:32,num_hidden_layers:2,"
+         "num_attention_heads:4,intermediate_size:64,max_position_embeddings:130,hidden_dropout_prob:0,"
+         "attention_probs_dropout_prob:0}"]
+
+
+BERT = ["~model.from_config", "+model.from_config={model_type:bert,hidden_size:32,num_hidden_layers:2,"
+        "num_attention_heads:4,intermediate_size:64,hidden_dropout_prob:0,attention_probs_dropout_prob:0}"]
+
+
+@pytest.mark.slow
+def test_mpnet_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
+    """MPNet's adapter in a fused model: its relative position bias per run and per packed sentence."""
+    grid = ["experiment=smoke", "data.num_train=96", "data.num_val=48", "data.eval_batch_size=16",
+            "trainer.max_epochs=1", *EXACT, *MPNET, "seed=1,2", "sparsity=0.5,0.8"]
+    solo, _ = _equal_training(tmp_path, grid, runs=4, steps=3)
+    assert all(r["config"]["model"]["from_config"]["model_type"] == "mpnet" for r in solo.values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (GLUE_DIR / "RTE").is_dir() or not (GLUE_DIR / "STS-B").is_dir(), reason="no GLUE folders")
+@pytest.mark.parametrize(("task", "folder"), [("rte", "RTE"), ("stsb", "STS-B")])
+def test_a_pair_task_and_a_regression_train_in_lockstep_exactly_like_alone(tmp_path, task, folder):
+    """Pairs packed whole (BERT: with their token types) and STS-B's one output and MSE, fused."""
+    encoder = BERT if task == "rte" else NO_DROPOUT  # RTE with BERT's token types, STS-B with DistilBERT
+    grid = ["model=tiny", f"data={task}", f"data.dir={GLUE_DIR / folder}", "data.train_limit=96", "data.val_limit=48",
+            "data.eval_batch_size=16", "data.max_length=96", "trainer.max_epochs=1", "optim.lr=1e-3", *EXACT,
+            *encoder, "seed=1,2", "sparsity=0.5,0.8"]
+    solo, _ = _equal_training(tmp_path, grid, runs=4, steps=3)
+    metric = {"rte": "val_acc", "stsb": "val_pearson"}[task]
+    assert all(r["metric"] == metric and r["task"] == task for r in solo.values())
+
+
+def test_bert_pairs_in_a_fused_model_keep_their_token_types():
+    """Forward of packed pairs with their token types = each BERT on its own padded batch."""
+    from crisp.training.data import TokenizedSplit
+
+    models = [tiny_model("bert", seed=seed) for seed in (0, 1)]
+    split = _sentences(4, 5, 60, seed=3)
+    types = (torch.arange(12) >= split.lengths[:, None] // 2).long() * (torch.arange(12) < split.lengths[:, None])
+    pairs = TokenizedSplit(split.input_ids, split.lengths, split.labels, token_type_ids=types)
+    expected = [m(input_ids=split.input_ids, attention_mask=(split.input_ids != 0).long(), token_type_ids=types).logits
+                for m in models]
+    untyped = models[0](input_ids=split.input_ids, attention_mask=(split.input_ids != 0).long()).logits
+    assert not torch.allclose(untyped, expected[0])  # the token types matter
+    fused = fuse(models, RunRandom([0, 1], "cpu")).eval()
+    torch.testing.assert_close(_fused_logits(fused, pairs, 2, "bert"), torch.cat(expected), rtol=1e-5, atol=1e-6)
 
 
 POISON = """
 import torch
-from crisp.lockstep import model
+from crisp.lockstep import fused_classifier as model
 step = model.LockstepClassifier.training_step
 def poisoned(self, batch, batch_idx):
     if self.current_epoch == 0 and batch_idx == 2 and "dense_seed2" in [run.name for run in self.runs]:

@@ -6,8 +6,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from crisp.config import register_configs, register_resolvers
-from crisp.model import SparseClassifier
+from crisp.runs.config import register_configs, register_resolvers
+from crisp.training.classifier import SparseClassifier
+from crisp.training.tasks import TASKS
 from tests.conftest import ROOT, tiny_model
 
 register_configs()
@@ -21,20 +22,20 @@ def smoke_cfg(*overrides):
 
 def test_pretrained_encoders_train_with_dropout():
     encoder = tiny_model("bert").eval()  # from_pretrained hands models over in eval mode
-    module = SparseClassifier(encoder, smoke_cfg())
+    module = SparseClassifier(encoder, smoke_cfg(), TASKS["sst2"])
     assert all(m.training for m in module.encoder.modules())
 
 
 def test_a_nan_loss_fails_the_run():
-    module = SparseClassifier(tiny_model("distilbert"), smoke_cfg())
+    module = SparseClassifier(tiny_model("distilbert"), smoke_cfg(), TASKS["sst2"])
     module.train_loss.update(torch.tensor(float("nan")))
-    module.train_acc.update(torch.tensor([1]), torch.tensor([1]))
+    module.train_correct.update(torch.tensor([1.0]))
     with pytest.raises(FloatingPointError, match="training loss became nan"):
         module.on_train_epoch_end()
 
 
 def test_optimizer_decays_matrices_only_and_warms_up():
-    module = SparseClassifier(tiny_model("bert"), smoke_cfg("optim.lr=0.001"))
+    module = SparseClassifier(tiny_model("bert"), smoke_cfg("optim.lr=0.001"), TASKS["sst2"])
 
     class Trainer:  # what configure_optimizers reads from the trainer
         estimated_stepping_batches = 100

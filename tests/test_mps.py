@@ -15,8 +15,8 @@ import tempfile
 
 import pytest
 
-from crisp import results
-from crisp.sweep import mps
+from crisp.runs import results
+from crisp.sweep import nvidia_mps as mps
 from tests.conftest import run_crisp, smoke_overrides
 
 FAKE = """#!/bin/sh
@@ -112,7 +112,7 @@ def test_a_sweep_without_the_daemon_stops_before_any_run(tmp_path):
 
 
 def test_mps_with_a_launcher_that_runs_jobs_in_the_sweep_process_is_refused(fake_control, tmp_path):
-    proc = run_crisp("-m", *smoke_overrides(tmp_path / "sweep", "sweep.mps=true", sweep=True))
+    proc = run_crisp("-m", *smoke_overrides(tmp_path / "sweep", "sweep.mps=true", "hydra/launcher=basic", sweep=True))
     assert proc.returncode != 0
     assert "sweep.mps=true is not allowed with the launcher" in proc.stderr
     assert "hydra/launcher=lockstep or hydra/launcher=parallel" in proc.stderr

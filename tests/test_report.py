@@ -34,6 +34,9 @@ def write_run(
     run_key: str | None = None,
     finished_at: str = "2024-05-01T12:00:00+00:00",
     model: str = "distilbert-base-uncased",
+    config: dict | None = None,
+    task: str | None = None,
+    metric: str | None = None,
 ) -> Path:
     """A results.json at ``root/where``; a failed run (acc=None) has no final/best/history."""
     key = run_key or hashlib.sha256(f"{strategy}/{sparsity}/{seed}".encode()).hexdigest()[:16]
@@ -48,7 +51,7 @@ def write_run(
         "seed": seed,
         "model": model,
         "data": "sst2",
-        "config": {"sparsity": sparsity, "seed": seed},
+        "config": {"sparsity": sparsity, "seed": seed, **(config or {})},
         "overrides": [f"sparsity={sparsity}", f"seed={seed}"],
         "layers": {"configured": [sparsity] * 6, "achieved": [sparsity] * 6, "entropy": [0.5] * 6},
         "history": None if acc is None else [{"epoch": 0, "train_loss": 0.4, "val_loss": loss, "val_acc": acc}],
@@ -58,6 +61,13 @@ def write_run(
         "started_at": "2024-05-01T11:00:00+00:00",
         "finished_at": finished_at,
     }
+    if task:
+        record["task"] = record["data"] = task
+    if metric:  # the task's primary metric: the final and best epochs hold it
+        record["metric"] = metric
+        for section in ("final", "best"):
+            if record[section]:
+                record[section][metric] = record[section].pop("val_acc")
     path = root / where / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
@@ -103,20 +113,20 @@ def test_means_stds_and_best_epoch(sweep):
     summary = summarize(collect([sweep]))
     dense = row(summary, "dense", 0.0)
     assert dense["n"] == 3 and dense["failed"] == 0
-    assert dense["val_acc_final_mean"] == pytest.approx(91.0)  # 90, 91, 92
-    assert dense["val_acc_final_std"] == pytest.approx(1.0)
-    assert dense["val_acc_best_mean"] == pytest.approx(92.0)  # 91, 92, 93
-    assert dense["val_acc_best_std"] == pytest.approx(1.0)
+    assert dense["final_mean"] == pytest.approx(91.0)  # 90, 91, 92
+    assert dense["final_std"] == pytest.approx(1.0)
+    assert dense["best_mean"] == pytest.approx(92.0)  # 91, 92, 93
+    assert dense["best_std"] == pytest.approx(1.0)
     assert dense["val_loss_final_mean"] == pytest.approx(0.32)
     uniform = row(summary, "uniform", 0.8)
-    assert uniform["val_acc_final_mean"] == pytest.approx(92.0)  # 91, 93, 92
-    assert uniform["val_acc_best_mean"] == pytest.approx(92.666667)  # 92, 94, 92
-    assert uniform["val_acc_best_std"] == pytest.approx(math.sqrt((0.666667**2 * 2 + 1.333333**2) / 2), abs=1e-5)
+    assert uniform["final_mean"] == pytest.approx(92.0)  # 91, 93, 92
+    assert uniform["best_mean"] == pytest.approx(92.666667)  # 92, 94, 92
+    assert uniform["best_std"] == pytest.approx(math.sqrt((0.666667**2 * 2 + 1.333333**2) / 2), abs=1e-5)
     ramp = row(summary, "ramp", 0.6)
-    assert ramp["val_acc_final_mean"] == pytest.approx(92.333333)  # 90, 92, 95
-    assert ramp["val_acc_final_std"] == pytest.approx(math.sqrt((2.333333**2 + 0.333333**2 + 2.666667**2) / 2))
+    assert ramp["final_mean"] == pytest.approx(92.333333)  # 90, 92, 95
+    assert ramp["final_std"] == pytest.approx(math.sqrt((2.333333**2 + 0.333333**2 + 2.666667**2) / 2))
     single = row(summary, "uniform", 0.6)
-    assert single["n"] == 1 and math.isnan(single["val_acc_final_std"]) and math.isnan(single["val_acc_best_std"])
+    assert single["n"] == 1 and math.isnan(single["final_std"]) and math.isnan(single["best_std"])
 
 
 def test_paired_difference_and_confidence_interval(sweep):
@@ -147,9 +157,9 @@ def test_no_dense_row_means_no_pairs(tmp_path):
 
 def test_paper_column(sweep):
     summary = summarize(collect([sweep]))
-    assert row(summary, "dense", 0.0)["paper_val_acc"] == 90.62
-    assert row(summary, "uniform", 0.8)["paper_val_acc"] == 91.59
-    assert math.isnan(row(summary, "ramp", 0.6)["paper_val_acc"])
+    assert row(summary, "dense", 0.0)["paper"] == 90.62
+    assert row(summary, "uniform", 0.8)["paper"] == 91.59
+    assert math.isnan(row(summary, "ramp", 0.6)["paper"])
 
 
 def test_deduplicates_by_run_key(tmp_path):
@@ -165,14 +175,14 @@ def test_deduplicates_by_run_key(tmp_path):
     assert row(summarize(records), "uniform", 0.8)["failed"] == 0
 
 
-def test_one_run_per_seed_when_configs_differ(tmp_path):
-    # Two run_keys for one (strategy, sparsity, seed): the config changed between sweeps; the latest counts.
+def test_one_run_per_seed_when_configs_differ(tmp_path, capsys):
+    # Two run_keys for one (strategy, sparsity, seed) of one recipe: how they ran changed; the latest counts.
     write_run(tmp_path, "a", acc=0.80, run_key="a" * 16, finished_at="2024-05-02T10:00:00+00:00")
     write_run(tmp_path, "b", acc=0.70, run_key="b" * 16, finished_at="2024-05-01T10:00:00+00:00")
-    with pytest.warns(UserWarning, match="several completed runs"):
-        summary = summarize(collect([tmp_path]))
+    summary = summarize(collect([tmp_path]))
+    assert "several completed runs" in capsys.readouterr().err
     assert row(summary, "uniform", 0.8)["n"] == 1
-    assert row(summary, "uniform", 0.8)["val_acc_final_mean"] == pytest.approx(80.0)
+    assert row(summary, "uniform", 0.8)["final_mean"] == pytest.approx(80.0)
 
 
 def test_merges_several_dirs_and_writes_into_the_first(tmp_path):
@@ -182,12 +192,12 @@ def test_merges_several_dirs_and_writes_into_the_first(tmp_path):
     write_run(second, "1/1", seed=1, acc=0.93)
     summary = write_report([first, second])
     assert row(summary, "dense", 0.0)["n"] == 2
-    assert row(summary, "dense", 0.0)["val_acc_final_mean"] == pytest.approx(91.0)
+    assert row(summary, "dense", 0.0)["final_mean"] == pytest.approx(91.0)
     assert row(summary, "uniform", 0.8)["diff_vs_dense_mean"] == pytest.approx(3.0)
     assert all((first / name).exists() for name in OUTPUTS)
     assert not any((second / name).exists() for name in OUTPUTS)
     markdown = (first / "report.md").read_text()
-    assert "Read from:\n- `.`\n- `.../second`" in markdown  # where it is, not a machine's paths
+    assert "Read from:\n- `first` (this folder)\n- `.../second`" in markdown  # where it is, not a machine's paths
     assert str(tmp_path) not in markdown
 
 
@@ -227,12 +237,12 @@ def test_outputs_and_csv_numbers(sweep):
     assert list(csv.columns) == COLUMNS
     uniform = row(csv, "uniform", 0.8)
     assert (uniform["n"], uniform["failed"], uniform["n_pairs"]) == (3, 1, 3)
-    assert uniform["val_acc_final_mean"] == pytest.approx(92.0)
-    assert uniform["val_acc_final_std"] == pytest.approx(1.0)
+    assert uniform["final_mean"] == pytest.approx(92.0)
+    assert uniform["final_std"] == pytest.approx(1.0)
     assert uniform["diff_ci_high"] == pytest.approx(1.0 + T975_DF2 / math.sqrt(3))
-    assert uniform["paper_val_acc"] == 91.59
+    assert uniform["paper"] == 91.59
     single = row(csv, "uniform", 0.6)  # undefined values are empty cells
-    assert math.isnan(single["val_acc_final_std"]) and math.isnan(single["diff_ci_low"])
+    assert math.isnan(single["final_std"]) and math.isnan(single["diff_ci_low"])
     assert math.isnan(row(csv, "dense", 0.0)["n_pairs"])
 
 
@@ -247,7 +257,8 @@ def test_markdown_table_formatting(sweep):
         "| uniform | 0.8 | 3 | 92.00 ± 1.00 | 92.67 ± 1.15 | 0.3000 | +1.00 [-1.48, +3.48] | 3 | 91.59 | 1 |"
     )
     assert lines["| uniform | 0.6"] == "| uniform | 0.6 | 1 | 93.00 ± – | 93.00 ± – | 0.3000 | +3.00 [–] | 1 | – | 0 |"
-    assert "![Validation accuracy vs sparsity](report.png)" in markdown
+    assert "![Each table's metric vs sparsity](report.png)" in markdown
+    assert "## sst2 · distilbert-base-uncased\n\n| strategy | sparsity | n | accuracy (%) final |" in markdown
 
 
 def test_all_failed_sweep_still_reports(tmp_path):
@@ -257,20 +268,24 @@ def test_all_failed_sweep_still_reports(tmp_path):
     summary = write_report([tmp_path])
     uniform = row(summary, "uniform", 0.8)
     assert (uniform["n"], uniform["failed"]) == (0, 2)
-    assert math.isnan(uniform["val_acc_final_mean"])
+    assert math.isnan(uniform["final_mean"])
     markdown = (tmp_path / "report.md").read_text()
     assert "**0 completed**, **2 failed**" in markdown
     assert "ValueError: bad batch size 1" in markdown and "ValueError: bad batch size 2" in markdown
     assert (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "report.csv").stat().st_size > 0
 
 
-def test_cli_prints_the_table(sweep, tmp_path, capsys):
+def test_cli_prints_the_table_and_exits_1_for_an_unusable_results_file(sweep, tmp_path, capsys):
     out = tmp_path / "elsewhere"
-    assert main([str(sweep), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert printed.startswith("| strategy | sparsity |") and "| uniform | 0.8 | 3 |" in printed
+    assert main([str(sweep), "--out", str(out)]) == 1  # the fixture holds a broken results.json
+    captured = capsys.readouterr()
+    assert f"cannot use {sweep / 'broken_run' / 'results.json'}: results.json cannot be read" in captured.err
+    printed = captured.out
+    assert printed.startswith("## sst2 · distilbert-base-uncased\n\n| strategy | sparsity |")
+    assert "| uniform | 0.8 | 3 |" in printed
     assert all((out / name).exists() for name in OUTPUTS)
     assert not any((sweep / name).exists() for name in OUTPUTS)
+    (sweep / "broken_run" / "results.json").unlink()
     assert main([str(sweep), "--quiet"]) == 0
     assert capsys.readouterr().out == ""
 
@@ -324,7 +339,7 @@ def test_wandb_logs_the_table(sweep, monkeypatch):
     assert init == {"project": "crisp", "mode": "offline", "job_type": "report"}
     kind, table = logged["report"]
     assert kind == "table" and list(table.columns) == COLUMNS and len(table) == 4
-    assert table["val_acc_final_std"].tolist()[2] is None  # missing values are None for wandb
+    assert table["final_std"].tolist()[2] is None  # missing values are None for wandb
     assert finish == ("finish",)
 
 
@@ -334,3 +349,51 @@ def test_wandb_finishes_even_when_logging_fails(sweep, monkeypatch):
     with pytest.raises(RuntimeError):
         write_report([sweep], log_wandb={"project": "crisp"})
     assert fake.calls[-1] == ("finish",)
+
+
+def test_runs_that_differ_in_more_than_seed_strategy_and_sparsity_are_never_pooled(tmp_path):
+    """SST-2 and synthetic runs in one folder, and two learning rates: a table each, paired Δ within each."""
+    cells = [("sst2_local", 2e-5, 0.90, 0.91), ("synthetic", 2e-5, 0.50, 0.60), ("sst2_local", 5e-5, 0.80, 0.78)]
+    for data, lr, dense, sparse in cells:
+        for seed in (1, 2):
+            config = {"data": {"name": data}, "optim": {"lr": lr}}
+            key = f"{data}{lr}{seed}"
+            write_run(tmp_path, f"{data}/{lr}/dense_{seed}", strategy="dense", sparsity=0.0, seed=seed, acc=dense,
+                      config=config, run_key=hashlib.sha256(f"d{key}".encode()).hexdigest()[:16])
+            write_run(tmp_path, f"{data}/{lr}/u_{seed}", seed=seed, acc=sparse + seed / 100, config=config,
+                      run_key=hashlib.sha256(f"u{key}".encode()).hexdigest()[:16])
+    summary = summarize(collect([tmp_path]))
+    assert sorted(summary["setup"].unique()) == [
+        "data.name=sst2_local, optim.lr=2e-05", "data.name=sst2_local, optim.lr=5e-05",
+        "data.name=synthetic, optim.lr=2e-05"]
+    assert (summary["n"] == 2).all()
+    sparse = summary[summary["strategy"] == "uniform"].set_index("setup")["diff_vs_dense_mean"]
+    assert sparse["data.name=synthetic, optim.lr=2e-05"] == pytest.approx(11.5)  # 61, 62 vs 50, 50
+    assert sparse["data.name=sst2_local, optim.lr=5e-05"] == pytest.approx(-0.5)  # 79, 80 vs 80, 80
+    markdown = (write_report([tmp_path]), (tmp_path / "report.md").read_text())[1]
+    assert markdown.count("| dense | 0 | 2 |") == 3
+
+
+def test_each_task_reports_its_own_metric_and_a_cross_task_table_compares_them(tmp_path):
+    """CoLA in Matthews correlation, STS-B in Pearson's r; the cross-task table marks intervals that exclude 0."""
+    for task, metric, dense, sparse in (("cola", "val_mcc", 0.40, (0.45, 0.46, 0.47)),
+                                        ("stsb", "val_pearson", 0.85, (0.80, 0.86, 0.83))):
+        for seed in (1, 2, 3):
+            common = {"config": {"data": {"name": task, "hub_config": task}}, "task": task, "metric": metric}
+            write_run(tmp_path, f"{task}/d{seed}", strategy="dense", sparsity=0.0, seed=seed, acc=dense,
+                      run_key=f"{task}d{seed}".ljust(16, "x"), **common)
+            write_run(tmp_path, f"{task}/u{seed}", seed=seed, acc=sparse[seed - 1],
+                      run_key=f"{task}u{seed}".ljust(16, "x"), **common)
+    summary = write_report([tmp_path])
+    assert summary.set_index("task")["metric"].to_dict() == {"cola": "val_mcc", "stsb": "val_pearson"}
+    assert summary["paper"].isna().all()  # the paper's figures are SST-2's
+    cola = summary[(summary["task"] == "cola") & (summary["strategy"] == "uniform")].iloc[0]
+    assert cola["diff_vs_dense_mean"] == pytest.approx(6.0)  # 5, 6, 7 pp
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## cola · distilbert-base-uncased\n\n| strategy | sparsity | n | Matthews corr. (%) final |" in markdown
+    assert "Pearson r (%) final" in markdown
+    across = markdown.split("## Across tasks")[1]
+    assert "| configuration | cola (Matthews corr.) | stsb (Pearson r) |" in across
+    half = T975_DF2 * 1.0 / math.sqrt(3)
+    assert f"| uniform 0.8 | +6.00 [{6 - half:+.2f}, {6 + half:+.2f}] ✱ | -2.00 [" in across  # stsb: -5, +1, -2 pp
+    assert (tmp_path / "report-tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from crisp import results
+from crisp.runs import results
 from tests.conftest import ROOT, run_crisp, smoke_overrides
 from tests.slurm_cluster import ClusterUnavailable, SlurmCluster, missing_requirements
 

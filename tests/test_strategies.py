@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crisp
-from crisp.strategies import MAX_LAYER_SPARSITY, adaptive, measure_entropy, ramp, uniform
+from crisp.sparsity.strategies import MAX_LAYER_SPARSITY, adaptive, measure_entropy, ramp, uniform
 from tests.conftest import VOCAB, tiny_model
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from crisp import results
+from crisp.runs import results
 from tests.conftest import ROOT, run_crisp, smoke_overrides
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,9 @@ def test_verbatim_grid_and_its_report(tmp_path):
 
 
 def test_killed_sweep_resumes_without_touching_finished_runs(tmp_path):
-    argv = [sys.executable, "-m", "crisp.run", "-m", *smoke_overrides(tmp_path, sweep=True), "seed=1,2,3,4"]
+    # run by run (Hydra's basic launcher), so that some runs have finished when it is killed
+    grid = [*smoke_overrides(tmp_path, "hydra/launcher=basic", sweep=True), "seed=1,2,3,4"]
+    argv = [sys.executable, "-m", "crisp.run", "-m", *grid]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -43,7 +45,7 @@ def test_killed_sweep_resumes_without_touching_finished_runs(tmp_path):
     proc.wait()
     finished = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in results.find_all(tmp_path)}
     assert 2 <= len(finished) < 4
-    again = run_crisp("-m", *smoke_overrides(tmp_path, sweep=True), "seed=1,2,3,4")
+    again = run_crisp("-m", *grid)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("already completed") + again.stdout.count("already completed") == len(finished)
     for path, (content, mtime) in finished.items():
@@ -54,21 +56,42 @@ def test_killed_sweep_resumes_without_touching_finished_runs(tmp_path):
     assert not list(tmp_path.rglob(".crisp.lock"))
 
 
-def test_a_failing_run_does_not_stop_the_sweep(tmp_path):
-    proc = run_crisp("-m", *smoke_overrides(tmp_path, "strategy=adaptive", sweep=True), "sparsity=0.5,0.97")
+@pytest.mark.parametrize("launcher", ["auto", "basic", "lockstep"])
+def test_a_failing_run_does_not_stop_the_sweep(tmp_path, launcher):
+    good, bad = tmp_path / "good", tmp_path / "bad"  # bad: its labels are not SST-2's, found when it loads
+    for folder, label in ((good, 1), (bad, 7)):
+        folder.mkdir()
+        for file in ("train.tsv", "dev.tsv"):
+            rows = [f"{'good' if i % 2 else 'bad'} film {i}\t{label if i == 3 else i % 2}" for i in range(40)]
+            (folder / file).write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    grid = [*smoke_overrides(tmp_path / "sweep", "data=sst2_local", f"hydra/launcher={launcher}", sweep=True),
+            f"data.dir={good},{bad}"]
+    proc = run_crisp("-m", *grid)
     assert proc.returncode != 0
-    assert "1 run(s) failed: adaptive_s0.97_seed1" in proc.stderr
-    found = records(tmp_path)
-    assert found["adaptive_s0.5_seed1"]["status"] == "completed"
-    failed = found["adaptive_s0.97_seed1"]
-    assert failed["status"] == "failed" and "sparsity=0.97 is not allowed" in failed["error"]["message"]
-    report = (tmp_path / "report.md").read_text()
-    assert "adaptive_s0.97_seed1" in report and "sparsity=0.97 is not allowed" in report
+    folder = {kind: "data.dir=" + str(path).strip("/").replace("/", "_") + "/dense_seed1"
+              for kind, path in (("good", good), ("bad", bad))}
+    assert f"1 run(s) failed: {folder['bad']}" in proc.stderr
+    found = {r["output_dir"]: r for r in (results.read(p) for p in results.find_all(tmp_path / "sweep"))}
+    assert found[folder["good"]]["status"] == "completed"
+    failed = found[folder["bad"]]
+    assert failed["status"] == "failed" and "train.tsv:5: label='7' is not allowed" in failed["error"]["message"]
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert "dense_seed1" in report and "label='7' is not allowed" in report
+
+
+def test_a_bad_value_in_a_grid_stops_it_before_any_run_under_every_launcher(tmp_path):
+    for launcher in ("basic", "lockstep", "parallel", "auto"):
+        out = tmp_path / launcher
+        proc = run_crisp("-m", *smoke_overrides(out, f"hydra/launcher={launcher}", sweep=True), "sparsity=0,1.5")
+        assert proc.returncode == 2, (launcher, proc.stderr[-2000:])
+        assert "job 1 of the grid (" in proc.stderr and "sparsity=1.5 is not allowed" in proc.stderr
+        assert not out.exists()  # nothing written, nothing trained
 
 
 def test_runs_in_one_process_are_independent(tmp_path):
     env = {k: None for k in ("WANDB_API_KEY", "WANDB_MODE")}
-    proc = run_crisp("-m", *smoke_overrides(tmp_path / "sweep", "logger=wandb", sweep=True), "seed=1,2", env=env)
+    proc = run_crisp("-m", *smoke_overrides(tmp_path / "sweep", "logger=wandb", "hydra/launcher=basic", sweep=True),
+                     "seed=1,2", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wandb sync" in proc.stdout  # offline by itself, and says how to upload
     found = records(tmp_path / "sweep")
@@ -216,7 +239,7 @@ def test_a_big_sweep_composes_its_jobs_in_forked_processes_exactly_as_one_by_one
     from hydra.types import HydraContext
     from omegaconf import OmegaConf
 
-    from crisp.config import register_configs, register_resolvers
+    from crisp.runs.config import register_configs, register_resolvers
     from crisp.sweep import jobs as sweep_jobs
 
     register_configs()
@@ -241,3 +264,58 @@ def test_a_big_sweep_composes_its_jobs_in_forked_processes_exactly_as_one_by_one
     assert [OmegaConf.to_container(c) for c in forked] == [OmegaConf.to_container(c) for c in alone]
     assert [(c.seed, c.sparsity, c.strategy.name, c.hydra.job.num) for c in forked] == \
         [(int(o[0][5:]), float(o[1][9:]), o[2][9:], 5 + i) for i, o in enumerate(overrides)]
+
+
+# ---------------------------------------------------------------------------------------------- nothing lost, nothing mixed
+
+
+@pytest.mark.parametrize("launcher", ["basic", "parallel", "lockstep", "auto"])
+def test_a_grid_over_any_key_keeps_every_run_in_a_directory_of_its_own(tmp_path, launcher):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, "logger=none", f"hydra/launcher={launcher}", sweep=True),
+                     "optim.lr=1e-5,5e-5", "seed=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {r["output_dir"]: r for r in (results.read(p) for p in results.find_all(tmp_path))}
+    assert sorted(found) == ["optim.lr=1e-05/dense_seed1", "optim.lr=5e-05/dense_seed1"]
+    assert len({r["run_key"] for r in found.values()}) == 2 and all(r["status"] == "completed" for r in found.values())
+    assert {r["config"]["optim"]["lr"] for r in found.values()} == {1e-5, 5e-5}
+    report = (tmp_path / "report.md").read_text()
+    assert "## sst2 (synthetic) · tiny DistilBERT, random init · optim.lr=1e-05" in report
+    assert "· optim.lr=5e-05" in report  # a table each, never pooled
+
+
+def test_a_name_given_to_a_grid_labels_its_runs_and_overwrites_none(tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, "logger=none", sweep=True), "sparsity=0,0.8", "name=myexp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {r["output_dir"]: r for r in (results.read(p) for p in results.find_all(tmp_path))}
+    assert sorted(found) == ["dense_seed1", "uniform_s0.8_seed1"] and {r["name"] for r in found.values()} == {"myexp"}
+
+
+@pytest.mark.parametrize("override", ["name=../../escape", "hydra.sweep.subdir=../x", "hydra.sweep.subdir=/tmp/x"])
+def test_a_path_like_override_cannot_write_outside_the_sweep(tmp_path, override):
+    sweep = tmp_path / "a" / "sweep"
+    proc = run_crisp("-m", *smoke_overrides(sweep, "logger=none", sweep=True), override, "seed=1,2")
+    assert proc.returncode == 2 and "is not allowed" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "escape").exists()
+
+
+def test_two_lockstep_sweeps_into_one_directory_train_each_run_once(tmp_path):
+    grid = [sys.executable, "-m", "crisp.run", "-m", *smoke_overrides(tmp_path, "logger=none", "hydra/launcher=lockstep",
+                                                                       "trainer.max_epochs=2", sweep=True), "seed=1,2,3"]
+    first = subprocess.Popen(grid, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(grid, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = [p.communicate(timeout=600) for p in (first, second)]
+    assert first.returncode == second.returncode == 0, outputs
+    found = records(tmp_path)
+    assert sorted(found) == ["dense_seed1", "dense_seed2", "dense_seed3"]
+    assert all(r["status"] == "completed" for r in found.values())
+    trained = sum(out.count(" completed: val_acc") for out, _ in outputs)
+    assert trained == 3  # each run once, by one of the two; the other skipped it
+    assert not (tmp_path / ".crisp").exists() and not list(tmp_path.rglob(".crisp.lock"))
+
+
+def test_a_zero_group_size_is_refused_before_anything_is_written(tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, "hydra/launcher=lockstep", "hydra.launcher.max_runs_per_group=0",
+                                            sweep=True), "seed=1,2")
+    assert proc.returncode != 0
+    assert "hydra.launcher.max_runs_per_group=0 is not allowed" in proc.stderr, proc.stderr[-2000:]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -16,7 +16,7 @@ are swapped:
 - ``Dropout`` -> :class:`RunDropout`: each run's mask from its own stream (:mod:`crisp.lockstep.dropout`).
 
 Activations, reshapes and attention already work row by row; crisp's attention function gives each
-run its own sparsity (``crisp_sparsity`` is then a tuple, see :class:`crisp.attention.RunRows`).
+run its own sparsity (``crisp_sparsity`` is then a tuple, see :class:`crisp.sparsity.attention.RunRows`).
 A fused parameter's first dimension is the run: ``param[r]`` is run r's tensor, shaped as in its
 own model, so AdamW (elementwise) updates every run exactly as it would alone; each fused module's
 ``solo(leaf, run)`` gives run r's tensor as its own model holds it.
@@ -25,7 +25,9 @@ own model, so AdamW (elementwise) updates every run exactly as it would alone; e
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -230,12 +232,27 @@ class RunDropout(nn.Module):
         return self.random.dropout(x, self.p) if self.training and self.p > 0 else x
 
 
+# where each packed sentence starts, for the heads; by context, like the runs (crisp.sparsity.attention):
+# not every model's forward passes its keywords down to its base model (MPNet's does not)
+_FIRST: ContextVar[torch.Tensor | None] = ContextVar("crisp_first", default=None)
+
+
+@contextmanager
+def sentences_start_at(first: torch.Tensor) -> Iterator[None]:
+    """Inside, a fused model's head reads one state per sentence: at these flat token positions."""
+    token = _FIRST.set(first)
+    try:
+        yield
+    finally:
+        _FIRST.reset(token)
+
+
 class SentenceOutputs(nn.Module):
     """Wraps the base encoder for packed rows: the head gets each sentence's first token.
 
     Several sentences share a packed row, so ``hidden[:, 0]`` (what the classification heads take)
-    would be one per row. This hands the head one ``[sentences, 1, dim]`` state per sentence, picked
-    by ``crisp_first`` (flat token positions); a pooler (BERT's) runs on those instead.
+    would be one per row. Inside :func:`sentences_start_at` this hands the head one ``[sentences, 1,
+    dim]`` state per sentence; a pooler (BERT's) runs on those instead.
     """
 
     def __init__(self, base: nn.Module):
@@ -245,10 +262,11 @@ class SentenceOutputs(nn.Module):
         if self.pooler is not None:
             base.pooler = None
 
-    def forward(self, *args, crisp_first: torch.Tensor | None = None, **kwargs):
+    def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
-        if crisp_first is not None:
-            first = out.last_hidden_state.flatten(0, 1)[crisp_first].unsqueeze(1)
+        first = _FIRST.get()
+        if first is not None:
+            first = out.last_hidden_state.flatten(0, 1)[first].unsqueeze(1)
             out["last_hidden_state"] = first
             if self.pooler is not None:
                 out["pooler_output"] = self.pooler(first)

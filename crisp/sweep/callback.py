@@ -1,5 +1,8 @@
 """The start and end of a ``-m`` sweep, in one place and in a fixed order (a Hydra callback).
 
+A single run's values are checked here too, before Hydra writes its directory (a grid's jobs are
+checked by crisp's sweeper, :mod:`crisp.sweep.sweeper`).
+
 Start: say where the sweep lives and how to resume it; with ``sweep.mps=true``, check that the
 launcher runs jobs in worker processes and start a private MPS daemon. End, once the launcher has
 returned (so its workers have exited): write and print the report, then stop the MPS daemon, then
@@ -16,8 +19,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from crisp import results
-from crisp.sweep import mps
+from crisp.runs import results
+from crisp.runs.config import validate
+from crisp.runs.errors import ConfigError
+from crisp.sweep import nvidia_mps as mps
 
 log = logging.getLogger("crisp")
 
@@ -27,6 +32,15 @@ PROCESS_LAUNCHERS = ("crisp_launchers.", "hydra_plugins.hydra_submitit_launcher.
 
 
 class SweepCallback(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import sys
+
+        try:
+            validate(config)
+        except ConfigError as err:
+            print(f"crisp: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         log.info("sweep directory: %s (to resume, run the same command with hydra.sweep.dir=%s)", sweep_dir, sweep_dir)
@@ -57,13 +71,14 @@ class SweepCallback(Callback):
 def write_report(config: DictConfig, sweep_dir: Path) -> list[str]:
     """Write and print the sweep's report; returns the names of the runs that did not complete."""
     records = [results.read(p) or {} for p in results.find_all(sweep_dir)]
-    failed = sorted(r.get("name", "?") for r in records if r.get("status") != results.COMPLETED)
+    # each by its folder in the sweep: the run's name, after the keys that vary
+    failed = sorted(r.get("output_dir") or r.get("name", "?") for r in records if r.get("status") != results.COMPLETED)
     if config.report.after_sweep and records:
-        from crisp.report import format_table
-        from crisp.report import write_report as write
+        from crisp.runs.ablation import format_all
+        from crisp.runs.ablation import write_report as write
 
         summary = write([sweep_dir], log_wandb=_wandb_target(config))
-        print(format_table(summary), flush=True)
+        print(format_all(summary), flush=True)
         log.info("report: %s (table, plot: report.png, numbers: report.csv)", sweep_dir / "report.md")
     return failed
 
@@ -71,7 +86,7 @@ def write_report(config: DictConfig, sweep_dir: Path) -> list[str]:
 def _wandb_target(config: DictConfig) -> dict[str, Any] | None:
     if config.logger.name != "wandb":
         return None
-    from crisp.loggers import wandb_mode
+    from crisp.training.loggers import wandb_mode
 
     mode, _ = wandb_mode(config.logger.mode)
     return {"project": config.logger.project, "entity": config.logger.entity, "mode": mode,

@@ -24,9 +24,9 @@ from hydra.core.utils import JobReturn, JobStatus, run_job
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from crisp import results
-from crisp.config import resolved_config
-from crisp.sweep.lock import RunLock
+from crisp.runs import results
+from crisp.runs.claim import RunLock
+from crisp.runs.config import resolved_config, written_config
 
 log = logging.getLogger("crisp")
 
@@ -38,6 +38,7 @@ class Job:
     config: DictConfig  # the job's own sweep config, Hydra's section included
     output_dir: Path
     record: dict[str, Any]  # the fields every results.json of this run starts with
+    sweep_dir: Path
 
     @property
     def name(self) -> str:
@@ -93,10 +94,17 @@ def load_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Se
     for offset, (overrides, job_cfg) in enumerate(zip(job_overrides, configs, strict=True)):
         idx = initial_job_idx + offset
         HydraConfig.instance().set_config(job_cfg)  # ${hydra:...} resolvers read it
-        output_dir = Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
-        record = results.run_record(resolved_config(job_cfg), output_dir, list(overrides))
-        jobs.append(Job(idx, list(overrides), job_cfg, output_dir, record))
+        sweep_dir = Path(str(job_cfg.hydra.sweep.dir))
+        output_dir = sweep_dir / str(job_cfg.hydra.sweep.subdir)
+        record = results.run_record(resolved_config(job_cfg), output_dir, task_overrides(overrides), base=sweep_dir,
+                                    unresolved=written_config(job_cfg))
+        jobs.append(Job(idx, list(overrides), job_cfg, output_dir, record, sweep_dir))
     return jobs
+
+
+def task_overrides(overrides: Sequence[str]) -> list[str]:
+    """A job's overrides as its run records them: Hydra's own settings left out (as Hydra's overrides.task)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
 
 
 def execute(hydra_context: HydraContext, job: Job, task_function: TaskFunction) -> JobReturn:
@@ -117,5 +125,4 @@ def record_failure(job: Job, kind: str, message: str, details: str = "") -> dict
     RunLock.clear_stale(job.output_dir)
     if results.is_completed(job.output_dir, job.record["run_key"]):
         return results.read(job.output_dir)
-    log.error("%s failed: %s: %s", job.name, kind, message)
     return results.record_failure(job.output_dir, job.record, {"type": kind, "message": message, "traceback": details})

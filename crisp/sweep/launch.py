@@ -9,34 +9,39 @@ ends its workers, then exits non-zero with a line that says how to resume.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, setup_globals
 
-from crisp import results
-from crisp.sweep.jobs import Job, job_return, load_jobs, record_failure
+from crisp.runs import results
+from crisp.sweep.jobs import Job, job_return, record_failure
 from crisp.sweep.pool import Outcome, SweepInterrupted, Task, WorkerPool, fork_workers, visible_gpus
 
 log = logging.getLogger("crisp")
-TASK_DIR = ".crisp"  # per-sweep folder for the launcher's spec, result and heartbeat files
+TASK_DIR = ".crisp"  # per-sweep folder for the launchers' spec, result and heartbeat files
+# this sweep's attempt: its task files and group logs are its own, beside those of another sweep into
+# the same directory (at the same time, or killed before and now resumed)
+ATTEMPT = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
-def prepare(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[Path, list[Job]]:
+def prepare(launcher) -> Path:
+    """The sweep's directory, once Hydra's globals and logging are set up as for its own launchers."""
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    return sweep_dir, load_jobs(launcher.hydra_context, launcher.config, job_overrides, initial_job_idx)
+    return sweep_dir
 
 
 def task(launcher, label: str, kind: str, jobs: list[Job], log_path: Path, **spec: Any) -> Task:
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     payload = {"kind": kind, "jobs": jobs, "hydra_context": launcher.hydra_context,
                "task_function": launcher.task_function, "singleton_state": Singleton.get_state(), **spec}
-    return Task(label=label, spec=payload, files=sweep_dir / TASK_DIR / label, log_path=log_path)
+    return Task(label=label, spec=payload, files=sweep_dir / TASK_DIR / ATTEMPT / label, log_path=log_path)
 
 
 def run_tasks(sweep_dir: Path, tasks: list[Task], jobs: list[Job], max_running: int,
@@ -67,12 +72,14 @@ def run_tasks(sweep_dir: Path, tasks: list[Task], jobs: list[Job], max_running: 
 
 
 def _log_outcome(job: Job, value: dict[str, Any], seconds: float) -> None:
+    name = job.record["output_dir"]  # the run's folder in the sweep: its name, and the keys that vary
     status = value.get("status")
     if status == results.COMPLETED:
-        acc = (value.get("final") or {}).get("val_acc")
-        log.info("%s completed: val_acc %s (%.0f s)", job.name, "?" if acc is None else f"{acc:.4f}", seconds)
+        metric = value.get("metric", "val_acc")
+        score = (value.get("final") or {}).get(metric)
+        log.info("%s completed: %s %s (%.0f s)", name, metric, "?" if score is None else f"{score:.4f}", seconds)
     elif status == results.FAILED:
         error = value.get("error") or {}
-        log.info("%s failed: %s: %s", job.name, error.get("type"), error.get("message"))
+        log.info("%s failed: %s: %s", name, error.get("type"), error.get("message"))
     else:
-        log.info("%s %s", job.name, status)
+        log.info("%s %s", name, status)

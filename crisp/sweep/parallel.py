@@ -6,15 +6,14 @@ goes to ``worker.log`` in its run's directory; this process prints one line per 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from hydra.core.utils import JobReturn
 
 from crisp.sweep import launch
+from crisp.sweep.jobs import Job
 
 
-def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    sweep_dir, jobs = launch.prepare(launcher, job_overrides, initial_job_idx)
+def launch_jobs(launcher, jobs: list[Job]) -> list[JobReturn]:
+    sweep_dir = launch.prepare(launcher)
     tasks = [launch.task(launcher, f"job{job.idx}-{job.name}", "jobs", [job], job.output_dir / "worker.log")
              for job in jobs]
     return launch.run_tasks(sweep_dir, tasks, jobs, launcher.n_jobs, launcher.stall_timeout_s, launcher.worker_start)

@@ -9,7 +9,7 @@ are counted through NVML); where it has, or off Linux, or with ``hydra.launcher.
 the worker is a fresh interpreter. The pool
 
 - runs at most ``max_running`` tasks at once and gives each the visible GPU with the fewest tasks;
-- ends a task whose heartbeat file (:mod:`crisp.sweep.heartbeat`) has not been touched for
+- ends a task whose heartbeat file (:mod:`crisp.runs.heartbeat`) has not been touched for
   ``stall_timeout_s`` (a hung CUDA call, a deadlock, a stopped process) and says which it was;
 - kills a task's whole process group when the task ends, and every running task when the sweep
   is interrupted (Ctrl-C, SIGTERM); workers also die with the sweep's process if it is killed
@@ -39,7 +39,8 @@ from typing import Any
 
 import cloudpickle
 
-from crisp.sweep import heartbeat, worker
+from crisp.runs import heartbeat
+from crisp.sweep import worker
 
 log = logging.getLogger("crisp")
 PARENT_ENV = "CRISP_SWEEP_PID"
@@ -124,8 +125,9 @@ class WorkerPool:
         holds its runs, not the pickles that carried them."""
         on_done(task, outcome)
         shutil.rmtree(task.files, ignore_errors=True)
-        with suppress(OSError):
-            task.files.parent.rmdir()  # only if empty: another sweep may share the folder
+        for folder in (task.files.parent, task.files.parent.parent):
+            with suppress(OSError):
+                folder.rmdir()  # only if empty: another sweep may share the folder
 
     def _start(self, task: Task, running: list[Task]) -> None:
         task.files.mkdir(parents=True, exist_ok=True)

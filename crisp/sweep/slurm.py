@@ -27,7 +27,6 @@ import logging
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from crisp import results
+from crisp.runs import results
 from crisp.sweep import launch
 from crisp.sweep.jobs import Job, job_return, record_failure
 from crisp.sweep.pool import SweepInterrupted, signals_raise
@@ -84,8 +83,8 @@ class Tracked:
         return ", ".join(job.name for job in self.task.jobs)
 
 
-def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    sweep_dir, jobs = prepare(launcher, job_overrides, initial_job_idx)
+def launch_jobs(launcher, jobs: list[Job]) -> list[JobReturn]:
+    sweep_dir = prepare(launcher)
     returns: dict[int, JobReturn] = {}
     todo = []
     for job in jobs:
@@ -98,14 +97,14 @@ def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_id
     return [returns[job.idx] for job in jobs]
 
 
-def prepare(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[Path, list[Job]]:
-    """The sweep's directory and jobs, once SLURM's commands are known to be here."""
+def prepare(launcher) -> Path:
+    """The sweep's directory, once SLURM's commands are known to be here."""
     missing = [cmd for cmd in ("sbatch", "squeue", "srun") if shutil.which(cmd) is None]
     if missing:
         name = launcher.config.hydra.runtime.choices.get("hydra/launcher", "slurm")
         raise SystemExit(f"crisp: hydra/launcher={name} submits to SLURM, but {', '.join(missing)} is not on PATH "
                          "here: run the sweep on the cluster's login node, or use hydra/launcher=parallel")
-    return launch.prepare(launcher, job_overrides, initial_job_idx)
+    return launch.prepare(launcher)
 
 
 def run_array(launcher, sweep_dir: Path, tasks: list[ArrayTask]) -> dict[int, JobReturn]:
@@ -250,8 +249,9 @@ def _outcome(t: Tracked, state: str, node: str, exit_code: str, params: dict[str
 def _log_returned(job: Job, task_id: str, value: dict[str, Any], seconds: float) -> None:
     status = value.get("status")
     if status == results.COMPLETED:
-        acc = (value.get("final") or {}).get("val_acc")
-        log.info("%s completed: val_acc %s (task %s, %.0f s)", job.name, "?" if acc is None else f"{acc:.4f}",
+        metric = value.get("metric", "val_acc")
+        score = (value.get("final") or {}).get(metric)
+        log.info("%s completed: %s %s (task %s, %.0f s)", job.name, metric, "?" if score is None else f"{score:.4f}",
                  task_id, seconds)
     elif status == results.FAILED:
         error = value.get("error") or {}

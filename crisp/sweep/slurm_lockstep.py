@@ -1,9 +1,9 @@
 """``hydra/launcher=slurm_lockstep``: a sweep's lockstep groups as one SLURM job array, one group per task.
 
 The runs are grouped exactly as ``hydra/launcher=lockstep`` groups them on one machine
-(:func:`crisp.sweep.lockstep.group_jobs`: by recipe, at most ``max_runs_per_group`` runs, a run shared
+(:func:`crisp.sweep.lockstep_launcher.group_jobs`: by recipe, at most ``max_runs_per_group`` runs, a run shared
 by several jobs once, completed runs not at all), and each group is an array task that trains it as
-one fused model (:func:`crisp.lockstep.group.run_group`) on the task's node. Submitting, following,
+one fused model (:func:`crisp.sweep.group_task.run_group`) on the task's node. Submitting, following,
 and what is recorded when a task ends without its results are :mod:`crisp.sweep.slurm`'s; a group
 is split only by ``max_runs_per_group``, not to fill GPUs: each task gets devices of its own.
 
@@ -15,14 +15,13 @@ time limit the runs it had not finished are recorded failed (``SlurmTimeLimit``)
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.utils import JobReturn, configure_log
 
-from crisp.lockstep.group import run_group
-from crisp.sweep import lockstep, slurm
+from crisp.sweep import lockstep_launcher, slurm
+from crisp.sweep.group_task import run_group
 from crisp.sweep.jobs import Job, job_return, record_failure
 from crisp.sweep.pool import visible_gpus
 from crisp.sweep.slurm_task import ArrayTask, SlurmTimeLimit
@@ -47,12 +46,12 @@ class LockstepTask(ArrayTask):
         return [job_return(job, record_failure(job, SlurmTimeLimit.__name__, self._out_of_time)) for job in jobs]
 
 
-def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    sweep_dir, jobs = slurm.prepare(launcher, job_overrides, initial_job_idx)
+def launch_jobs(launcher, jobs: list[Job]) -> list[JobReturn]:
+    sweep_dir = slurm.prepare(launcher)
     auto = launcher.max_runs_per_group == "auto"
-    returns, groups = lockstep.group_jobs(jobs, launcher.max_runs_per_group, devices=1,
+    returns, groups = lockstep_launcher.group_jobs(jobs, launcher.max_runs_per_group, devices=1,
                                           memory=task_memory(launcher.params) if auto else None)
-    options = lockstep.options(launcher)
+    options = lockstep_launcher.options(launcher)
     returns.update(slurm.run_array(launcher, sweep_dir, [LockstepTask.of(launcher, group, options=options)
                                                          for group in groups]))
     return [returns[job.idx] for job in jobs]

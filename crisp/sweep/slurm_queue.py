@@ -13,8 +13,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from crisp.runs.claim import RunLock
 from crisp.sweep.jobs import Job
-from crisp.sweep.lock import RunLock
 
 log = logging.getLogger("crisp")
 

@@ -30,7 +30,7 @@ def _die_with_parent() -> None:
 
 
 # what each kind of task imports: a forked worker finds it imported by the sweep's process already
-PRELOAD = {"jobs": "crisp.train", "lockstep": "crisp.lockstep.group"}
+PRELOAD = {"jobs": "crisp.training.train", "lockstep": "crisp.sweep.group_task"}
 
 
 def preload(kind: str) -> None:
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     from hydra.core.singleton import Singleton
     from hydra.core.utils import setup_globals
 
-    from crisp.sweep import heartbeat
+    from crisp.runs import heartbeat
     from crisp.sweep.jobs import execute
 
     spec = cloudpickle.loads(Path(spec_path).read_bytes())
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     if spec["kind"] == "jobs":
         returns = [execute(spec["hydra_context"], job, spec["task_function"]) for job in spec["jobs"]]
     elif spec["kind"] == "lockstep":
-        from crisp.lockstep.group import run_group
+        from crisp.sweep.group_task import run_group
 
         returns = run_group(spec["hydra_context"], spec["jobs"], spec["options"])
     else:

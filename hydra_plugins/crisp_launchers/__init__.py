@@ -15,22 +15,53 @@ from omegaconf import DictConfig
 
 
 class ComposeOnceSweeper(BasicSweeper):
-    """``hydra/sweeper=crisp`` (crisp's default): Hydra's basic sweeper, except that it does not compose
-    every job of a batch just to check it when the launcher composes them all itself, in the sweep's
-    process, before it starts any (``composes_jobs_first``: all of crisp's launchers). A bad job then
-    fails there, as early; a grid's jobs are composed once instead of twice (80 jobs: 10 s on the
-    H100 host). Any other launcher is checked as Hydra checks it."""
+    """``hydra/sweeper=crisp`` (crisp's default): Hydra's basic sweeper's grid, each job composed once,
+    its run directory named from what varies, and every job checked before anything is written or
+    trained (:mod:`crisp.sweep.sweeper`). crisp's launchers take the composed jobs (``launch_jobs``);
+    any other launcher gets the overrides."""
 
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        if not getattr(self.launcher, "composes_jobs_first", False):
-            super().validate_batch_is_legal(batch)
+    def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        import sys
+        from pathlib import Path
+
+        from omegaconf import OmegaConf
+
+        from crisp.runs.errors import ConfigError
+        from crisp.sweep import sweeper
+
+        batches = sweeper.expand(self, arguments)
+        try:
+            jobs = sweeper.compose_and_check(self, [job for batch in batches for job in batch], 0)
+        except ConfigError as err:
+            print(f"crisp: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns, start = [], 0
+        for batch in batches:
+            if hasattr(self.launcher, "launch_jobs"):
+                done = self.launcher.launch_jobs(jobs[start : start + len(batch)])
+            else:
+                done = self.launcher.launch(batch, initial_job_idx=start)
+            for ret in done:
+                _ = ret.return_value  # as Hydra's sweeper: a job that raised raises here
+            start += len(batch)
+            returns.append(done)
+        return returns
 
 
 class _ProcessLauncher(Launcher):
-    composes_jobs_first = True  # crisp.sweep.launch.prepare, before any worker starts
+    """A launcher of crisp's: crisp's sweeper hands it the grid's composed jobs (:meth:`launch_jobs`);
+    under another sweeper, :meth:`launch` composes and checks a batch the same way first."""
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from crisp.sweep import sweeper
+
+        return self.launch_jobs(sweeper.compose_and_check(self, sweeper.with_run_dirs(job_overrides), initial_job_idx))
 
 
 class ParallelLauncher(_ProcessLauncher):
@@ -42,10 +73,10 @@ class ParallelLauncher(_ProcessLauncher):
         self.n_jobs, self.stall_timeout_s = n_jobs, stall_timeout_s
         self.worker_start = check_worker_start(worker_start)  # before Hydra writes anything
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    def launch_jobs(self, jobs) -> Sequence[JobReturn]:
         from crisp.sweep.parallel import launch_jobs
 
-        return launch_jobs(self, job_overrides, initial_job_idx)
+        return launch_jobs(self, jobs)
 
 
 class LockstepLauncher(_ProcessLauncher):
@@ -53,14 +84,27 @@ class LockstepLauncher(_ProcessLauncher):
 
     def __init__(self, max_runs_per_group: int | str | None = "auto", row_width: int = 64,
                  pack_workers: int | str = "auto", stall_timeout_s: float = 600, worker_start: str = "auto") -> None:
-        self.max_runs_per_group, self.row_width, self.stall_timeout_s = max_runs_per_group, row_width, stall_timeout_s
-        from crisp.sweep.lockstep import check_pack_workers
+        from crisp.sweep.lockstep_launcher import check_max_runs, check_pack_workers
         from crisp.sweep.pool import check_worker_start
 
-        self.pack_workers = check_pack_workers(pack_workers)  # before Hydra writes anything
+        # checked before Hydra writes anything
+        self.max_runs_per_group, self.row_width, self.stall_timeout_s = check_max_runs(max_runs_per_group), row_width, \
+            stall_timeout_s
+        self.pack_workers = check_pack_workers(pack_workers)
         self.worker_start = check_worker_start(worker_start)
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from crisp.sweep.lockstep import launch_jobs
+    def launch_jobs(self, jobs) -> Sequence[JobReturn]:
+        from crisp.sweep.lockstep_launcher import launch_jobs
 
-        return launch_jobs(self, job_overrides, initial_job_idx)
+        return launch_jobs(self, jobs)
+
+
+class AutoLauncher(LockstepLauncher):
+    """``hydra/launcher=auto`` (crisp's default): the fast path by itself. Jobs that share a recipe train
+    in lockstep, one fused model per group; a run alone, or one that lockstep cannot train (DDP,
+    torch.compile, an encoder of no lockstep family), in a worker process of its own."""
+
+    def launch_jobs(self, jobs) -> Sequence[JobReturn]:
+        from crisp.sweep.lockstep_launcher import launch_jobs
+
+        return launch_jobs(self, jobs, alone="process")

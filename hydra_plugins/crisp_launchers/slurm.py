@@ -48,8 +48,6 @@ ConfigStore.instance().store(
 class SlurmArrayLauncher(submitit_launcher.SlurmLauncher):
     """One SLURM job array per sweep; a task that ends without its results is recorded failed, not raised."""
 
-    composes_jobs_first = True  # crisp.sweep.launch.prepare, before anything is submitted
-
     def __init__(self, poll_s: float = 10.0, **params: Any) -> None:
         if not poll_s > 0:
             raise ValueError(f"hydra.launcher.poll_s={poll_s} is not allowed: it must be a number of seconds > 0")
@@ -57,9 +55,14 @@ class SlurmArrayLauncher(submitit_launcher.SlurmLauncher):
         self.poll_s = float(poll_s)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from crisp.sweep import sweeper
+
+        return self.launch_jobs(sweeper.compose_and_check(self, sweeper.with_run_dirs(job_overrides), initial_job_idx))
+
+    def launch_jobs(self, jobs) -> Sequence[JobReturn]:
         from crisp.sweep.slurm import launch_jobs
 
-        return launch_jobs(self, job_overrides, initial_job_idx)
+        return launch_jobs(self, jobs)
 
 
 class SlurmLockstepLauncher(SlurmArrayLauncher):
@@ -67,13 +70,13 @@ class SlurmLockstepLauncher(SlurmArrayLauncher):
 
     def __init__(self, max_runs_per_group: Any = "auto", row_width: int = 64, pack_workers: Any = "auto",
                  **params: Any) -> None:
-        from crisp.sweep.lockstep import check_pack_workers
+        from crisp.sweep.lockstep_launcher import check_max_runs, check_pack_workers
 
         self.pack_workers = check_pack_workers(pack_workers)  # before anything is submitted
         super().__init__(**params)
-        self.max_runs_per_group, self.row_width = max_runs_per_group, row_width
+        self.max_runs_per_group, self.row_width = check_max_runs(max_runs_per_group), row_width
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    def launch_jobs(self, jobs) -> Sequence[JobReturn]:
         from crisp.sweep.slurm_lockstep import launch_jobs
 
-        return launch_jobs(self, job_overrides, initial_job_idx)
+        return launch_jobs(self, jobs)

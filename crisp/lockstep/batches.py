@@ -1,4 +1,4 @@
-"""A lockstep group's data: each run's own batch order, every step packed into one batch.
+"""A lockstep group's batches: each run's own batch order, every step packed into one batch.
 
 Each run keeps exactly the sampler it would have alone (a ``RandomSampler`` over its training set
 with a generator seeded by its seed, advanced once per epoch), so run r sees the same batches in the
@@ -14,8 +14,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from crisp.data import TokenizedSplit, loader_worker_init
 from crisp.lockstep.packing import pack
+from crisp.training.data import TokenizedSplit, loader_worker_init
 
 
 class GroupSplits(Dataset):
@@ -52,20 +52,23 @@ def _identity(batch):
 
 
 class GroupDataModule(pl.LightningDataModule):
-    def __init__(self, train: Sequence[TokenizedSplit], val: Sequence[TokenizedSplit], seeds: Sequence[int],
+    """The group's training batches (each run's own order) and each validation split of the task, packed."""
+
+    def __init__(self, train: Sequence[TokenizedSplit], vals: Sequence[Sequence[TokenizedSplit]], seeds: Sequence[int],
                  batch_size: int, eval_batch_size: int, width: int, pin_memory: bool = False,
                  workers: int = 0):
         super().__init__()
-        sizes = {len(s) for s in train}, {len(s) for s in val}
-        if len(sizes[0]) > 1 or len(sizes[1]) > 1:
-            raise ValueError(f"runs trained in lockstep need equal-sized splits: train sizes {sorted(sizes[0])}, "
-                             f"validation sizes {sorted(sizes[1])}")
-        self.train, self.val = GroupSplits(train, width), GroupSplits(val, width)
+        for kind, splits in (("train", train), *(("validation", runs) for runs in vals)):
+            if len({len(s) for s in splits}) > 1:
+                raise ValueError(f"runs trained in lockstep need equal-sized splits: {kind} sizes "
+                                 f"{sorted({len(s) for s in splits})}")
+        self.train, self.vals = GroupSplits(train, width), [GroupSplits(runs, width) for runs in vals]
         self.active = list(range(len(seeds)))
-        # each run's own sampler, as its DataLoader would make it alone (crisp.data.SST2DataModule)
+        # each run's own sampler, as its DataLoader would make it alone (crisp.training.data.TaskDataModule)
         self.train_samplers = [BatchSampler(RandomSampler(s, generator=torch.Generator().manual_seed(seed)),
                                             batch_size, drop_last=False) for s, seed in zip(train, seeds, strict=True)]
-        self.val_samplers = [BatchSampler(SequentialSampler(s), eval_batch_size, drop_last=False) for s in val]
+        self.val_samplers = [[BatchSampler(SequentialSampler(s), eval_batch_size, drop_last=False) for s in runs]
+                             for runs in vals]
         self.pin_memory, self.workers = pin_memory, workers
 
     def keep_runs(self, keep: list[int]) -> None:
@@ -83,5 +86,5 @@ class GroupDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, self.train_samplers)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, self.val_samplers)
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(val, samplers) for val, samplers in zip(self.vals, self.val_samplers, strict=True)]

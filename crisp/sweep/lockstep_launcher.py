@@ -25,7 +25,7 @@ from typing import Any
 from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf
 
-from crisp import results
+from crisp.runs import results
 from crisp.sweep import launch
 from crisp.sweep.jobs import Job, job_return
 from crisp.sweep.pool import visible_gpus
@@ -62,6 +62,15 @@ def _split(group: list[Job], parts: int) -> list[list[Job]]:
     return [group[i : i + size] for i in range(0, len(group), size)]
 
 
+def check_max_runs(value: int | str | None) -> int | str | None:
+    """``hydra.launcher.max_runs_per_group``: auto, null (one group per recipe) or a count >= 1, checked before
+    anything runs."""
+    if value in ("auto", None) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise SystemExit(f"crisp: hydra.launcher.max_runs_per_group={value!r} is not allowed: use auto, null (one group "
+                     "per recipe) or a number of runs >= 1")
+
+
 def capacity(job: Job, max_runs: int | str | None, memory: int | None = None) -> int | None:
     """How many runs of ``job``'s recipe one device holds: ``max_runs``, or estimated for ``auto`` from
     ``memory`` bytes (by default this machine's smallest GPU, or its memory without one)."""
@@ -75,20 +84,28 @@ def capacity(job: Job, max_runs: int | str | None, memory: int | None = None) ->
     return max(1, int(0.8 * (memory or _device_memory()) // per_run))
 
 
+def _model_config(job: Job):
+    from transformers import AutoConfig
+
+    from crisp.training.hub import resolve_model
+
+    model = OmegaConf.to_container(job.config.model, resolve=True)
+    if model.get("from_config"):
+        return AutoConfig.for_model(**model["from_config"], vocab_size=model.get("tokenizer_vocab_size", 30522))
+    name, local = resolve_model(model["name_or_path"])
+    return AutoConfig.from_pretrained(name, local_files_only=local)
+
+
+def _model_type(job: Job) -> str:
+    return _model_config(job).model_type
+
+
 def _parameters(job: Job) -> int:
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    from crisp.hub import resolve_model
-
-    model = job.record["config"]["model"]
-    if model.get("from_config"):
-        config = AutoConfig.for_model(**model["from_config"], vocab_size=model.get("tokenizer_vocab_size", 30522))
-    else:
-        name, local = resolve_model(model["name_or_path"])
-        config = AutoConfig.from_pretrained(name, local_files_only=local)
     with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForSequenceClassification.from_config(config).parameters())
+        return sum(p.numel() for p in AutoModelForSequenceClassification.from_config(_model_config(job)).parameters())
 
 
 def check_pack_workers(value: int | str) -> int | str:
@@ -108,18 +125,39 @@ def _device_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def launch_jobs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    sweep_dir, jobs = launch.prepare(launcher, job_overrides, initial_job_idx)
+def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobReturn]:
+    """Train the jobs' groups one per GPU at a time; with ``alone="process"`` (``hydra/launcher=auto``) a
+    group of one run, or of runs that lockstep cannot train, runs each in a worker process of its own."""
+    sweep_dir = launch.prepare(launcher)
     gpus = visible_gpus()
     returns, groups = group_jobs(jobs, launcher.max_runs_per_group, len(gpus))
-    tasks = [launch.task(launcher, f"group{k}", "lockstep", group, sweep_dir / f"lockstep-group{k}.log",
-                         options=options(launcher)) for k, group in enumerate(groups)]
+    tasks = []
+    for k, group in enumerate(groups):
+        if alone == "process" and (len(group) == 1 or not can_fuse(group[0])):
+            tasks += [launch.task(launcher, f"job{job.idx}-{job.name}", "jobs", [job], job.output_dir / "worker.log")
+                      for job in group]
+        else:
+            log_path = sweep_dir / f"lockstep-group{k}-{launch.ATTEMPT}.log"
+            tasks.append(launch.task(launcher, f"group{k}", "lockstep", group, log_path, options=options(launcher)))
     if tasks:
-        pending = [job for group in groups for job in group]
+        pending = [job for task in tasks for job in task.spec["jobs"]]
         ran = launch.run_tasks(sweep_dir, tasks, pending, max(1, len(gpus)), launcher.stall_timeout_s,
                                launcher.worker_start)
         returns.update({job.idx: ret for job, ret in zip(pending, ran, strict=True)})
     return [returns[job.idx] for job in jobs]
+
+
+def can_fuse(job: Job) -> bool:
+    """Whether lockstep can train this job's recipe: one device, no torch.compile, an encoder family it fuses."""
+    trainer = job.config.trainer
+    if "ddp" in str(trainer.strategy) or trainer.compile or str(trainer.devices) not in ("1", "auto"):
+        return False
+    from crisp.sparsity.families import FAMILIES
+
+    try:
+        return _model_type(job) in {t for family in FAMILIES.values() for t in family.model_types}
+    except Exception:  # the worker meets the same problem and reports it
+        return True
 
 
 def group_jobs(jobs: Sequence[Job], max_runs: int | str | None, devices: int,
@@ -145,10 +183,10 @@ def group_jobs(jobs: Sequence[Job], max_runs: int | str | None, devices: int,
         owner.setdefault(job.output_dir, job.idx)
     groups = plan(pending, capacity(pending[0], max_runs, memory) if pending else None, devices)
     for k, group in enumerate(groups):
-        log.info("lockstep group %d: %d runs (%s)", k, len(group), ", ".join(job.name for job in group))
+        log.info("lockstep group %d: %d runs (%s)", k, len(group), ", ".join(job.record["output_dir"] for job in group))
     return returns, groups
 
 
 def options(launcher) -> dict[str, Any]:
-    """What :func:`crisp.lockstep.group.run_group` takes from the launcher's settings."""
+    """What :func:`crisp.lockstep.group.train_group` takes from the launcher's settings."""
     return {"row_width": launcher.row_width, "pack_workers": launcher.pack_workers}

@@ -1,7 +1,7 @@
 """Fused top-k softmax for GPU training steps, in Triton.
 
 Dense eager attention turns raw scores into probabilities in three kernels (scale, add the mask,
-softmax); the portable sparsifier (``crisp.attention._drop_mask``) adds a stable sort, a scatter
+softmax); the portable sparsifier (``crisp.sparsity.topk.drop_mask``) adds a stable sort, a scatter
 and a fill on top, in a step that is bound by launches and memory passes. This kernel does all of
 it in one launch for rows of up to :data:`MAX_KEYS` keys, and its backward is one launch too.
 
@@ -179,7 +179,7 @@ def topk_softmax(scores: torch.Tensor, valid: torch.Tensor | None, k_table: torc
 
     ``scores`` are raw ``(batch, heads, queries, keys)`` scores; ``valid`` broadcasts to them
     (True = key may be attended); ``k_table[n]`` is the number of keys kept in a row of ``n`` valid
-    keys (see :func:`crisp.attention.kept_keys`); a 2-D ``k_table[run, n]`` serves a batch whose rows are
+    keys (see :func:`crisp.sparsity.topk.kept_keys`); a 2-D ``k_table[run, n]`` serves a batch whose rows are
     ``runs`` equal blocks, one per run. Gradients flow only through kept scores.
     """
     if k_table.dim() == 2 and k_table.size(0) != runs:

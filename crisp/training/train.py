@@ -1,4 +1,9 @@
-"""One fine-tuning run, from a validated config to the numbers that go into results.json."""
+"""One fine-tuning run, from a validated config to the numbers that go into results.json.
+
+:func:`train` is what the run lifecycle (:mod:`crisp.runs.lifecycle`) calls for a single run; a lockstep
+group builds its runs the same way and shares :func:`trainer_settings`, :func:`environment`,
+:func:`epochs_summary` and :class:`Progress` with it.
+"""
 
 from __future__ import annotations
 
@@ -19,16 +24,18 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 import crisp
-from crisp import loggers
-from crisp.config import ConfigError, validate
-from crisp.data import SST2DataModule, load_splits
-from crisp.ddp import use_crisp_rank_command
-from crisp.encoder import build_encoder, build_tokenizer
-from crisp.hub import resolve_model
-from crisp.model import SparseClassifier
-from crisp.sweep import heartbeat
+from crisp.runs import heartbeat
+from crisp.runs.errors import ConfigError
+from crisp.sparsity.families import family_of
+from crisp.training import loggers
+from crisp.training.classifier import SparseClassifier
+from crisp.training.data import TaskDataModule, load_splits
+from crisp.training.ddp import use_crisp_rank_command
+from crisp.training.encoder import build_encoder, build_tokenizer
+from crisp.training.hub import resolve_model
+from crisp.training.tasks import Task, task_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Lightning's start-up banner and tips, and warnings that say nothing about a crisp run
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -62,7 +69,7 @@ def environment(accelerator: str) -> dict[str, Any]:
 
 
 class Progress(pl.Callback):
-    """Shows the sweep that this run is alive (:mod:`crisp.sweep.heartbeat`) and times training alone:
+    """Shows the sweep that this run is alive (:mod:`crisp.runs.heartbeat`) and times training alone:
     from the moment every DDP rank is up to the end of the last epoch."""
 
     def __init__(self):
@@ -110,23 +117,28 @@ def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    validate(cfg)  # before anything heavy
+    """Train one run of a validated config in this process; returns what results.json records of it.
+
+    The seed is applied twice, before the data (batch order, synthetic data) and before the model's
+    initialisation, so a run's numbers depend on its seed alone, not on what ran before it."""
     if cfg.model.name_or_path:
         resolve_model(cfg.model.name_or_path)  # an unreachable hub fails now, not after the data
     settings = trainer_settings(cfg)
     if settings["accelerator"] == "gpu":
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
+    task = task_of(cfg.data)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = load_splits(cfg.data)
     tokenizer = build_tokenizer(cfg.model, splits["train"].texts)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's random init depends on the seed only
-    encoder = build_encoder(cfg.model, tokenizer)
+    encoder = build_encoder(cfg.model, tokenizer, task)
     heartbeat.beat(force=True)
-    datamodule = SST2DataModule(
+    datamodule = TaskDataModule(
         cfg.data, tokenizer, splits, seed=cfg.seed, pad_to_multiple_of=settings["pad_to_multiple_of"],
         pin_memory=settings["accelerator"] == "gpu" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory),
+        token_types=family_of(encoder).token_types,
     )
-    module = SparseClassifier(encoder, cfg, cuda_graphs=settings["cuda_graphs"])
+    module = SparseClassifier(encoder, cfg, task, cuda_graphs=settings["cuda_graphs"])
     if cfg.trainer.compile:
         module.encoder = torch.compile(module.encoder, dynamic=True)
     logger = loggers.make_logger(cfg, config, output_dir)
@@ -141,7 +153,7 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
         max_epochs=cfg.trainer.max_epochs,
         logger=logger,
         callbacks=[TQDMProgressBar(refresh_rate=settings["refresh"]), progress],
-        # crisp starts DDP ranks itself (crisp/ddp.py): no cluster detection, which would import mpi4py
+        # crisp starts DDP ranks itself (crisp/training/ddp.py): no cluster detection, which would import mpi4py
         # where it is installed and leave an Open MPI daemon behind every run
         plugins=[LightningEnvironment()],
         log_every_n_steps=cfg.trainer.log_every_n_steps,
@@ -169,7 +181,7 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
         raise RuntimeError(f"training stopped after {len(module.history)} of {cfg.trainer.max_epochs} epochs")
     if cfg.trainer.save_weights:
         save_weights(output_dir, dict(module.encoder.named_parameters()))
-    return summarize(module, datamodule, settings, fit_seconds, progress.train_seconds, wandb_run)
+    return summarize(module, datamodule, settings, fit_seconds, progress.train_seconds, wandb_run, task)
 
 
 def save_weights(output_dir: Path, params: dict[str, torch.Tensor]) -> None:
@@ -180,32 +192,43 @@ def save_weights(output_dir: Path, params: dict[str, torch.Tensor]) -> None:
               str(output_dir / "model.safetensors"))
 
 
-def epochs_summary(history: list[dict]) -> dict[str, Any]:
+def epochs_summary(history: list[dict], task: Task) -> dict[str, Any]:
+    """The history, the final epoch's validation numbers and the best epoch by the task's primary metric."""
     final = history[-1]
-    best = max(history, key=lambda r: r["val_acc"])  # first epoch wins a tie
+    best = max(history, key=lambda r: r[task.primary])  # first epoch wins a tie
+    validation = [k for k in final if k.startswith("val_")]
     return {
+        "metric": task.primary,  # the one the report compares
+        "metrics": [f"val_{m}{suffix}" for suffix in task.splits for m in task.recorded],
         "history": history,
-        "final": {k: final[k] for k in ("val_acc", "val_loss", "val_f1", "epoch")},
-        "best": {"val_acc": best["val_acc"], "val_loss": best["val_loss"], "epoch": best["epoch"]},
+        "final": {k: final[k] for k in (*validation, "epoch")},
+        "best": {task.primary: best[task.primary], "val_loss": best["val_loss"], "epoch": best["epoch"]},
+    }
+
+
+def layers_summary(configured: list[float], layers: dict[str, list[float]],
+                   calibration_entropy: list[float] | None) -> dict[str, Any]:
+    """Per layer: the configured sparsity, the achieved one in training and validation, the entropies."""
+    return {
+        "configured": configured,
+        "achieved": layers.get("train_achieved"),
+        "achieved_val": layers.get("val_achieved"),
+        "entropy": layers.get("val_entropy"),
+        "entropy_train": layers.get("train_entropy"),
+        "calibration_entropy": calibration_entropy,
     }
 
 
 def summarize(module: SparseClassifier, datamodule, settings, fit_seconds: float, train_seconds: float,
-              wandb_run) -> dict[str, Any]:
+              wandb_run, task: Task) -> dict[str, Any]:
     history = module.history
     layers = module.last_layers
     seen = len(datamodule.train) * len(history)
     peak = torch.cuda.max_memory_allocated() / 2**20 if settings["accelerator"] == "gpu" else None
     return {
-        "layers": {
-            "configured": module.layer_sparsity,
-            "achieved": layers.get("train_achieved"),
-            "achieved_val": layers.get("val_achieved"),
-            "entropy": layers.get("val_entropy"),
-            "entropy_train": layers.get("train_entropy"),
-            "calibration_entropy": getattr(module.encoder, "crisp_calibration_entropy", None),
-        },
-        **epochs_summary(history),
+        "layers": layers_summary(module.layer_sparsity, layers,
+                                 getattr(module.encoder, "crisp_calibration_entropy", None)),
+        **epochs_summary(history, task),
         "timing": {
             "fit_seconds": round(fit_seconds, 3),  # trainer.fit, DDP ranks' start included
             "train_seconds": round(train_seconds, 3),  # training and validation epochs alone

@@ -1,4 +1,9 @@
-"""The Hugging Face encoder and its tokenizer, loaded with crisp attention."""
+"""The Hugging Face encoder and its tokenizer, loaded with crisp attention in every layer.
+
+Every encoder is built with as many outputs as its task has labels (one for a regression) and goes
+through :func:`crisp.prepare` before it trains: its family's adapter is installed and a dry forward
+proves that crisp's attention runs in every layer.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-import crisp  # noqa: F401  (registers the "crisp" attention implementation)
-from crisp.hub import resolve_model
+import crisp
+from crisp.training.hub import resolve_model
+from crisp.training.tasks import Task
 
-NUM_LABELS = 2
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -33,7 +38,8 @@ def train_word_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokeniz
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
@@ -42,26 +48,31 @@ def train_word_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokeniz
 
 
 def build_tokenizer(cfg: DictConfig, train_texts: list[str]):
+    """The model's own tokenizer, or (``tokenizer: train``) a word-level one over the training texts."""
     if cfg.tokenizer == "train":
         return train_word_tokenizer(train_texts, cfg.tokenizer_vocab_size)
     name, local = resolve_model(cfg.tokenizer or cfg.name_or_path)
     return AutoTokenizer.from_pretrained(name, local_files_only=local)
 
 
-def build_encoder(cfg: DictConfig, tokenizer) -> torch.nn.Module:
+def build_encoder(cfg: DictConfig, tokenizer, task: Task) -> torch.nn.Module:
     """A sequence classifier whose attention is crisp's, pretrained or (``from_config``) random-init."""
     if cfg.from_config is not None:
         spec = OmegaConf.to_container(cfg.from_config, resolve=True)
         config = AutoConfig.for_model(
-            **spec, vocab_size=len(tokenizer), num_labels=NUM_LABELS, pad_token_id=tokenizer.pad_token_id
+            **spec, vocab_size=len(tokenizer), num_labels=task.num_labels, pad_token_id=tokenizer.pad_token_id
         )
-        return AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp")
-    name, local = resolve_model(cfg.name_or_path)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected when fine-tuning
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=NUM_LABELS, attn_implementation="crisp", dtype=torch.float32, local_files_only=local
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp")
+    else:
+        name, local = resolve_model(cfg.name_or_path)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected when fine-tuning
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name, num_labels=task.num_labels, attn_implementation="crisp", dtype=torch.float32,
+                local_files_only=local,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    crisp.prepare(model)
+    return model

@@ -8,20 +8,23 @@ names the key, the value and what is allowed.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from crisp.hub import minilm_dir
-from crisp.results import effective_strategy
-from crisp.strategies import MAX_LAYER_SPARSITY, STRATEGIES
+from crisp.runs.errors import ConfigError
+from crisp.runs.model_dirs import minilm_dir, mpnet_dir
+from crisp.runs.results import effective_strategy
+from crisp.sparsity import MAX_LAYER_SPARSITY
 
-
-class ConfigError(ValueError):
-    """A config value that is not allowed: the message names the key, the value and what is allowed."""
+# conf/ beside the package (a checkout) or inside it (an installed wheel)
+CONF_DIR = next((p for p in (Path(__file__).resolve().parents[2] / "conf", Path(__file__).resolve().parents[1] / "conf")
+                 if (p / "config.yaml").is_file()), Path(__file__).resolve().parents[1] / "conf")
 
 
 @dataclass
@@ -71,6 +74,11 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
             for k in cfg if k != "hydra"}
 
 
+def written_config(cfg: DictConfig) -> dict[str, Any]:
+    """The job's config as written (interpolations left as they are), without Hydra's section."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="crisp_schema", node=CrispConf)
 
@@ -83,18 +91,27 @@ def run_name(strategy: str, sparsity: float, seed: int) -> str:
 
 def parallel_jobs(per_gpu: int = 4) -> int:
     """Default number of simultaneous runs: ``per_gpu`` on each visible GPU, or half the CPU cores."""
-    import os
-
     import torch
 
     gpus = torch.cuda.device_count()
     return per_gpu * gpus if gpus else max(1, (os.cpu_count() or 2) // 2)
 
 
+def glue_dir(folder: str) -> str | None:
+    """A task's GLUE-format folder when one is set up: ``$CRISP_GLUE_DIR/<folder>`` (SST-2 also
+    ``$CRISP_SST2_DIR``); None: the task comes from the hub."""
+    candidates = [os.environ.get("CRISP_SST2_DIR")] if folder == "SST-2" else []
+    if os.environ.get("CRISP_GLUE_DIR"):
+        candidates.append(os.path.join(os.environ["CRISP_GLUE_DIR"], folder))
+    return next((c for c in candidates if c and os.path.isdir(c)), None)
+
+
 def register_resolvers() -> None:
     resolvers = {
         "crisp.run_name": run_name,
         "crisp.minilm_dir": minilm_dir,
+        "crisp.mpnet_dir": mpnet_dir,
+        "crisp.glue_dir": glue_dir,
         "crisp.parallel_jobs": parallel_jobs,
         # drawn once per sweep and cached (the cache travels with the config to every job)
         "crisp.uid": lambda: secrets.token_hex(2),
@@ -120,9 +137,12 @@ def _check_number(cfg: DictConfig, key: str, low: float, high: float, *, closed_
 def validate(cfg: DictConfig) -> None:
     """Check every value whose range a type cannot express; raise ConfigError on the first bad one."""
     _check_number(cfg, "sparsity", 0, 1, closed_high=False)
-    strategy = cfg.strategy.name
-    if strategy not in STRATEGIES:
-        _fail("strategy", strategy, f"choose one of {sorted(STRATEGIES)}")
+    strategy, strategies = cfg.strategy.name, sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
+    if strategy not in strategies:
+        _fail("strategy", strategy, f"choose one of {strategies}")
+    name = str(cfg.name)
+    if not name or "/" in name or name.startswith(".") or "\0" in name:
+        _fail("name", cfg.name, "a run's name is one folder name: no '/', not starting with '.'")
     if strategy != "uniform" and cfg.sparsity > MAX_LAYER_SPARSITY:
         _fail("sparsity", cfg.sparsity, f"strategy {strategy} spreads sparsity over layers each in [0, 0.95]")
     if not isinstance(cfg.seed, int) or cfg.seed < 0:

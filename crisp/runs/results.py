@@ -38,6 +38,18 @@ def run_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# What a run varies within a study: runs of one recipe differ in these alone (the report pools them).
+PER_RUN = ("seed", "sparsity", "strategy", "name", "tags")
+
+
+def recipe_key(unresolved: dict[str, Any]) -> str:
+    """Hash of the config as written, before interpolation, without what a run varies or how it is watched:
+    runs of one recipe differ in seed, sparsity and strategy alone (a value derived from the seed, such as
+    ``data_seed: ${seed}``, stays one recipe; a folder found through an environment variable is one folder)."""
+    kept = {k: v for k, v in unresolved.items() if k not in (*_NOT_IN_KEY, *PER_RUN)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def model_label(model: dict[str, Any]) -> str:
     """How results and reports name a model: portable, never a machine's path.
 
@@ -53,19 +65,50 @@ def model_label(model: dict[str, Any]) -> str:
     return Path(name).name if Path(name).is_absolute() or Path(name).expanduser().is_dir() else str(name)
 
 
-def run_record(config: dict[str, Any], output_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """What every results.json of this run starts with, whatever happens to the run."""
+def portable_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
+    """``path`` as results record it: relative to ``base`` (or the working directory) when inside it,
+    else only its last part after ``.../``: never a machine's absolute path."""
+    resolved = Path(path).expanduser().resolve()
+    for root in (base, os.getcwd()):
+        if root is not None and resolved.is_relative_to(Path(root).resolve()):
+            return str(resolved.relative_to(Path(root).resolve())) or "."
+    return f".../{resolved.name}"
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as results.json records it: the model by its hub name where its yaml gives one (a
+    packaged copy's folder is a machine's), folders portably (:func:`portable_path`)."""
+    config = json.loads(json.dumps(config, default=str))
+    model, data = config.get("model") or {}, config.get("data") or {}
+    if model.get("name_or_path") and (model.get("label") or Path(str(model["name_or_path"])).is_absolute()):
+        model["name_or_path"] = model_label(model)
+    for section, key in ((model, "tokenizer"), (data, "dir")):
+        value = section.get(key)
+        if isinstance(value, str) and value not in ("train",) and ("/" in value or Path(value).expanduser().is_dir()):
+            section[key] = portable_path(value)
+    return config
+
+
+def run_record(config: dict[str, Any], output_dir: Path, overrides: list[str], base: Path | None = None,
+               unresolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What every results.json of this run starts with, whatever happens to the run.
+
+    The run_key is the hash of the config as it ran (:func:`run_key`), the recipe that of the config as
+    written (:func:`recipe_key`, from ``unresolved``); the config is recorded portably, the output
+    directory relative to ``base`` (the sweep's directory)."""
     return {
         "schema": SCHEMA_VERSION,
-        "output_dir": str(output_dir),
+        "output_dir": portable_path(output_dir, base),
         "run_key": run_key(config),
+        "recipe": recipe_key(unresolved if unresolved is not None else config),
         "name": config["name"],
         "strategy": effective_strategy(config["strategy"]["name"], config["sparsity"]),
         "sparsity": config["sparsity"],
         "seed": config["seed"],
         "model": model_label(config["model"]),
         "data": config["data"]["name"],
-        "config": config,
+        "task": config["data"].get("hub_config", "sst2"),
+        "config": portable_config(config),
         "overrides": list(overrides),
     }
 
@@ -83,14 +126,21 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_atomic(path: Path, payload: dict[str, Any]) -> None:
+def write_atomic(path: Path, payload: dict[str, Any] | bytes) -> None:
+    """Write JSON (or bytes) to ``path`` through a temp file and a rename, with the mode of any new
+    file (0644 under the usual umask; a temp file's own would be 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(payload, bytes):
+                f.write(payload)
+            else:
+                f.write((json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

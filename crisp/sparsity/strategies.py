@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from crisp.attention import attention_stats, check_sparsity, configure, get_sparsity, set_sparsity
+from crisp.sparsity import MAX_LAYER_SPARSITY  # noqa: E402 (re-exported)
+from crisp.sparsity.layers import attention_stats, check_sparsity, configure, get_sparsity, set_sparsity
 
-MAX_LAYER_SPARSITY = 0.95
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a batch feeds the encoder
 STRATEGIES: dict[str, Callable[..., list[float]]] = {}
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
-from crisp.results import run_key
+from crisp.runs.results import run_key
 
 WANDB_HOST = "api.wandb.ai"
 

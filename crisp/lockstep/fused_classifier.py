@@ -1,11 +1,12 @@
 """The LightningModule of a lockstep group: R runs' training steps as one step of a fused model.
 
-Per run it keeps what :class:`crisp.model.SparseClassifier` keeps for one: the training loss and
-accuracy of each epoch, validation loss, accuracy and F1, per-layer achieved sparsity and attention
-entropy, its per-epoch history, and its own logger. The loss of the step is the sum of the runs'
-mean losses, so each run's gradient is exactly its own. A run whose training loss is not finite at
-the end of an epoch fails (as it would alone) and leaves the group: its slices of the parameters
-and optimizer state are dropped, and the next epoch trains the others only.
+Per run it keeps what :class:`crisp.training.classifier.SparseClassifier` keeps for one: the training
+loss (and accuracy, for classification) of each epoch, the task's validation metrics on each of its
+validation splits, per-layer achieved sparsity and attention entropy, its per-epoch history, and its
+own logger. The loss of the step is the sum of the runs' mean losses, so each run's gradient is
+exactly its own. A run whose training loss is not finite at the end of an epoch fails (as it would
+alone) and leaves the group: its slices of the parameters and optimizer state are dropped, and the
+next epoch trains the others only.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from torch.nn import functional as F
-from torchmetrics.classification import MultilabelAccuracy, MultilabelF1Score
-from transformers import get_linear_schedule_with_warmup
 
-from crisp.attention import RunRows, attention_modules
-from crisp.graphs import GraphedTrainStep
-from crisp.lockstep.data import GroupDataModule
+from crisp.lockstep.batches import GroupDataModule
 from crisp.lockstep.dropout import RunRandom
-from crisp.lockstep.fused import follow_weight_decay, keep_runs, solo_ndim
+from crisp.lockstep.fused import follow_weight_decay, keep_runs, sentences_start_at, solo_ndim
 from crisp.lockstep.packing import attention_mask
-from crisp.sweep import heartbeat
+from crisp.runs import heartbeat
+from crisp.sparsity.attention import RunRows, batch_of_runs
+from crisp.sparsity.families import attention_modules, family_of
+from crisp.training import tasks
+from crisp.training.classifier import ValidationOutputs, adamw, epoch_record, layer_metrics, linear_schedule
+from crisp.training.cuda_graphs import GraphedTrainStep
 
 
 @dataclass
@@ -45,34 +46,28 @@ class Run:
 
 class LockstepClassifier(pl.LightningModule):
     def __init__(self, encoder: torch.nn.Module, runs: list[Run], random: RunRandom, cfg: DictConfig,
-                 cuda_graphs: bool = False, on_failure: Callable[[Run], None] | None = None):
+                 task: tasks.Task, cuda_graphs: bool = False, on_failure: Callable[[Run], None] | None = None):
         super().__init__()
         self.automatic_optimization = not cuda_graphs
         self.graphed_step: GraphedTrainStep | None = None
         self.encoder = encoder.train()
         self.runs = runs  # the active ones, in the fused model's order
         self.random = random
+        self.task = task
         self.optim = cfg.optim
         self.stats_every = max(1, cfg.sparsifier.stats_every_n_steps)
         self.log_every = max(1, cfg.trainer.log_every_n_steps)
         self.on_failure = on_failure
         self.attention = attention_modules(encoder)
-        self.token_types = "token_type_ids" in encoder.forward.__code__.co_varnames
+        self.first_position = family_of(encoder).first_position(encoder)
         self._set_sparsity()
-        self._val_metrics()
+        self.val = ValidationOutputs(len(task.validation))
         self._sums: dict[str, torch.Tensor] = {}
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _set_sparsity(self) -> None:
         for layer, module in enumerate(self.attention):
             module.crisp_sparsity = tuple(run.layer_sparsity[layer] for run in self.runs)
-
-    def _val_metrics(self) -> None:
-        # each run is one "label": per-label accuracy and F1 are each run's own, summed over all batches
-        runs = len(self.runs)
-        device = self.val_acc.device if hasattr(self, "val_acc") else None
-        self.val_acc = MultilabelAccuracy(runs, average=None, validate_args=False).to(device)
-        self.val_f1 = MultilabelF1Score(runs, average=None, validate_args=False).to(device)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         self._sums[name] = value if name not in self._sums else self._sums[name] + value
@@ -94,11 +89,12 @@ class LockstepClassifier(pl.LightningModule):
             self.random.next_step()
         segments = batch["segments"]
         runs = RunRows(len(self.runs), query_valid=segments >= 0, dropout=self.random.dropout if training else None)
-        extra = {"token_type_ids": torch.zeros_like(segments)} if self.token_types else {}
-        logits = self.encoder(input_ids=batch["input_ids"], attention_mask=attention_mask(segments),
-                              position_ids=batch["position_ids"], crisp_first=batch["first"], crisp_runs=runs,
-                              **extra).logits
-        losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none").view(len(self.runs), -1).mean(1)
+        extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        positions = batch["position_ids"] + self.first_position if self.first_position else batch["position_ids"]
+        with batch_of_runs(runs), sentences_start_at(batch["first"]):
+            logits = self.encoder(input_ids=batch["input_ids"], attention_mask=attention_mask(segments),
+                                  position_ids=positions, **extra).logits
+        losses = tasks.loss(self.task, logits, batch["labels"], reduction="none").view(len(self.runs), -1).mean(1)
         return losses.sum(), losses, logits
 
     def training_step(self, batch, batch_idx):
@@ -109,14 +105,14 @@ class LockstepClassifier(pl.LightningModule):
         else:
             total, losses, logits = self._graphed_training_step(batch, track)
         runs = len(self.runs)
-        correct = (logits.detach().argmax(-1) == batch["labels"]).view(runs, -1).sum(1)
         self._add("train_loss", losses.detach())
-        self._add("train_correct", correct)
-        self._add("train_steps", torch.ones((), device=correct.device))
-        self._add("train_seen", torch.full((), batch["labels"].numel() // runs, device=correct.device))
+        if not self.task.regression:
+            self._add("train_correct", (logits.detach().argmax(-1) == batch["labels"]).view(runs, -1).sum(1))
+        self._add("train_steps", torch.ones((), device=losses.device))
+        self._add("train_seen", torch.full((), batch["labels"].numel() // runs, device=losses.device))
         if track:
             self._add("train_stats", self._layer_stats())
-            self._add("train_tracked", torch.ones((), device=correct.device))
+            self._add("train_tracked", torch.ones((), device=losses.device))
         if self.global_step % self.log_every == 0 and any(run.logger for run in self.runs):
             for run, loss in zip(self.runs, losses.detach().tolist(), strict=True):
                 if run.logger:
@@ -130,59 +126,52 @@ class LockstepClassifier(pl.LightningModule):
             self.graphed_step = GraphedTrainStep(self._loss_and_logits, list(self.encoder.parameters()), warmup=3)
         return self.graphed_step.optimizer_step(self, batch, track)
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         self._track(True)
         _, losses, logits = self._loss_and_logits(batch)
         runs = len(self.runs)
         count = batch["labels"].numel() // runs
-        preds, target = logits.argmax(-1).view(runs, -1).T, batch["labels"].view(runs, -1).T  # [sentences, runs]
-        self.val_acc.update(preds, target)
-        self.val_f1.update(preds, target)
-        self._add("val_loss", losses * count)
-        self._add("val_seen", torch.full((), count, device=losses.device))
-        self._add("val_stats", self._layer_stats())
-        self._add("val_tracked", torch.ones((), device=losses.device))
+        preds = tasks.predictions(self.task, logits).view(runs, -1).T  # [examples, runs]
+        self.val.update(dataloader_idx, preds, batch["labels"].view(runs, -1).T, losses * count)
+        if dataloader_idx == 0:
+            self._add("val_stats", self._layer_stats())
+            self._add("val_tracked", torch.ones((), device=losses.device))
         heartbeat.beat()
 
     # -- epochs -----------------------------------------------------------------------------------
     def _layer_metrics(self, stage: str, stats: torch.Tensor | None, tracked: torch.Tensor | None) -> list[dict]:
         if stats is None:
             return [{} for _ in self.runs]
-        per_run = (stats / tracked).tolist()
         metrics = []
-        for run, layers in zip(self.runs, per_run, strict=True):
+        for run, layers in zip(self.runs, (stats / tracked).tolist(), strict=True):
             run.layers[f"{stage}_achieved"] = [a for a, _ in layers]
             run.layers[f"{stage}_entropy"] = [h for _, h in layers]
-            metrics.append({f"layers/{i}/{stage}_{name}": value for i, (a, h) in enumerate(layers)
-                            for name, value in (("achieved_sparsity", a), ("entropy", h))})
+            metrics.append(layer_metrics(stage, layers))
         return metrics
 
     def on_validation_epoch_end(self) -> None:
-        loss, seen, stats, tracked = self._take("val_loss", "val_seen", "val_stats", "val_tracked")
-        acc, f1 = self.val_acc.compute().view(-1).tolist(), self.val_f1.compute().view(-1).tolist()  # 1 run: 0-d
-        self.val_acc.reset()
-        self.val_f1.reset()
-        losses = (loss / seen).tolist()
-        layer_metrics = self._layer_metrics("val", stats, tracked)
-        self._val = [{"val_loss": lo, "val_acc": a, "val_f1": f} for lo, a, f in zip(losses, acc, f1, strict=True)]
-        self._val_layers = layer_metrics
+        stats, tracked = self._take("val_stats", "val_tracked")
+        self._val = [self.val.compute(self.task, column) for column in range(len(self.runs))]
+        self.val = ValidationOutputs(len(self.task.validation))
+        self._val_layers = self._layer_metrics("val", stats, tracked)
 
     def on_train_epoch_end(self) -> None:
         loss, correct, steps, seen, stats, tracked = self._take(
             "train_loss", "train_correct", "train_steps", "train_seen", "train_stats", "train_tracked")
-        losses, accs = (loss / steps).tolist(), (correct / seen).tolist()
-        layer_metrics = self._layer_metrics("train", stats, tracked)
+        losses = (loss / steps).tolist()
+        accs = [None] * len(self.runs) if correct is None else (correct / seen).tolist()
+        layers = self._layer_metrics("train", stats, tracked)
         failed = []
         for i, run in enumerate(self.runs):
-            val = self._val[i]
-            record = {"epoch": self.current_epoch, "train_loss": losses[i], "train_acc": accs[i], **val}
+            record = epoch_record(self.current_epoch, losses[i], accs[i], self._val[i])
             run.history.append(record)
             if run.logger:
-                metrics = {"train/epoch_loss": losses[i], "train/acc": accs[i], **layer_metrics[i],
-                           **{f"val/{k.removeprefix('val_')}": v for k, v in val.items()}, **self._val_layers[i]}
+                metrics = {"train/epoch_loss": losses[i], **({} if accs[i] is None else {"train/acc": accs[i]}),
+                           **layers[i], **{f"val/{k.removeprefix('val_')}": v for k, v in self._val[i].items()},
+                           **self._val_layers[i]}
                 run.logger.log_metrics(metrics, step=self.global_step)
-            print(f"epoch {self.current_epoch} {run.name}: train_loss={losses[i]:.4f} train_acc={accs[i]:.4f} "
-                  + " ".join(f"{k}={v:.4f}" for k, v in val.items()), flush=True)
+            print(f"epoch {self.current_epoch} {run.name}: "
+                  + " ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"), flush=True)
             if not math.isfinite(losses[i]):
                 run.error = FloatingPointError(f"the training loss became {losses[i]} in epoch {self.current_epoch}")
                 failed.append(i)
@@ -204,22 +193,14 @@ class LockstepClassifier(pl.LightningModule):
         datamodule.keep_runs(keep)
         self.runs[:] = [self.runs[i] for i in keep]
         self._set_sparsity()
-        self._val_metrics()
         self.graphed_step = None  # its graphs hold the old shapes
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for param in self.encoder.parameters():
-            # as for one run: biases and LayerNorm weights (1-D in a run's own model) are not decayed
-            (no_decay if solo_ndim(param) < 2 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        on_cuda = next(self.encoder.parameters()).is_cuda
-        fused = on_cuda if self.optim.fused == "auto" else bool(self.optim.fused)
-        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
-                                      fused=fused or None)
+        params = list(self.encoder.parameters())
+        # as for one run: biases and LayerNorm weights (1-D in a run's own model) are not decayed
+        optimizer = adamw(self.encoder, self.optim, [p for p in params if solo_ndim(p) >= 2],
+                          [p for p in params if solo_ndim(p) < 2])
         follow_weight_decay(self.encoder, optimizer)
         total = self.trainer.estimated_stepping_batches
-        scheduler = get_linear_schedule_with_warmup(optimizer, round(self.optim.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": linear_schedule(optimizer, self.optim.warmup_ratio, total)}

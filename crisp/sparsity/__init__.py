@@ -1,0 +1,12 @@
+"""The sparsifier: exact top-k attention for Hugging Face encoders (the layer everything else builds on).
+
+- :mod:`~crisp.sparsity.topk`: k per row and the kept keys (portable sort path);
+- :mod:`~crisp.sparsity.kernels`: the same in one fused Triton launch on GPUs;
+- :mod:`~crisp.sparsity.attention`: the attention function, registered with transformers;
+- :mod:`~crisp.sparsity.families`: how each encoder family's attention reaches it;
+- :mod:`~crisp.sparsity.layers`: the model-level API (set_sparsity, configure, attention_stats, prepare);
+- :mod:`~crisp.sparsity.strategies`: which sparsity each layer gets (uniform, adaptive, ramp).
+"""
+
+# the most sparsity a strategy gives one layer (adaptive, ramp); here, so that config checks read it without torch
+MAX_LAYER_SPARSITY = 0.95

@@ -1,0 +1,171 @@
+"""crisp's attention function, registered with transformers' attention-function registry.
+
+Any model whose attention modules dispatch through ``ALL_ATTENTION_FUNCTIONS`` (BERT, DistilBERT,
+RoBERTa, ...) runs it with ``attn_implementation="crisp"``: no modeling code is copied; an encoder
+whose attention is computed inline reaches it through its family's adapter
+(:mod:`crisp.sparsity.families`).
+
+Per attention module it reads three attributes (set by :mod:`crisp.sparsity.layers`):
+``crisp_sparsity`` (a float in [0, 1), or one per run), ``crisp_apply_in_eval`` and
+``crisp_track_stats``. The top-k semantics are :mod:`crisp.sparsity.topk`'s. A batch may hold
+several runs at once (lockstep training): inside :func:`batch_of_runs` the batch's rows are one equal
+block per run and each row takes k from its own run's sparsity; statistics are kept per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from crisp.sparsity import kernels, topk
+
+NAME = "crisp"
+
+
+@dataclass
+class RunRows:
+    """A batch that holds several runs: its rows are ``count`` equal blocks, one per run.
+    ``query_valid`` marks real tokens where packed rows also hold padding tokens (which attend to
+    themselves only and are left out of the statistics); ``dropout(x, p)`` draws each run's dropout
+    mask from that run's own random stream."""
+
+    count: int
+    query_valid: torch.Tensor | None = None
+    dropout: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+
+
+# The batch's runs reach the attention function by context, not by keyword: not every encoder's
+# forward passes its keywords down to its attention (MPNet's does not).
+_RUNS: ContextVar[RunRows | None] = ContextVar("crisp_runs", default=None)
+# The attention modules that ran crisp's function during a probe (see :func:`probe_reached`).
+_PROBE: ContextVar[set[int] | None] = ContextVar("crisp_probe", default=None)
+
+
+@contextmanager
+def batch_of_runs(runs: RunRows) -> Iterator[None]:
+    """Every crisp attention call inside takes its rows as ``runs`` (lockstep training)."""
+    token = _RUNS.set(runs)
+    try:
+        yield
+    finally:
+        _RUNS.reset(token)
+
+
+@contextmanager
+def probe_reached() -> Iterator[set[int]]:
+    """Collects the ids of the modules whose attention went through crisp's function inside."""
+    reached: set[int] = set()
+    token = _PROBE.set(reached)
+    try:
+        yield reached
+    finally:
+        _PROBE.reset(token)
+
+
+def _active_sparsity(module: nn.Module) -> float | tuple[float, ...]:
+    """The layer's sparsity now: 0.0 (dense) when it does not apply, else a float or one per run."""
+    sparsity = getattr(module, "crisp_sparsity", 0.0)
+    if not module.training and not getattr(module, "crisp_apply_in_eval", True):
+        return 0.0
+    if isinstance(sparsity, tuple) and not any(sparsity):
+        return 0.0
+    return sparsity
+
+
+@torch.no_grad()
+def _record_stats(module: nn.Module, probs: torch.Tensor, valid: torch.Tensor | None, runs: RunRows | None) -> None:
+    """Store [achieved sparsity, mean normalized entropy] over valid query rows, on the device
+    (shape [2], or [runs, 2] for a batch of several runs).
+
+    No host synchronisation happens here; :func:`attention_stats` reads the numbers later.
+    """
+    probs = probs.float()
+    num_queries, num_keys = probs.shape[-2:]
+    if valid is None:
+        pairs = torch.ones_like(probs, dtype=torch.bool)
+    else:
+        pairs = valid.expand_as(probs)
+        if runs is not None and runs.query_valid is not None:
+            pairs = pairs & runs.query_valid[:, None, :, None]
+        elif num_queries == num_keys:
+            # a padded query row is a padded token: its own key is masked on the diagonal
+            pairs = pairs & pairs.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    count = 1 if runs is None else runs.count
+    zero = ((probs == 0) & pairs).view(count, -1).sum(-1)
+    achieved = zero / pairs.reshape(count, -1).sum(-1).clamp_min(1)
+    n = pairs.sum(-1)
+    entropy = -torch.special.xlogy(probs, probs).masked_fill(~pairs, 0).sum(-1)
+    rows = n > 1
+    normalized = entropy / torch.log(n.clamp_min(2).float())
+    mean_entropy = (normalized * rows).view(count, -1).sum(-1) / rows.view(count, -1).sum(-1).clamp_min(1)
+    stats = torch.stack([achieved, mean_entropy], dim=-1)
+    module.crisp_stats = stats[0] if runs is None else stats
+
+
+def crisp_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    crisp_runs: RunRows | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with a top-k sparsifier; at sparsity 0 it computes exactly what eager does."""
+    crisp_runs = crisp_runs if crisp_runs is not None else _RUNS.get()
+    probe = _PROBE.get()
+    if probe is not None:
+        probe.add(id(module))
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3))
+    valid = topk.valid_key_mask(attention_mask)
+    sparsity = _active_sparsity(module)
+    runs = 1 if crisp_runs is None else crisp_runs.count
+    if isinstance(sparsity, tuple) and len(sparsity) != runs:
+        raise ValueError(f"crisp_sparsity has {len(sparsity)} values for a batch of {runs} run(s)")
+    if sparsity and kernels.available(scores):
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            scores, scaling = scores * scaling + attention_mask, 1.0  # an additive mask may hold more than padding
+        # scale, mask, top-k and softmax in one launch on GPU
+        table = topk.k_table(scores.size(-1), sparsity, scores.device)
+        probs = kernels.topk_softmax(scores, valid, table, scaling, runs=runs)
+    else:
+        scores = scores * scaling
+        info = topk.mask_info(valid, scores, runs)
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                # the same number eager's additive mask puts there, so s=0 matches eager bit for bit
+                scores = scores.masked_fill(info.invalid, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attention_mask
+        if sparsity:
+            scores = scores.masked_fill(topk.drop_mask(scores.detach(), info, sparsity), float("-inf"))
+        probs = nn.functional.softmax(scores, dim=-1)
+    if getattr(module, "crisp_track_stats", True):
+        _record_stats(module, probs, valid, crisp_runs)
+    if crisp_runs is not None and crisp_runs.dropout is not None and module.training and dropout > 0:
+        probs = crisp_runs.dropout(probs, dropout)
+    else:
+        probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def register() -> None:
+    """Register ``"crisp"`` with transformers (attention function and its mask format)."""
+    AttentionInterface.register(NAME, crisp_attention_forward)
+    # boolean masks (True = attend), materialised only when there is padding
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+register()

@@ -1,0 +1,122 @@
+"""Encoder families: how crisp reaches each one's attention, and what lockstep needs to know of it.
+
+A family is one module in this package holding one :class:`Family` (found by its ``FAMILY`` name):
+the transformers ``model_type`` values it covers, how its attention modules are found, and, for an
+encoder whose attention is computed inline instead of through transformers' attention registry, an
+``install`` that routes it through crisp's function (MPNet's adapter). Lockstep training reads the
+rest: whether pairs are told apart by ``token_type_ids`` and the position id of a sentence's first
+token (packed rows restart positions per sentence).
+
+A model of no known family is used as it is when its attention dispatches through the registry;
+:func:`check_reached` makes sure of that before training: an encoder whose attention crisp cannot
+reach would otherwise train dense with no sign of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crisp.sparsity.attention import probe_reached
+
+
+class AttentionNotReached(RuntimeError):
+    """crisp's attention function does not run in every attention layer of a model."""
+
+
+def registry_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The innermost modules whose class name ends in "Attention" and that carry the model config
+    through which transformers dispatches to the attention registry, in depth order."""
+    found = []
+    for module in model.modules():
+        if not type(module).__name__.endswith("Attention") or not hasattr(module, "config"):
+            continue
+        if not any(m is not module and type(m).__name__.endswith("Attention") for m in module.modules()):
+            found.append(module)
+    return found
+
+
+def first_position_zero(model: nn.Module) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    # pairs are told apart by token_type_ids (BERT); families without them see one token stream
+    token_types: bool = False
+    # the position id of a model's first token (RoBERTa-style embeddings start after the padding id)
+    first_position: Callable[[nn.Module], int] = first_position_zero
+    attention_modules: Callable[[nn.Module], list[nn.Module]] = registry_attention_modules
+    # routes the family's inline attention through crisp's function; None: it uses the registry
+    install: Callable[[nn.Module], None] | None = None
+
+
+FAMILIES: dict[str, Family] = {}
+# a model of no known family whose attention dispatches through transformers' registry
+REGISTRY = Family("registry", ())
+
+
+def _load() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        family = importlib.import_module(f"{__name__}.{info.name}").FAMILY
+        FAMILIES[family.name] = family
+
+
+def family_of(model: nn.Module) -> Family:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), REGISTRY)
+
+
+def supported() -> str:
+    return (f"the families {', '.join(sorted(FAMILIES))}, or a model whose attention dispatches through "
+            "transformers' AttentionInterface")
+
+
+def install(model: nn.Module) -> None:
+    """Route the model's attention through crisp's function (once; a no-op for registry families)."""
+    family = family_of(model)
+    if family.install is not None and not getattr(model, "crisp_installed", False):
+        family.install(model)
+        model.crisp_installed = True
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of ``model`` in depth order: the ones that carry crisp's settings."""
+    install(model)
+    return family_of(model).attention_modules(model)
+
+
+@torch.no_grad()
+def check_reached(model: nn.Module) -> None:
+    """A dry forward of two short sentences (one padded): every attention layer must run crisp's
+    function, or :class:`AttentionNotReached` names the model class and what is supported."""
+    modules = attention_modules(model)
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(12, device=device).view(2, 6) + 5) % vocab
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with probe_reached() as reached:
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        model.train(was_training)
+    missed = [i for i, m in enumerate(modules) if id(m) not in reached]
+    if not modules or missed:
+        where = "no attention layer was found" if not modules else f"layers {missed} of {len(modules)} bypass it"
+        raise AttentionNotReached(
+            f"crisp's attention does not run in {type(model).__name__} ({where}): its attention is computed "
+            f"without transformers' attention registry, so it would train dense. crisp supports {supported()}."
+        )
+
+
+_load()

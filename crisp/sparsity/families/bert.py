@@ -1,0 +1,5 @@
+"""BERT (``bert``: bert-base-uncased, all-MiniLM-L6-v2): attention through the registry; pairs by token types."""
+
+from crisp.sparsity.families import Family
+
+FAMILY = Family("bert", ("bert",), token_types=True)

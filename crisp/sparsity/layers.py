@@ -1,0 +1,91 @@
+"""The model-level API: per-layer sparsity, switches and statistics of a model's attention layers.
+
+``crisp.set_sparsity(model, 0.8)`` (or one value per layer), ``crisp.configure(model, apply_in_eval=...,
+track_stats=...)``, ``crisp.attention_stats(model)`` after a forward, and ``crisp.prepare(model)``,
+which training calls before its first step. The layers are found through the model's family
+(:mod:`crisp.sparsity.families`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crisp.sparsity.attention import NAME
+from crisp.sparsity.families import attention_modules, check_reached, supported
+
+
+def _require_crisp(model: nn.Module) -> list[nn.Module]:
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if config is not None and implementation != NAME:
+        raise ValueError(
+            f"model uses attn_implementation={implementation!r}; load it with attn_implementation='crisp' "
+            "(or call model.set_attn_implementation('crisp')) so that sparsity takes effect"
+        )
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(f"no attention modules found in {type(model).__name__}: crisp supports {supported()}")
+    return modules
+
+
+def prepare(model: nn.Module) -> list[nn.Module]:
+    """Make ``model``'s attention crisp's in every layer and prove it with a dry forward (training
+    calls this before the first step: an encoder crisp cannot reach must not train dense unnoticed)."""
+    modules = _require_crisp(model)
+    check_reached(model)
+    return modules
+
+
+def check_sparsity(value: object, key: str = "sparsity") -> float:
+    """Return ``value`` as a float in [0, 1) or raise a ValueError naming key, value and range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
+        raise ValueError(f"{key}={value!r} is not allowed: it must be a number in [0, 1)")
+    return float(value)
+
+
+def set_sparsity(model: nn.Module, sparsity: float | Sequence[float]) -> list[float]:
+    """Set every attention layer's sparsity from one float or a per-layer list; returns the values."""
+    modules = _require_crisp(model)
+    if isinstance(sparsity, Sequence) and not isinstance(sparsity, str):
+        if len(sparsity) != len(modules):
+            raise ValueError(f"sparsity has {len(sparsity)} values but the model has {len(modules)} attention layers")
+        values = [check_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(sparsity)]
+    else:
+        values = [check_sparsity(sparsity)] * len(modules)
+    for module, value in zip(modules, values, strict=True):
+        module.crisp_sparsity = value
+    return values
+
+
+def configure(model: nn.Module, *, apply_in_eval: bool | None = None, track_stats: bool | None = None) -> None:
+    """Switch sparsity in eval mode and per-forward statistics on or off for every layer."""
+    for module in _require_crisp(model):
+        if apply_in_eval is not None:
+            module.crisp_apply_in_eval = bool(apply_in_eval)
+        if track_stats is not None:
+            module.crisp_track_stats = bool(track_stats)
+
+
+def get_sparsity(model: nn.Module) -> list[float]:
+    return [getattr(m, "crisp_sparsity", 0.0) for m in _require_crisp(model)]
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    achieved_sparsity: float
+    entropy: float
+
+
+def attention_stats(model: nn.Module) -> list[LayerStats]:
+    """Per layer: achieved sparsity and mean normalized entropy of the last forward that tracked stats."""
+    modules = _require_crisp(model)
+    missing = [i for i, m in enumerate(modules) if getattr(m, "crisp_stats", None) is None]
+    if missing:
+        raise RuntimeError(f"no attention statistics yet for layers {missing}: run a forward pass with stats tracked")
+    values = torch.stack([m.crisp_stats for m in modules]).tolist()  # one host sync for all layers
+    return [LayerStats(achieved_sparsity=a, entropy=h) for a, h in values]

@@ -1,0 +1,219 @@
+"""The LightningModule of one run: a sequence classifier (or regressor) whose attention crisp sparsifies."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric
+from transformers import get_linear_schedule_with_warmup
+
+import crisp
+from crisp.sparsity.families import attention_modules
+from crisp.sparsity.strategies import MODEL_INPUTS, STRATEGIES
+from crisp.training import tasks
+from crisp.training.cuda_graphs import GraphedTrainStep
+
+
+class LayerStatsMeter:
+    """Mean of per-layer [achieved sparsity, entropy] over the batches that tracked them, kept on the device."""
+
+    def __init__(self):
+        self.total, self.count = None, 0
+
+    def update(self, stats: torch.Tensor) -> None:
+        self.total = stats if self.total is None else self.total + stats
+        self.count += 1
+
+    def compute(self) -> list | None:
+        if self.total is None:
+            return None
+        values = (self.total / self.count).tolist()
+        self.total, self.count = None, 0
+        return values
+
+
+class ValidationOutputs:
+    """A validation epoch's predictions, labels and summed loss per split, kept on the device until its end.
+
+    The task's metrics are computed from all of a split's predictions at once (:func:`crisp.training.tasks.metrics`):
+    Matthews correlation and Pearson's r do not average over batches. A lockstep group keeps one column per run.
+    """
+
+    def __init__(self, splits: int):
+        self.preds: list[list[torch.Tensor]] = [[] for _ in range(splits)]
+        self.target: list[list[torch.Tensor]] = [[] for _ in range(splits)]
+        self.loss: list[torch.Tensor | float] = [0.0] * splits
+        self.seen = [0] * splits
+
+    def update(self, split: int, preds: torch.Tensor, target: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        self.preds[split].append(preds)
+        self.target[split].append(target)
+        self.loss[split] = self.loss[split] + loss_sum
+        self.seen[split] += len(target)
+
+    def compute(self, task: tasks.Task, column: int | None = None) -> dict[str, float]:
+        """Every recorded metric of every split (of one run's ``column`` in a lockstep group)."""
+        values = {}
+        for split, suffix in enumerate(task.splits):
+            preds, target = torch.cat(self.preds[split]), torch.cat(self.target[split])
+            loss = self.loss[split] / self.seen[split]
+            if column is not None:
+                preds, target, loss = preds[:, column], target[:, column], loss[column]
+            values[f"val_loss{suffix}"] = float(loss)
+            values |= tasks.metrics(task, preds, target, suffix)
+        return values
+
+
+def epoch_record(epoch: int, train_loss: float, train_acc: float | None, val: dict[str, float]) -> dict:
+    """One epoch of a run's history (training accuracy only for classification)."""
+    record = {"epoch": epoch, "train_loss": train_loss}
+    if train_acc is not None:
+        record["train_acc"] = train_acc
+    return record | val
+
+
+def layer_metrics(stage: str, layers: list) -> dict[str, float]:
+    """Per-layer achieved sparsity and entropy as logged: ``layers/<i>/<stage>_achieved_sparsity``, ..."""
+    return {f"layers/{i}/{stage}_{name}": value for i, (achieved, entropy) in enumerate(layers)
+            for name, value in (("achieved_sparsity", achieved), ("entropy", entropy))}
+
+
+def adamw(encoder: torch.nn.Module, optim, decayed: list, not_decayed: list) -> torch.optim.AdamW:
+    """AdamW as Hugging Face fine-tunes (no decay for biases and LayerNorm weights); fused on CUDA."""
+    groups = [{"params": decayed, "weight_decay": optim.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
+    fused = optim.fused
+    fused = next(encoder.parameters()).is_cuda if fused == "auto" else bool(fused)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_ratio: float, total: int) -> dict:
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(warmup_ratio * total), total)
+    return {"scheduler": scheduler, "interval": "step"}
+
+
+class SparseClassifier(pl.LightningModule):
+    """Fine-tunes ``encoder`` on ``task`` with its loss and AdamW. With ``cuda_graphs`` each training
+    step's forward and backward replay a CUDA graph (crisp/training/cuda_graphs.py) and the optimizer
+    steps manually."""
+
+    def __init__(self, encoder: torch.nn.Module, cfg: DictConfig, task: tasks.Task, cuda_graphs: bool = False):
+        super().__init__()
+        self.automatic_optimization = not cuda_graphs
+        self.graphed_step: GraphedTrainStep | None = None
+        # from_pretrained returns eval mode, and Lightning keeps submodules' modes: dropout must be on
+        self.encoder = encoder.train()
+        self.task = task
+        self.sparsity = cfg.sparsity
+        self.strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
+        self.optim = cfg.optim
+        self.apply_in_eval = cfg.sparsifier.apply_in_eval
+        self.stats_every = max(1, cfg.sparsifier.stats_every_n_steps)
+        self.calibration_count = cfg.data.calibration_batches
+        self.attention = attention_modules(encoder)
+        # no input checks: they would wait for the GPU on every step; a NaN loss is caught per epoch
+        self.train_loss, self.train_correct = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
+        self.train_stats, self.val_stats = LayerStatsMeter(), LayerStatsMeter()
+        self.val = ValidationOutputs(len(task.validation))
+        self.layer_sparsity: list[float] = []
+        self.history: list[dict] = []
+        self.last_val: dict = {}
+        self.last_layers: dict = {}
+
+    # -- sparsity -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        params = {k: v for k, v in self.strategy.items() if k != "name"}
+        name = self.strategy["name"]
+        batches = None
+        if STRATEGIES[name].needs_entropy and self.sparsity > 0:
+            batches = self.trainer.datamodule.calibration_batches(self.calibration_count)
+        self.layer_sparsity = crisp.apply_strategy(self.encoder, name, self.sparsity, batches, **params)
+        crisp.configure(self.encoder, apply_in_eval=self.apply_in_eval, track_stats=False)
+        allocation = ", ".join(f"{s:.3f}" for s in self.layer_sparsity)
+        print(f"crisp: strategy={name} sparsity={self.sparsity:g} -> per-layer sparsity [{allocation}]")
+
+    def _track(self, enabled: bool) -> None:
+        for module in self.attention:
+            module.crisp_track_stats = enabled
+
+    def _layer_stats(self) -> torch.Tensor:
+        return torch.stack([m.crisp_stats for m in self.attention])
+
+    # -- steps ----------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encoder(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
+
+    def _loss_and_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch)
+        return tasks.loss(self.task, logits, batch["labels"]), logits
+
+    def _graphed_training_step(self, batch: dict[str, torch.Tensor], track: bool):
+        if self.graphed_step is None:
+            self.graphed_step = GraphedTrainStep(self._loss_and_logits, list(self.encoder.parameters()))
+        # a graph bakes in whether statistics are recorded and every layer's sparsity
+        key = (track, tuple(getattr(m, "crisp_sparsity", 0.0) for m in self.attention))
+        return self.graphed_step.optimizer_step(self, batch, key)
+
+    def training_step(self, batch, batch_idx):
+        track = batch_idx % self.stats_every == 0
+        self._track(track)
+        if self.automatic_optimization:
+            loss, logits = self._loss_and_logits(batch)
+        else:
+            loss, logits = self._graphed_training_step(batch, track)
+        if track:
+            self.train_stats.update(self._layer_stats())
+        # metrics accumulate on the device: no host synchronisation in the hot loop
+        self.train_loss.update(loss.detach())
+        if not self.task.regression:
+            self.train_correct.update((logits.detach().argmax(-1) == batch["labels"]).float())
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._track(True)
+        logits = self(batch)
+        loss = tasks.loss(self.task, logits, batch["labels"], reduction="sum")
+        if dataloader_idx == 0:
+            self.val_stats.update(self._layer_stats())
+        self.val.update(dataloader_idx, tasks.predictions(self.task, logits), batch["labels"], loss)
+
+    def _layer_metrics(self, stage: str, meter: LayerStatsMeter) -> dict[str, float]:
+        """Per-layer achieved sparsity and entropy of this epoch: kept for results.json and logged."""
+        layers = meter.compute()
+        if layers is None:
+            return {}
+        self.last_layers[f"{stage}_achieved"] = [a for a, _ in layers]
+        self.last_layers[f"{stage}_entropy"] = [h for _, h in layers]
+        return layer_metrics(stage, layers)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val = self.val.compute(self.task)
+        self.val = ValidationOutputs(len(self.task.validation))
+        metrics = {f"val/{k.removeprefix('val_')}": v for k, v in self.last_val.items()}
+        metrics |= self._layer_metrics("val", self.val_stats)
+        if not self.trainer.sanity_checking:
+            self.log_dict(metrics, prog_bar=False, sync_dist=True)  # DDP: one value for all ranks
+
+    def on_train_epoch_end(self) -> None:
+        train_loss = self.train_loss.compute().item()
+        train_acc = None if self.task.regression else self.train_correct.compute().item()
+        self.train_loss.reset()
+        self.train_correct.reset()
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"the training loss became {train_loss} in epoch {self.current_epoch}")
+        record = epoch_record(self.current_epoch, train_loss, train_acc, self.last_val)
+        metrics = {"train/epoch_loss": train_loss} | ({} if train_acc is None else {"train/acc": train_acc})
+        self.log_dict(metrics | self._layer_metrics("train", self.train_stats), sync_dist=True)
+        self.history.append(record)
+        print(f"epoch {self.current_epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        decayed, not_decayed = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+        optimizer = adamw(self.encoder, self.optim, decayed, not_decayed)
+        total = self.trainer.estimated_stepping_batches
+        return {"optimizer": optimizer, "lr_scheduler": linear_schedule(optimizer, self.optim.warmup_ratio, total)}

@@ -1,0 +1,81 @@
+"""Encoder families: MPNet's adapter gives exactly stock MPNet at s=0 and exact top-k at s>0; an encoder
+whose attention crisp cannot reach fails before it trains, instead of training dense."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, MPNetConfig
+
+import crisp
+from crisp.sparsity.families import AttentionNotReached, attention_modules, family_of
+from crisp.sparsity.topk import kept_keys
+from tests.conftest import VOCAB, tiny_model
+
+
+def tiny_mpnet(attn: str = "crisp", seed: int = 0):
+    torch.manual_seed(seed)
+    config = MPNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=130, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn).eval()
+
+
+def padded_batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (4, 11), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate((11, 7, 4, 9)):
+        mask[row, length:] = 0
+        ids[row, length:] = 1  # MPNet's padding id
+    return ids, mask
+
+
+def test_mpnet_at_sparsity_0_gives_stock_mpnets_logits():
+    ids, mask = padded_batch()
+    sparse = tiny_mpnet()
+    crisp.prepare(sparse)
+    expected = tiny_mpnet("eager")(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(sparse(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-5, atol=1e-6)
+    assert family_of(sparse).name == "mpnet" and len(attention_modules(sparse)) == 3
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.8])
+def test_mpnet_keeps_exactly_k_keys_per_row_and_never_padding(sparsity):
+    ids, mask = padded_batch(1)
+    model = tiny_mpnet()
+    crisp.set_sparsity(model, sparsity)
+    out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == 3
+    lengths = mask.sum(1)
+    for probs in out.attentions:  # [batch, heads, query, key]
+        kept = probs > 0
+        for row, n in enumerate(lengths.tolist()):
+            k = kept_keys(n, sparsity)
+            assert (kept[row, :, :n, :n].sum(-1) == k).all()  # every valid query row keeps exactly k keys
+            assert not kept[row, :, :n, n:].any()  # padding is never kept
+    stats = crisp.attention_stats(model)
+    assert all(abs(s.achieved_sparsity - sparsity) < 0.15 for s in stats)
+
+
+def test_an_encoder_whose_attention_bypasses_the_registry_fails_before_training():
+    model = tiny_model("bert")
+    for module in attention_modules(model):  # attention computed inline, as some modeling files do it
+        def inline(self, hidden_states, attention_mask=None, **kwargs):
+            shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+            q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value))
+            probs = torch.softmax(q @ k.transpose(-1, -2) * self.scaling, dim=-1)
+            return (probs @ v).transpose(1, 2).reshape(*hidden_states.shape[:-1], -1), probs
+
+        module.forward = types.MethodType(inline, module)
+    with pytest.raises(AttentionNotReached) as err:
+        crisp.prepare(model)
+    message = str(err.value)
+    assert "BertForSequenceClassification" in message and "layers [0, 1, 2] of 3 bypass it" in message
+    assert "bert, distilbert, mpnet" in message and "train dense" in message
+
+
+def test_stock_encoders_reach_crisps_attention_in_every_layer(arch):
+    crisp.prepare(tiny_model(arch))  # no error: BERT and DistilBERT dispatch through the registry
