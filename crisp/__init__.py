@@ -6,7 +6,7 @@
     crisp.set_sparsity(model, 0.8)
 
 Layers, each importing only the ones above it in this list: :mod:`crisp.sparsity` (the sparsifier),
-:mod:`crisp.runs` (a run's config, claim, results and lifecycle), :mod:`crisp.training` (tasks, data,
+:mod:`crisp.core` (a run's config, claim, results and lifecycle), :mod:`crisp.training` (tasks, data,
 encoders, one run's training), :mod:`crisp.lockstep` (many runs as one fused model), :mod:`crisp.sweep`
 (launchers); then the entry points ``crisp.run``, ``crisp.report`` and ``crisp.bench``.
 

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig
 
 import crisp
-from crisp.runs.results import model_label
+from crisp.core.results import model_label
 from crisp.sweep import nvidia_mps as mps
 from crisp.training.cuda_graphs import GraphedTrainStep
 

@@ -1,7 +1,7 @@
 """``python -m crisp.report DIR [DIR ...]``: the ablation tables of one study folder or several sweeps.
 
 Writes ``report.md``, ``report.csv``, ``report.png`` (and ``report-tasks.png`` across tasks) into the
-first DIR or ``--out`` (:mod:`crisp.runs.ablation` says what the tables hold), prints the tables, and
+first DIR or ``--out`` (:mod:`crisp.core.ablation` says what the tables hold), prints the tables, and
 exits 1 when a results.json below the dirs cannot be used (each is named on the terminal), 2 when a
 dir does not exist or holds no results.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from crisp.runs.ablation import (  # noqa: F401  (the report's API, as it always was importable from here)
+from crisp.core.ablation import (  # noqa: F401  (the report's API, as it always was importable from here)
     COLUMNS,
     CSV,
     MARKDOWN,
@@ -26,7 +26,7 @@ from crisp.runs.ablation import (  # noqa: F401  (the report's API, as it always
     unusable,
     write_report,
 )
-from crisp.runs.results import FILENAME
+from crisp.core.results import FILENAME
 
 
 def main(argv: list[str] | None = None) -> int:

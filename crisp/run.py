@@ -1,6 +1,6 @@
 """The Hydra entry point: ``python -m crisp.run [overrides]`` (one run) or ``-m`` (a grid).
 
-Each run goes through the one run lifecycle (:mod:`crisp.runs.lifecycle`): claimed, skipped if it
+Each run goes through the one run lifecycle (:mod:`crisp.core.lifecycle`): claimed, skipped if it
 completed already with the same run_key, trained, and recorded in its results.json, also when it
 fails. In a sweep a failing run is recorded and the sweep goes on; alone, it exits non-zero: 2 with
 one clear line for an error the user can fix, 1 with the traceback for anything else.
@@ -23,9 +23,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from crisp.runs import lifecycle, results
-from crisp.runs.config import CONF_DIR, register_configs, register_resolvers, resolved_config, written_config
-from crisp.runs.errors import USER_ERRORS
+from crisp.core import lifecycle, results
+from crisp.core.config import CONF_DIR, register_configs, register_resolvers, resolved_config, written_config
+from crisp.core.errors import USER_ERRORS
 from crisp.training.ddp import is_child_rank
 
 log = logging.getLogger("crisp")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from crisp.runs import results
+from crisp.core import results
 from tests.conftest import SST2_DIR, run_crisp, smoke_overrides
 
 
@@ -28,6 +28,7 @@ def test_smoke_run_completes_quickly(tmp_path):
     assert record["config"]["model"]["from_config"]["model_type"] == "distilbert"
     assert record["layers"]["configured"] == [0.0, 0.0]
     assert (tmp_path / ".hydra" / "config.yaml").is_file()  # the config travels with its results
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644  # as any other output, not a temp file's 0600
 
 
 BAD_INPUT = [  # overrides, what the error must say (the key and the value)
@@ -38,6 +39,7 @@ BAD_INPUT = [  # overrides, what the error must say (the key and the value)
     (["strategy=bogus"], ["strategy", "bogus", "uniform"]),
     (["model=distilbert"], ["model.name_or_path='distilbert-base-uncased'", "model=minilm-l6"]),
     (["model.name_or_path=no-such-org/no-such-model"], ["model.name_or_path='no-such-org/no-such-model'"]),
+    (["model.name_or_path=/nonexistent"], ["model.name_or_path='/nonexistent' is not allowed", "no such folder"]),
     (["data=sst2_local", "data.dir=/no/such/folder"], ["data.dir='/no/such/folder'", "not a folder"]),
     (["data=sst2_local", "data.dir={tsv}"], ["train.tsv:3", "label='2'", "0 or 1"]),
     (["trainer.cuda_graphs=true"], ["trainer.cuda_graphs=true", "trainer.accelerator=cpu", "one GPU"]),

@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from crisp.runs.config import ConfigError, register_configs, register_resolvers, run_name, validate
-from crisp.runs.results import run_key
+from crisp.core.config import ConfigError, register_configs, register_resolvers, run_name, validate
+from crisp.core.results import run_key
 from tests.conftest import ROOT
 
 register_configs()

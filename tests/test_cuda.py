@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 import crisp
 import crisp.training.cuda_graphs
-from crisp.runs import results
+from crisp.core import results
 from crisp.sparsity import kernels
 from crisp.sparsity.topk import MaskInfo, drop_mask, k_table
 from crisp.training.cuda_graphs import GraphedTrainStep

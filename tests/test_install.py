@@ -9,7 +9,7 @@ import sysconfig
 
 import pytest
 
-from crisp.runs import results
+from crisp.core import results
 from tests.conftest import ROOT
 
 

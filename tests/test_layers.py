@@ -1,4 +1,4 @@
-"""The package's layers point down only: sparsity <- runs <- training <- lockstep <- sweep <- entry points."""
+"""The package's layers point down only: sparsity <- core <- training <- lockstep <- sweep <- entry points."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ PACKAGE = ROOT / "crisp"
 # what each layer may import of crisp (besides itself): the layers below it
 BELOW = {
     "sparsity": set(),
-    "runs": {"sparsity"},
-    "training": {"sparsity", "runs"},
-    "lockstep": {"sparsity", "runs", "training"},
-    "sweep": {"sparsity", "runs", "training", "lockstep"},
+    "core": {"sparsity"},
+    "training": {"sparsity", "core"},
+    "lockstep": {"sparsity", "core", "training"},
+    "sweep": {"sparsity", "core", "training", "lockstep"},
 }
 ENTRY_POINTS = {"crisp.run", "crisp.report", "crisp.bench"}
 

@@ -14,10 +14,10 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 import crisp
+from crisp.core import results
 from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import FusedEmbedding, follow_weight_decay, fuse, run_state_dict
 from crisp.lockstep.packing import attention_mask, pack, pack_rows
-from crisp.runs import results
 from crisp.sweep.lockstep_launcher import plan, recipe
 from tests.conftest import GLUE_DIR, ROOT, run_crisp, smoke_overrides, tiny_model
 from tests.test_sweep import records, wait_for, workers_of
@@ -151,7 +151,7 @@ def test_each_run_has_its_own_dropout_stream():
 
 
 def _job(tmp_path, *overrides):
-    from crisp.runs.config import register_configs, register_resolvers
+    from crisp.core.config import register_configs, register_resolvers
     from crisp.sweep.jobs import Job
 
     register_configs()
@@ -339,3 +339,4 @@ def test_a_killed_group_resumes_and_skips_what_completed(tmp_path):
     assert {name: r["finished_at"] for name, r in records(tmp_path).items() if name != "dense_seed3"} == \
         {name: r["finished_at"] for name, r in first.items()}
     assert results.read(tmp_path / "dense_seed3")["timing"]["lockstep"]["runs"] == 1
+    assert len(list(tmp_path.glob("lockstep-group0-*.log"))) == 3  # each attempt's group log is its own

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from crisp.runs.config import register_configs, register_resolvers
+from crisp.core.config import register_configs, register_resolvers
 from crisp.training.classifier import SparseClassifier
 from crisp.training.tasks import TASKS
 from tests.conftest import ROOT, tiny_model

@@ -15,7 +15,7 @@ import tempfile
 
 import pytest
 
-from crisp.runs import results
+from crisp.core import results
 from crisp.sweep import nvidia_mps as mps
 from tests.conftest import run_crisp, smoke_overrides
 

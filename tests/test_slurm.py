@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from crisp.runs import results
+from crisp.core import results
 from tests.conftest import ROOT, run_crisp, smoke_overrides
 from tests.slurm_cluster import ClusterUnavailable, SlurmCluster, missing_requirements
 
@@ -160,7 +160,7 @@ def test_a_grid_is_one_job_array_with_the_basic_launchers_report(slurm, tmp_path
     found = records(tmp_path / "slurm")
     assert sorted(found) == sorted(tasks) and all(r["status"] == "completed" for r in found.values())
 
-    basic = run_crisp("-m", *smoke_overrides(tmp_path / "basic", sweep=True), *grid)
+    basic = run_crisp("-m", *smoke_overrides(tmp_path / "basic", "hydra/launcher=basic", sweep=True), *grid)
     assert basic.returncode == 0, basic.stderr[-3000:]
     assert (tmp_path / "slurm" / "report.csv").read_text() == (tmp_path / "basic" / "report.csv").read_text()
     table = [line for line in (tmp_path / "slurm" / "report.md").read_text().splitlines() if line.startswith("|")]
@@ -170,6 +170,15 @@ def test_a_grid_is_one_job_array_with_the_basic_launchers_report(slurm, tmp_path
     assert log.count("SLURM accounting is off") == 1 and "sacct" not in log.replace("(sacct: ", "")
     assert "arning" not in log and "Traceback" not in log
     assert len(log.splitlines()) <= 3 * len(tasks) + 12, log
+
+
+def test_a_grid_over_any_key_keeps_every_run_in_a_task_and_a_directory_of_its_own(slurm, tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, "logger=none", *launcher(slurm), sweep=True),
+                     "optim.lr=1e-5,5e-5", "seed=1", env=slurm.env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    found = {r["output_dir"]: r for r in (results.read(p) for p in results.find_all(tmp_path))}
+    assert sorted(found) == ["optim.lr=1e-05/dense_seed1", "optim.lr=5e-05/dense_seed1"]
+    assert len({r["run_key"] for r in found.values()}) == 2 and all(r["status"] == "completed" for r in found.values())
 
 
 def test_lockstep_groups_are_array_tasks_and_the_same_command_skips_them(slurm, tmp_path):

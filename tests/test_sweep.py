@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from crisp.runs import results
+from crisp.core import results
 from tests.conftest import ROOT, run_crisp, smoke_overrides
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def test_verbatim_grid_and_its_report(tmp_path):
     assert {"dense_seed1", "uniform_s0.6_seed2", "uniform_s0.8_seed3"} <= set(found)
     assert found["uniform_s0.7_seed1"]["layers"]["configured"] == [0.7, 0.7]
     for name in ("report.md", "report.csv", "report.png"):
-        assert (tmp_path / name).stat().st_size > 0
+        assert (tmp_path / name).stat().st_size > 0 and (tmp_path / name).stat().st_mode & 0o777 == 0o644
     assert "| uniform | 0.8 | 3 |" in proc.stdout  # the table is printed when the sweep ends
 
 
@@ -218,6 +218,7 @@ def test_sigterm_ends_the_workers_and_records_their_runs(tmp_path):
     assert proc.returncode == 143
     assert "sweep interrupted by SIGTERM" in stdout and f"hydra.sweep.dir={tmp_path}" in stdout
     assert not workers_of(tmp_path)
+    assert all(stdout.count(f"dense_seed{seed} failed: Interrupted") == 1 for seed in (1, 2, 3))  # said once each
     found = records(tmp_path)
     assert {r["error"]["type"] for r in found.values()} == {"Interrupted"}  # running and not yet started
     assert len(found) == 3
@@ -239,7 +240,7 @@ def test_a_big_sweep_composes_its_jobs_in_forked_processes_exactly_as_one_by_one
     from hydra.types import HydraContext
     from omegaconf import OmegaConf
 
-    from crisp.runs.config import register_configs, register_resolvers
+    from crisp.core.config import register_configs, register_resolvers
     from crisp.sweep import jobs as sweep_jobs
 
     register_configs()
@@ -266,7 +267,7 @@ def test_a_big_sweep_composes_its_jobs_in_forked_processes_exactly_as_one_by_one
         [(int(o[0][5:]), float(o[1][9:]), o[2][9:], 5 + i) for i, o in enumerate(overrides)]
 
 
-# ---------------------------------------------------------------------------------------------- nothing lost, nothing mixed
+# ------------------------------------------------------------------------------------- nothing lost, nothing mixed
 
 
 @pytest.mark.parametrize("launcher", ["basic", "parallel", "lockstep", "auto"])
@@ -299,8 +300,8 @@ def test_a_path_like_override_cannot_write_outside_the_sweep(tmp_path, override)
 
 
 def test_two_lockstep_sweeps_into_one_directory_train_each_run_once(tmp_path):
-    grid = [sys.executable, "-m", "crisp.run", "-m", *smoke_overrides(tmp_path, "logger=none", "hydra/launcher=lockstep",
-                                                                       "trainer.max_epochs=2", sweep=True), "seed=1,2,3"]
+    overrides = smoke_overrides(tmp_path, "logger=none", "hydra/launcher=lockstep", "trainer.max_epochs=2", sweep=True)
+    grid = [sys.executable, "-m", "crisp.run", "-m", *overrides, "seed=1,2,3"]
     first = subprocess.Popen(grid, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second = subprocess.Popen(grid, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outputs = [p.communicate(timeout=600) for p in (first, second)]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from crisp.runs import results
-from crisp.runs.errors import DataError
+from crisp.core import results
+from crisp.core.errors import DataError
 from crisp.training.data import Split, load_local, read_glue_tsv, tokenize
 from crisp.training.encoder import train_word_tokenizer
 from crisp.training.tasks import TASKS, metrics

@@ -20,15 +20,22 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from crisp.core import heartbeat
 from crisp.lockstep.batches import GroupDataModule
 from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import follow_weight_decay, keep_runs, sentences_start_at, solo_ndim
 from crisp.lockstep.packing import attention_mask
-from crisp.runs import heartbeat
 from crisp.sparsity.attention import RunRows, batch_of_runs
 from crisp.sparsity.families import attention_modules, family_of
 from crisp.training import tasks
-from crisp.training.classifier import ValidationOutputs, adamw, epoch_record, layer_metrics, linear_schedule
+from crisp.training.classifier import (
+    ValidationOutputs,
+    adamw,
+    epoch_record,
+    layer_metrics,
+    linear_schedule,
+    track,
+)
 from crisp.training.cuda_graphs import GraphedTrainStep
 
 
@@ -76,8 +83,7 @@ class LockstepClassifier(pl.LightningModule):
         return [self._sums.pop(name, None) for name in names]
 
     def _track(self, enabled: bool) -> None:
-        for module in self.attention:
-            module.crisp_track_stats = enabled
+        track(self.attention, enabled)
 
     def _layer_stats(self) -> torch.Tensor:
         return torch.stack([m.crisp_stats for m in self.attention], dim=1)  # [runs, layers, 2]

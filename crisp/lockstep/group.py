@@ -1,6 +1,6 @@
 """Train a group of runs in lockstep, in this process: every run set up as it would be alone.
 
-:func:`train_group` puts the group through the one run lifecycle (:func:`crisp.runs.lifecycle.attempt`:
+:func:`train_group` puts the group through the one run lifecycle (:func:`crisp.core.lifecycle.attempt`:
 claim, skip what completed, train, record), as a single run goes through it. To train, for each run
 and exactly as :func:`crisp.training.train.train` does for one: the seed, the data, the tokenizer, the
 seed again, the model's initialisation, the strategy (adaptive calibration on its own dense model).
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 import crisp
+from crisp.core import heartbeat, lifecycle
+from crisp.core.config import resolved_config
+from crisp.core.errors import ConfigError
 from crisp.lockstep.batches import GroupDataModule
 from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import fuse, run_state_dict
 from crisp.lockstep.fused_classifier import LockstepClassifier, Run
-from crisp.runs import heartbeat, lifecycle
-from crisp.runs.config import resolved_config
-from crisp.runs.errors import ConfigError
 from crisp.sparsity.families import FAMILIES, REGISTRY, family_of
 from crisp.sparsity.strategies import STRATEGIES, measure_entropy
 from crisp.training import loggers
@@ -44,6 +43,7 @@ from crisp.training.train import (
     epochs_summary,
     layers_summary,
     save_weights,
+    timed_fit,
     trainer_settings,
 )
 
@@ -80,7 +80,7 @@ def _key(value: Any) -> str:
 
 
 def _train(members: list[Member], options: dict[str, Any]) -> None:
-    cfg = members[0].cfg  # the group's shared recipe (crisp.sweep.lockstep_launcher groups by it)
+    cfg = members[0].cfg  # the group's shared recipe (the launcher groups jobs by it)
     settings = trainer_settings(cfg)
     if cfg.model.name_or_path:
         resolve_model(cfg.model.name_or_path)  # an unreachable hub fails now, not after the data
@@ -116,14 +116,8 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
         plugins=[LightningEnvironment()], enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, deterministic=cfg.trainer.deterministic, default_root_dir=str(members[0].output_dir),
     )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     log.info("lockstep: training %d runs as one model (rows of %d tokens)", len(members), width)
-    start = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=datamodule)
-    finally:
-        fit_seconds = time.perf_counter() - start
+    fit_seconds = timed_fit(trainer, module, datamodule)
     if trainer.interrupted:
         raise RuntimeError("training was interrupted")
     done = [m for m in members if m.run.result is None]

@@ -19,9 +19,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from crisp.runs import results
-from crisp.runs.config import validate
-from crisp.runs.errors import ConfigError
+from crisp.core import results
+from crisp.core.config import validate
+from crisp.core.errors import ConfigError, OutOfSpace
+from crisp.core.lifecycle import check_space
 from crisp.sweep import nvidia_mps as mps
 
 log = logging.getLogger("crisp")
@@ -37,7 +38,8 @@ class SweepCallback(Callback):
 
         try:
             validate(config)
-        except ConfigError as err:
+            check_space(Path(config.hydra.run.dir))
+        except (ConfigError, OutOfSpace) as err:
             print(f"crisp: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
@@ -74,8 +76,8 @@ def write_report(config: DictConfig, sweep_dir: Path) -> list[str]:
     # each by its folder in the sweep: the run's name, after the keys that vary
     failed = sorted(r.get("output_dir") or r.get("name", "?") for r in records if r.get("status") != results.COMPLETED)
     if config.report.after_sweep and records:
-        from crisp.runs.ablation import format_all
-        from crisp.runs.ablation import write_report as write
+        from crisp.core.ablation import format_all
+        from crisp.core.ablation import write_report as write
 
         summary = write([sweep_dir], log_wandb=_wandb_target(config))
         print(format_all(summary), flush=True)

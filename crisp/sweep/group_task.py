@@ -13,10 +13,10 @@ from typing import Any
 from hydra.core.utils import JobReturn, run_job
 from hydra.types import HydraContext
 
+from crisp.core import lifecycle
+from crisp.core.config import validate
+from crisp.core.errors import ConfigError
 from crisp.lockstep.group import train_group
-from crisp.runs import lifecycle
-from crisp.runs.config import validate
-from crisp.runs.errors import ConfigError
 from crisp.sweep.jobs import Job, job_return, map_forked
 
 

@@ -24,9 +24,9 @@ from hydra.core.utils import JobReturn, JobStatus, run_job
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from crisp.runs import results
-from crisp.runs.claim import RunLock
-from crisp.runs.config import resolved_config, written_config
+from crisp.core import results
+from crisp.core.claim import RunLock
+from crisp.core.config import resolved_config, written_config
 
 log = logging.getLogger("crisp")
 

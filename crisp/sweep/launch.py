@@ -17,7 +17,7 @@ from typing import Any
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, setup_globals
 
-from crisp.runs import results
+from crisp.core import results
 from crisp.sweep.jobs import Job, job_return, record_failure
 from crisp.sweep.pool import Outcome, SweepInterrupted, Task, WorkerPool, fork_workers, visible_gpus
 
@@ -58,7 +58,7 @@ def run_tasks(sweep_dir: Path, tasks: list[Task], jobs: list[Job], max_running: 
             for job in task_jobs:
                 returns[job.idx] = job_return(job, record_failure(job, kind, message, outcome.log_tail))
         for job in task_jobs:
-            _log_outcome(job, returns[job.idx].return_value, outcome.seconds)
+            log_outcome(job, returns[job.idx].return_value, outcome.seconds)
 
     pool = WorkerPool(max_running, stall_timeout_s, visible_gpus(), fork=fork_workers(worker_start))
     log.info("%d jobs in %d worker tasks, at most %d at once", len(jobs), len(tasks), pool.max_running)
@@ -71,15 +71,17 @@ def run_tasks(sweep_dir: Path, tasks: list[Task], jobs: list[Job], max_running: 
     return [returns[job.idx] for job in jobs]
 
 
-def _log_outcome(job: Job, value: dict[str, Any], seconds: float) -> None:
-    name = job.record["output_dir"]  # the run's folder in the sweep: its name, and the keys that vary
-    status = value.get("status")
+def log_outcome(job: Job, value: dict[str, Any], seconds: float, task: str | None = None) -> None:
+    """One line for a run that ended: its folder in the sweep, and its primary metric or its error."""
+    name = job.record["output_dir"]  # the run's name, after the keys that vary
+    status, also = value.get("status"), f" (task {task})" if task else ""
     if status == results.COMPLETED:
         metric = value.get("metric", "val_acc")
         score = (value.get("final") or {}).get(metric)
-        log.info("%s completed: %s %s (%.0f s)", name, metric, "?" if score is None else f"{score:.4f}", seconds)
+        log.info("%s completed: %s %s (%s%.0f s)", name, metric, "?" if score is None else f"{score:.4f}",
+                 f"task {task}, " if task else "", seconds)
     elif status == results.FAILED:
         error = value.get("error") or {}
-        log.info("%s failed: %s: %s", name, error.get("type"), error.get("message"))
+        log.error("%s failed: %s: %s%s", name, error.get("type"), error.get("message"), also)
     else:
-        log.info("%s %s", name, status)
+        log.info("%s %s%s", name, status, also)

@@ -25,7 +25,7 @@ from typing import Any
 from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf
 
-from crisp.runs import results
+from crisp.core import results
 from crisp.sweep import launch
 from crisp.sweep.jobs import Job, job_return
 from crisp.sweep.pool import visible_gpus
@@ -174,10 +174,10 @@ def group_jobs(jobs: Sequence[Job], max_runs: int | str | None, devices: int,
     for job in jobs:
         if job.output_dir in owner:
             returns[job.idx] = job_return(job, {**job.record, "status": "skipped"})
-            log.info("%s: the same run as job %d, trained once", job.name, owner[job.output_dir])
+            log.info("%s: the same run as job %d, trained once", job.record["output_dir"], owner[job.output_dir])
         elif results.is_completed(job.output_dir, job.record["run_key"]):
             returns[job.idx] = job_return(job, {**job.record, "status": "skipped"})
-            log.info("%s: already completed in %s, skipped", job.name, job.output_dir)
+            log.info("%s: already completed in %s, skipped", job.record["output_dir"], job.output_dir)
         else:
             pending.append(job)
         owner.setdefault(job.output_dir, job.idx)

@@ -9,7 +9,7 @@ are counted through NVML); where it has, or off Linux, or with ``hydra.launcher.
 the worker is a fresh interpreter. The pool
 
 - runs at most ``max_running`` tasks at once and gives each the visible GPU with the fewest tasks;
-- ends a task whose heartbeat file (:mod:`crisp.runs.heartbeat`) has not been touched for
+- ends a task whose heartbeat file (:mod:`crisp.core.heartbeat`) has not been touched for
   ``stall_timeout_s`` (a hung CUDA call, a deadlock, a stopped process) and says which it was;
 - kills a task's whole process group when the task ends, and every running task when the sweep
   is interrupted (Ctrl-C, SIGTERM); workers also die with the sweep's process if it is killed
@@ -39,7 +39,7 @@ from typing import Any
 
 import cloudpickle
 
-from crisp.runs import heartbeat
+from crisp.core import heartbeat
 from crisp.sweep import worker
 
 log = logging.getLogger("crisp")

@@ -34,7 +34,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from crisp.runs import results
+from crisp.core import results
 from crisp.sweep import launch
 from crisp.sweep.jobs import Job, job_return, record_failure
 from crisp.sweep.pool import SweepInterrupted, signals_raise
@@ -228,7 +228,7 @@ def _outcome(t: Tracked, state: str, node: str, exit_code: str, params: dict[str
                 err = ret._return_value
                 ret = job_return(job, record_failure(job, type(err).__name__, f"{err} (SLURM task {t.id})"))
             returns.append(ret)
-            _log_returned(job, t.id, ret.return_value, seconds)
+            launch.log_outcome(job, ret.return_value, seconds, task=t.id)
         return returns
     log_path = t.slurm.paths.stdout
     if result is not None:  # ("error", traceback): the task raised outside the runs' own error handling
@@ -244,20 +244,6 @@ def _outcome(t: Tracked, state: str, node: str, exit_code: str, params: dict[str
         release_claim(job, t.id)
         returns.append(job_return(job, record_failure(job, kind, message, details)))
     return returns
-
-
-def _log_returned(job: Job, task_id: str, value: dict[str, Any], seconds: float) -> None:
-    status = value.get("status")
-    if status == results.COMPLETED:
-        metric = value.get("metric", "val_acc")
-        score = (value.get("final") or {}).get(metric)
-        log.info("%s completed: %s %s (task %s, %.0f s)", job.name, metric, "?" if score is None else f"{score:.4f}",
-                 task_id, seconds)
-    elif status == results.FAILED:
-        error = value.get("error") or {}
-        log.error("%s failed: %s: %s (task %s)", job.name, error.get("type"), error.get("message"), task_id)
-    else:
-        log.info("%s %s (task %s)", job.name, status, task_id)
 
 
 def _exception_line(trace: str) -> str:

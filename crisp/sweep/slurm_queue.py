@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from crisp.runs.claim import RunLock
+from crisp.core.claim import RunLock
 from crisp.sweep.jobs import Job
 
 log = logging.getLogger("crisp")

@@ -7,7 +7,7 @@ Hydra's basic sweeper expands the grid; this one then, before it writes anything
   ``-m optim.lr=1e-5,5e-5 seed=1`` gives ``optim.lr=1e-5/dense_seed1`` and ``optim.lr=5e-5/dense_seed1``
   (unless the command sets ``hydra.sweep.subdir`` itself; a ``name=`` given to every job labels the runs
   and leaves each its own folder);
-- composes every job and checks its values (:func:`crisp.runs.config.validate`): one bad value of one
+- composes every job and checks its values (:func:`crisp.core.config.validate`): one bad value of one
   job stops the whole grid, naming the job, before any run trains;
 - checks the directories: each lies inside the sweep's directory, and jobs share one only when they
   are the same run (equal run_keys: a dense job of each strategy is one run, trained once).
@@ -26,8 +26,8 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from crisp.runs.config import validate
-from crisp.runs.errors import ConfigError
+from crisp.core.config import validate
+from crisp.core.errors import ConfigError
 from crisp.sweep.jobs import Job, load_jobs, task_overrides
 
 log = logging.getLogger("crisp")

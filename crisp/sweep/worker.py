@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     from hydra.core.singleton import Singleton
     from hydra.core.utils import setup_globals
 
-    from crisp.runs import heartbeat
+    from crisp.core import heartbeat
     from crisp.sweep.jobs import execute
 
     spec = cloudpickle.loads(Path(spec_path).read_bytes())

@@ -81,6 +81,12 @@ def layer_metrics(stage: str, layers: list) -> dict[str, float]:
             for name, value in (("achieved_sparsity", achieved), ("entropy", entropy))}
 
 
+def track(attention: list[torch.nn.Module], enabled: bool) -> None:
+    """Whether the next forward records each layer's statistics (a host-free switch, set per step)."""
+    for module in attention:
+        module.crisp_track_stats = enabled
+
+
 def adamw(encoder: torch.nn.Module, optim, decayed: list, not_decayed: list) -> torch.optim.AdamW:
     """AdamW as Hugging Face fine-tunes (no decay for biases and LayerNorm weights); fused on CUDA."""
     groups = [{"params": decayed, "weight_decay": optim.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
@@ -135,8 +141,7 @@ class SparseClassifier(pl.LightningModule):
         print(f"crisp: strategy={name} sparsity={self.sparsity:g} -> per-layer sparsity [{allocation}]")
 
     def _track(self, enabled: bool) -> None:
-        for module in self.attention:
-            module.crisp_track_stats = enabled
+        track(self.attention, enabled)
 
     def _layer_stats(self) -> torch.Tensor:
         return torch.stack([m.crisp_stats for m in self.attention])

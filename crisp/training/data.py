@@ -22,8 +22,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from crisp.runs.errors import DataError
-from crisp.runs.model_dirs import CACHE_DIR
+from crisp.core.errors import DataError
+from crisp.core.model_dirs import CACHE_DIR
 from crisp.training.hub import load_hub_dataset
 from crisp.training.tasks import TASKS, Task, task_of
 

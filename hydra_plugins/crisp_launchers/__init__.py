@@ -26,13 +26,15 @@ class ComposeOnceSweeper(BasicSweeper):
 
         from omegaconf import OmegaConf
 
-        from crisp.runs.errors import ConfigError
+        from crisp.core.errors import ConfigError, OutOfSpace
+        from crisp.core.lifecycle import check_space
         from crisp.sweep import sweeper
 
         batches = sweeper.expand(self, arguments)
         try:
             jobs = sweeper.compose_and_check(self, [job for batch in batches for job in batch], 0)
-        except ConfigError as err:
+            check_space(Path(str(self.config.hydra.sweep.dir)), runs=len({job.output_dir for job in jobs}))
+        except (ConfigError, OutOfSpace) as err:
             print(f"crisp: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))

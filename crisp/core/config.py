@@ -1,0 +1,173 @@
+"""Config schema, value checks and resolvers.
+
+Types are enforced by a structured config registered in Hydra's ConfigStore (``sparsity=abc`` fails
+while Hydra composes); :func:`validate` checks ranges and choices before anything heavy runs, and
+names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from crisp.core.errors import ConfigError
+from crisp.core.model_dirs import minilm_dir, mpnet_dir
+from crisp.core.results import effective_strategy
+from crisp.sparsity import MAX_LAYER_SPARSITY
+
+# conf/ beside the package (a checkout) or inside it (an installed wheel)
+CONF_DIR = next((p for p in (Path(__file__).resolve().parents[2] / "conf", Path(__file__).resolve().parents[1] / "conf")
+                 if (p / "config.yaml").is_file()), Path(__file__).resolve().parents[1] / "conf")
+
+
+@dataclass
+class SparsifierConf:
+    apply_in_eval: bool = True
+    # per-layer statistics are measured on every validation batch and every N-th training step
+    stats_every_n_steps: int = 50
+
+
+@dataclass
+class OptimConf:
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # "auto": the fused CUDA kernel on GPU, the foreach implementation elsewhere
+    fused: Any = "auto"
+
+
+@dataclass
+class CrispConf:
+    """The top level. Groups (model, data, strategy, trainer, logger) are typed by their own yaml."""
+
+    sparsity: float = 0.0
+    seed: int = 1
+    name: str = MISSING
+    tags: list[str] = field(default_factory=list)
+    sparsifier: SparsifierConf = field(default_factory=SparsifierConf)
+    optim: OptimConf = field(default_factory=OptimConf)
+    model: Any = MISSING
+    data: Any = MISSING
+    strategy: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = MISSING
+    report: Any = None
+    sweep: Any = None
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The job's config without Hydra's own section, every interpolation resolved.
+
+    Resolved key by key, so that it also works in a launcher's process, where Hydra's runtime
+    fields (the output dir) are not set yet.
+    """
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in cfg if k != "hydra"}
+
+
+def written_config(cfg: DictConfig) -> dict[str, Any]:
+    """The job's config as written (interpolations left as they are), without Hydra's section."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="crisp_schema", node=CrispConf)
+
+
+def run_name(strategy: str, sparsity: float, seed: int) -> str:
+    """A readable name: ``dense_seed1``, ``uniform_s0.8_seed2``."""
+    strategy = effective_strategy(strategy, sparsity)
+    return f"dense_seed{seed}" if strategy == "dense" else f"{strategy}_s{sparsity:g}_seed{seed}"
+
+
+def parallel_jobs(per_gpu: int = 4) -> int:
+    """Default number of simultaneous runs: ``per_gpu`` on each visible GPU, or half the CPU cores."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return per_gpu * gpus if gpus else max(1, (os.cpu_count() or 2) // 2)
+
+
+def glue_dir(folder: str) -> str | None:
+    """A task's GLUE-format folder when one is set up: ``$CRISP_GLUE_DIR/<folder>`` (SST-2 also
+    ``$CRISP_SST2_DIR``); None: the task comes from the hub."""
+    candidates = [os.environ.get("CRISP_SST2_DIR")] if folder == "SST-2" else []
+    if os.environ.get("CRISP_GLUE_DIR"):
+        candidates.append(os.path.join(os.environ["CRISP_GLUE_DIR"], folder))
+    return next((c for c in candidates if c and os.path.isdir(c)), None)
+
+
+def register_resolvers() -> None:
+    resolvers = {
+        "crisp.run_name": run_name,
+        "crisp.minilm_dir": minilm_dir,
+        "crisp.mpnet_dir": mpnet_dir,
+        "crisp.glue_dir": glue_dir,
+        "crisp.parallel_jobs": parallel_jobs,
+        # drawn once per sweep and cached (the cache travels with the config to every job)
+        "crisp.uid": lambda: secrets.token_hex(2),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "crisp.uid")
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _check_number(cfg: DictConfig, key: str, low: float, high: float, *, closed_high: bool = True) -> None:
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and low <= value and (value <= high if closed_high else value < high)
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        _fail(key, value, f"it must be a number in [{low:g}, {high:g}{bracket}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value whose range a type cannot express; raise ConfigError on the first bad one."""
+    _check_number(cfg, "sparsity", 0, 1, closed_high=False)
+    strategy, strategies = cfg.strategy.name, sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
+    if strategy not in strategies:
+        _fail("strategy", strategy, f"choose one of {strategies}")
+    name = str(cfg.name)
+    if not name or "/" in name or name.startswith(".") or "\0" in name:
+        _fail("name", cfg.name, "a run's name is one folder name: no '/', not starting with '.'")
+    if strategy != "uniform" and cfg.sparsity > MAX_LAYER_SPARSITY:
+        _fail("sparsity", cfg.sparsity, f"strategy {strategy} spreads sparsity over layers each in [0, 0.95]")
+    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+        _fail("seed", cfg.seed, "it must be a non-negative integer")
+    _check_number(cfg, "optim.lr", 0, 1, closed_high=True)
+    if cfg.optim.lr == 0:
+        _fail("optim.lr", cfg.optim.lr, "it must be positive")
+    _check_number(cfg, "optim.weight_decay", 0, 1)
+    _check_number(cfg, "optim.warmup_ratio", 0, 1)
+    if cfg.optim.fused not in ("auto", True, False):
+        _fail("optim.fused", cfg.optim.fused, "choose auto, true or false")
+    for key in ("trainer.max_epochs", "data.batch_size", "data.max_length"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            _fail(key, value, "it must be a positive integer")
+    if not isinstance(cfg.trainer.get("save_weights", False), bool):
+        _fail("trainer.save_weights", cfg.trainer.save_weights, "choose true or false")
+    if cfg.trainer.cuda_graphs not in ("auto", True, False):
+        _fail("trainer.cuda_graphs", cfg.trainer.cuda_graphs, "choose auto, true or false")
+    if cfg.trainer.matmul_precision not in ("highest", "high", "medium"):
+        _fail("trainer.matmul_precision", cfg.trainer.matmul_precision, "choose highest, high or medium")
+    for key, null in (("data.train_limit", "all examples"), ("data.val_limit", "all examples"),
+                      ("data.pad_to_multiple_of", "16 with CUDA graphs, else no rounding")):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            _fail(key, value, f"it must be a positive integer or null ({null})")
+    if cfg.data.name == "sst2_local" and not cfg.data.get("dir"):
+        _fail("data.dir", cfg.data.get("dir"), "data=sst2_local needs data.dir=<folder with train.tsv and dev.tsv>")
