@@ -397,3 +397,14 @@ def test_each_task_reports_its_own_metric_and_a_cross_task_table_compares_them(t
     half = T975_DF2 * 1.0 / math.sqrt(3)
     assert f"| uniform 0.8 | +6.00 [{6 - half:+.2f}, {6 + half:+.2f}] ✱ | -2.00 [" in across  # stsb: -5, +1, -2 pp
     assert (tmp_path / "report-tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_committed_results_name_no_machine_path():
+    """Results travel between machines: no /work, /tmp, /root or /home path in what is committed."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "multirun" / "results"
+    found = [str(p.relative_to(root)) for p in root.rglob("results.json")
+             if re.search(r'"/(work|tmp|root|home|opt)/', p.read_text())]
+    assert not found, found[:5]
+    assert len(list(root.rglob("results.json"))) > 500

@@ -161,3 +161,31 @@ def test_a_malformed_file_fails_its_run_with_the_file_and_line_and_no_completed_
     assert proc.returncode == 2
     assert f"{folder / 'train.tsv'}:3: expected 4 tab-separated fields, got 3" in proc.stderr
     assert results.read(out)["status"] == "failed"
+
+
+def test_the_hub_gives_each_task_its_fields_labels_and_validation_splits(monkeypatch):
+    """nyu-mll/glue through datasets (faked here: no hub): MNLI's premise and hypothesis, both dev splits."""
+    from crisp.training import data
+
+    def column(n, value):
+        return [value(i) for i in range(n)]
+
+    fake = {split: {"premise": column(4, lambda i: f" p{i} "), "hypothesis": column(4, lambda i: f"h{i}"),
+                    "label": column(4, lambda i: i % 3)}
+            for split in ("train", "validation_matched", "validation_mismatched")}
+    monkeypatch.setattr(data, "load_hub_dataset", lambda path, config: fake if (path, config) == ("nyu-mll/glue",
+                                                                                                   "mnli") else None)
+    splits = data.load_hub(OmegaConf.create({"hub_path": "nyu-mll/glue", "hub_config": "mnli"}), TASKS["mnli"])
+    assert list(splits) == ["train", "validation_matched", "validation_mismatched"]
+    train = splits["train"]
+    assert train.texts[0] == "p0" and train.pairs[1] == "h1" and train.labels == [0, 1, 2, 0]
+    fake_stsb = {s: {"sentence1": ["a"], "sentence2": ["b"], "label": [3.8]} for s in ("train", "validation")}
+    monkeypatch.setattr(data, "load_hub_dataset", lambda path, config: fake_stsb)
+    assert data.load_hub(OmegaConf.create({"hub_path": "nyu-mll/glue", "hub_config": "stsb"}),
+                         TASKS["stsb"])["validation"].labels == [3.8]
+
+
+def test_a_byte_order_mark_is_no_part_of_the_header(tmp_path):
+    (tmp_path / "dev.tsv").write_bytes("\ufeffsentence\tlabel\ngood film \t1\n".encode())
+    split = read_glue_tsv(tmp_path / "dev.tsv")
+    assert split.texts == ["good film"] and split.labels == [1]

@@ -35,6 +35,7 @@ from crisp.training.classifier import (
     layer_metrics,
     linear_schedule,
     track,
+    training_outputs,
 )
 from crisp.training.cuda_graphs import GraphedTrainStep
 
@@ -55,10 +56,10 @@ class LockstepClassifier(pl.LightningModule):
     def __init__(self, encoder: torch.nn.Module, runs: list[Run], random: RunRandom, cfg: DictConfig,
                  task: tasks.Task, cuda_graphs: bool = False, on_failure: Callable[[Run], None] | None = None):
         super().__init__()
-        self.automatic_optimization = not cuda_graphs
-        self.graphed_step: GraphedTrainStep | None = None
         self.encoder = encoder.train()
         self.runs = runs  # the active ones, in the fused model's order
+        self.automatic_optimization = not cuda_graphs
+        self.graphed_step: GraphedTrainStep | None = None
         self.random = random
         self.task = task
         self.optim = cfg.optim
@@ -104,19 +105,14 @@ class LockstepClassifier(pl.LightningModule):
         return losses.sum(), losses, logits
 
     def training_step(self, batch, batch_idx):
-        track = batch_idx % self.stats_every == 0
-        self._track(track)
-        if self.automatic_optimization:
-            total, losses, logits = self._loss_and_logits(batch)
-        else:
-            total, losses, logits = self._graphed_training_step(batch, track)
+        tracked, (total, losses, logits) = training_outputs(self, batch, batch_idx)
         runs = len(self.runs)
         self._add("train_loss", losses.detach())
         if not self.task.regression:
             self._add("train_correct", (logits.detach().argmax(-1) == batch["labels"]).view(runs, -1).sum(1))
         self._add("train_steps", torch.ones((), device=losses.device))
         self._add("train_seen", torch.full((), batch["labels"].numel() // runs, device=losses.device))
-        if track:
+        if tracked:
             self._add("train_stats", self._layer_stats())
             self._add("train_tracked", torch.ones((), device=losses.device))
         if self.global_step % self.log_every == 0 and any(run.logger for run in self.runs):

@@ -85,6 +85,10 @@ def visible_gpus() -> list[str]:
 
 
 class WorkerPool:
+    """Runs a sweep's tasks in worker processes, ``max_running`` at once, each on the least-loaded visible
+    GPU; ends a worker that stalls or that the sweep's interruption reaches; hands each task's outcome
+    (its result, or why there is none) to the caller as the task ends (see the module)."""
+
     def __init__(self, max_running: int, stall_timeout_s: float, gpus: Sequence[str] = (), poll_s: float = 0.5,
                  grace_s: float = 10.0, fork: bool = False):
         self.max_running = max(1, int(max_running))

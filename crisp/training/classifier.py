@@ -87,6 +87,16 @@ def track(attention: list[torch.nn.Module], enabled: bool) -> None:
         module.crisp_track_stats = enabled
 
 
+def training_outputs(module, batch: dict[str, torch.Tensor], batch_idx: int) -> tuple[bool, tuple]:
+    """A training step's outputs (loss first) and whether it recorded statistics (every N-th step): through
+    the module's CUDA-graphed step in manual optimization, else eagerly for Lightning's own."""
+    track_now = batch_idx % module.stats_every == 0
+    track(module.attention, track_now)
+    if module.automatic_optimization:
+        return track_now, module._loss_and_logits(batch)
+    return track_now, module._graphed_training_step(batch, track_now)
+
+
 def adamw(encoder: torch.nn.Module, optim, decayed: list, not_decayed: list) -> torch.optim.AdamW:
     """AdamW as Hugging Face fine-tunes (no decay for biases and LayerNorm weights); fused on CUDA."""
     groups = [{"params": decayed, "weight_decay": optim.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
@@ -162,13 +172,8 @@ class SparseClassifier(pl.LightningModule):
         return self.graphed_step.optimizer_step(self, batch, key)
 
     def training_step(self, batch, batch_idx):
-        track = batch_idx % self.stats_every == 0
-        self._track(track)
-        if self.automatic_optimization:
-            loss, logits = self._loss_and_logits(batch)
-        else:
-            loss, logits = self._graphed_training_step(batch, track)
-        if track:
+        tracked, (loss, logits) = training_outputs(self, batch, batch_idx)
+        if tracked:
             self.train_stats.update(self._layer_stats())
         # metrics accumulate on the device: no host synchronisation in the hot loop
         self.train_loss.update(loss.detach())
