@@ -97,3 +97,31 @@ def test_a_full_disk_stops_a_run_or_a_grid_with_one_line_before_anything_is_writ
     assert f"crisp: error: no space left for {2 if grid else 1} run(s) in {out}:" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
     assert not out.exists()
+
+
+def test_a_stop_that_a_logging_call_swallowed_is_raised_at_the_next_beat():
+    import logging
+
+    from crisp.core import heartbeat
+
+    class Stop(RuntimeError):
+        pass
+
+    class Raising(logging.Handler):  # a signal handler's raise inside logging's emit, as it happens
+        def emit(self, record):
+            try:
+                raise Stop("time limit")
+            except Stop:
+                self.handleError(record)  # logging swallows it
+
+    logger = logging.getLogger("crisp-test-swallow")
+    logger.addHandler(Raising())
+    logging.raiseExceptions, before = False, logging.raiseExceptions
+    try:
+        heartbeat.stop_with(Stop("time limit"))
+        logger.warning("a line")  # the raise is lost here ...
+        with pytest.raises(Stop):
+            heartbeat.beat()  # ... and comes back at training's next step
+        heartbeat.beat()  # once
+    finally:
+        logging.raiseExceptions = before

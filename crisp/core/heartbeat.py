@@ -4,6 +4,10 @@ crisp's process launchers (parallel, lockstep) give every worker a heartbeat fil
 whose file has not been touched for ``stall_timeout_s``: a hung CUDA call, a deadlock or a stopped
 process cannot hang a sweep forever. The training loops call :func:`beat` after every batch; it
 touches the file at most every :data:`EVERY_S` seconds, and does nothing outside such a worker.
+
+The same beat lets a launcher stop training from a signal handler (:func:`stop_with`): an exception
+raised inside a handler is lost where the handler happened to interrupt a ``logging`` call (logging
+swallows errors while it emits), so the error is also kept here, and the next beat raises it.
 """
 
 from __future__ import annotations
@@ -14,10 +18,20 @@ import time
 ENV = "CRISP_HEARTBEAT"
 EVERY_S = 2.0
 _last = 0.0
+_pending: BaseException | None = None
+
+
+def stop_with(error: BaseException) -> None:
+    """Training raises ``error`` at its next beat (from a signal handler, which may raise it itself too)."""
+    global _pending
+    _pending = error
 
 
 def beat(force: bool = False) -> None:
-    global _last
+    global _last, _pending
+    if _pending is not None:
+        error, _pending = _pending, None
+        raise error
     path = os.environ.get(ENV)
     if not path:
         return

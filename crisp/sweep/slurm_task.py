@@ -17,6 +17,7 @@ from hydra.core.utils import JobReturn, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import open_dict, read_write
 
+from crisp.core import heartbeat
 from crisp.sweep.jobs import Job, execute, job_return, record_failure
 
 
@@ -97,6 +98,8 @@ class ArrayTask:
                 submitit_handler(sig, frame)
             except UncompletedJobError as err:
                 self._out_of_time = f"{message} ({err})"
-                raise SlurmTimeLimit(self._out_of_time) from None
+                stop = SlurmTimeLimit(self._out_of_time)
+                heartbeat.stop_with(stop)  # in case this raise lands inside a logging call, which would swallow it
+                raise stop from None
 
         signal.signal(signum, handler)
