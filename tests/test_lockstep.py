@@ -19,7 +19,7 @@ from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import FusedEmbedding, follow_weight_decay, fuse, run_state_dict
 from crisp.lockstep.packing import attention_mask, pack, pack_rows
 from crisp.sweep.lockstep_launcher import plan, recipe
-from tests.conftest import GLUE_DIR, ROOT, run_crisp, smoke_overrides, tiny_model
+from tests.conftest import ROOT, run_crisp, smoke_overrides, tiny_model
 from tests.test_sweep import records, wait_for, workers_of
 
 NO_DROPOUT = ["+model.from_config.dropout=0", "+model.from_config.attention_dropout=0",
@@ -253,12 +253,15 @@ def test_mpnet_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (GLUE_DIR / "RTE").is_dir() or not (GLUE_DIR / "STS-B").is_dir(), reason="no GLUE folders")
 @pytest.mark.parametrize(("task", "folder"), [("rte", "RTE"), ("stsb", "STS-B")])
 def test_a_pair_task_and_a_regression_train_in_lockstep_exactly_like_alone(tmp_path, task, folder):
     """Pairs packed whole (BERT: with their token types) and STS-B's one output and MSE, fused."""
+    from tests.test_tasks import glue_folders
+
+    glue_folders(tmp_path / "glue", rows=96)  # the shared files' first rows, or files in their layout
     encoder = BERT if task == "rte" else NO_DROPOUT  # RTE with BERT's token types, STS-B with DistilBERT
-    grid = ["model=tiny", f"data={task}", f"data.dir={GLUE_DIR / folder}", "data.train_limit=96", "data.val_limit=48",
+    grid = ["model=tiny", f"data={task}", f"data.dir={tmp_path / 'glue' / folder}", "data.train_limit=96",
+            "data.val_limit=48",
             "data.eval_batch_size=16", "data.max_length=96", "trainer.max_epochs=1", "optim.lr=1e-3", *EXACT,
             *encoder, "seed=1,2", "sparsity=0.5,0.8"]
     solo, _ = _equal_training(tmp_path, grid, runs=4, steps=3)
