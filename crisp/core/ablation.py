@@ -444,7 +444,7 @@ def _failure_line(record: dict[str, Any], out: str | os.PathLike) -> str:
 def _canvas(panels: int, width: float = 7, height: float = 4.5) -> tuple[Figure, list]:
     columns = min(panels, 3)
     rows = -(-panels // columns)
-    fig = Figure(figsize=(width * columns, height * rows), dpi=110)
+    fig = Figure(figsize=(width * columns, height * rows), dpi=110, layout="constrained")  # titles clear of axes
     FigureCanvasAgg(fig)  # Agg canvas: no pyplot, no global backend
     return fig, [fig.add_subplot(rows, columns, i + 1) for i in range(panels)]
 
