@@ -23,7 +23,6 @@ from crisp.core.ablation import (  # noqa: F401  (the report's API, as it always
     format_cross_task,
     format_table,
     summarize,
-    unusable,
     write_report,
 )
 from crisp.core.results import FILENAME
@@ -39,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log_wandb = {"project": args.wandb_project} if args.wandb_project else None
     try:
-        summary = write_report(args.dirs, args.out, log_wandb)
+        records = collect(args.dirs)
+        summary = write_report(args.dirs, args.out, log_wandb, records=records)
     except ReportError as error:
         print(f"crisp.report: {error}", file=sys.stderr)
         return 2
     if not args.quiet:
         print(format_all(summary))
     print(f"crisp.report: wrote {MARKDOWN}, {CSV}, {PNG} to {args.out or args.dirs[0]}", file=sys.stderr)
-    bad = unusable(args.dirs)
+    bad = [r for r in records if r.get("unusable")]  # unreadable, another schema, or incomplete
     for record in bad:
         print(f"crisp.report: cannot use {record['results_path']}: {record['error']['message']}", file=sys.stderr)
     return 1 if bad else 0

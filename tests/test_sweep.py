@@ -80,7 +80,7 @@ def test_a_failing_run_does_not_stop_the_sweep(tmp_path, launcher):
 
 
 def test_a_bad_value_in_a_grid_stops_it_before_any_run_under_every_launcher(tmp_path):
-    for launcher in ("basic", "lockstep", "parallel", "auto"):
+    for launcher in ("basic", "lockstep", "parallel", "auto", "slurm"):  # slurm: refused before any sbatch
         out = tmp_path / launcher
         proc = run_crisp("-m", *smoke_overrides(out, f"hydra/launcher={launcher}", sweep=True), "sparsity=0,1.5")
         assert proc.returncode == 2, (launcher, proc.stderr[-2000:])

@@ -39,7 +39,7 @@ DENSE = ("dense", 0.0)
 PAPER_VAL_ACC: dict[tuple[str, float], float] = {("dense", 0.0): 90.62, ("uniform", 0.8): 91.59}
 TASK_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 # what a run varies within a table, and what says how it was launched or watched: no part of a recipe
-PER_RUN = ("strategy", "sparsity", "seed", "name", "tags", "logger", "report", "sweep", "hydra")
+NOT_A_RECIPE = (*results.PER_RUN, *results.NOT_IN_KEY)
 
 MARKDOWN, CSV, PNG, TASKS_PNG = "report.md", "report.csv", "report.png", "report-tasks.png"
 COLUMNS = [
@@ -187,7 +187,7 @@ def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def recipe_of(record: Mapping[str, Any]) -> dict[str, Any]:
     config = record.get("config") if isinstance(record.get("config"), Mapping) else {}
-    recipe = {k: v for k, v in _flat(config).items() if k.split(".")[0] not in PER_RUN}
+    recipe = {k: v for k, v in _flat(config).items() if k.split(".")[0] not in NOT_A_RECIPE}
     recipe["model"], recipe["task"] = portable_model(record.get("model")), record.get("task") or "sst2"
     recipe.pop("model.label", None)  # a display name
     return recipe
@@ -527,15 +527,17 @@ def write_report(
     dirs: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
     log_wandb: Mapping[str, Any] | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """Write report.md, report.csv and report.png (and report-tasks.png) into ``out_dir`` (default: the
     first dir); return the summary.
 
     ``log_wandb``: ``wandb.init`` kwargs; when given, the summary is logged as a table under "report".
+    ``records``: what :func:`collect` read of ``dirs``, when the caller has read it already.
     Raises :class:`ReportError`, writing nothing, when a dir does not exist or none holds results.
     """
     dirs = [Path(d) for d in dirs]
-    records = collect(dirs)
+    records = collect(dirs) if records is None else records
     if not records:
         raise ReportError(f"no {FILENAME} found under: {', '.join(map(str, dirs))}")
     summary = summarize(records)
@@ -551,11 +553,6 @@ def write_report(
     if log_wandb is not None:
         _log_wandb(summary, log_wandb)
     return summary
-
-
-def unusable(dirs: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
-    """The results.json files below ``dirs`` that cannot be used (unreadable, another schema, incomplete)."""
-    return [r for r in collect(dirs) if r.get("unusable")]
 
 
 def _log_wandb(summary: pd.DataFrame, init_kwargs: Mapping[str, Any]) -> None:

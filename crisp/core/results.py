@@ -19,7 +19,7 @@ SCHEMA_VERSION = 1
 COMPLETED, FAILED = "completed", "failed"
 
 # Keys that say where or how a run is watched, not what it computes: they stay out of the run_key.
-_NOT_IN_KEY = ("hydra", "logger", "paths", "report", "sweep")
+NOT_IN_KEY = ("hydra", "logger", "paths", "report", "sweep")
 
 
 def effective_strategy(strategy: str, sparsity: float) -> str:
@@ -29,7 +29,7 @@ def effective_strategy(strategy: str, sparsity: float) -> str:
 
 def run_key(config: dict[str, Any]) -> str:
     """Stable hash of the effective config (without output paths, logging or the strategy of a dense run)."""
-    keyed = {k: v for k, v in config.items() if k not in _NOT_IN_KEY}
+    keyed = {k: v for k, v in config.items() if k not in NOT_IN_KEY}
     if isinstance(keyed.get("model"), dict):
         keyed["model"] = {k: v for k, v in keyed["model"].items() if k != "label"}  # a display name
     if keyed.get("sparsity") == 0 and isinstance(keyed.get("strategy"), dict):
@@ -46,7 +46,7 @@ def recipe_key(unresolved: dict[str, Any]) -> str:
     """Hash of the config as written, before interpolation, without what a run varies or how it is watched:
     runs of one recipe differ in seed, sparsity and strategy alone (a value derived from the seed, such as
     ``data_seed: ${seed}``, stays one recipe; a folder found through an environment variable is one folder)."""
-    kept = {k: v for k, v in unresolved.items() if k not in (*_NOT_IN_KEY, *PER_RUN)}
+    kept = {k: v for k, v in unresolved.items() if k not in (*NOT_IN_KEY, *PER_RUN)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -31,7 +31,7 @@ from crisp.sweep.jobs import Job, job_return
 from crisp.sweep.pool import visible_gpus
 
 log = logging.getLogger("crisp")
-PER_RUN = ("hydra", "seed", "sparsity", "strategy", "name", "tags")
+PER_RUN = ("hydra", *results.PER_RUN)  # a group's runs differ in these alone
 BYTES_PER_PARAMETER = 20
 ACTIVATIONS_PER_RUN = 150 * 2**20
 

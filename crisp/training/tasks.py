@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torchmetrics import functional as M
 
+from crisp.core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Tsv:
@@ -91,8 +93,6 @@ def task_of(data_cfg) -> Task:
     """The task of a data config (``data.hub_config``; the synthetic data mimics SST-2)."""
     name = data_cfg.get("hub_config")
     if name not in TASKS:
-        from crisp.core.errors import ConfigError
-
         raise ConfigError(f"data.hub_config={name!r} is not allowed: choose one of {', '.join(TASKS)}")
     return TASKS[name]
 

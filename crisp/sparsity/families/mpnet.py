@@ -26,14 +26,24 @@ from transformers.models.mpnet.modeling_mpnet import MPNetEmbeddings, MPNetEncod
 from crisp.sparsity.attention import crisp_attention_forward
 from crisp.sparsity.families import Family
 
+# The last forward's additive mask: every layer of a forward gets the same mask and position bias
+# objects from the encoder, so the mask is made once per forward, not once per layer (as crisp.sparsity.topk
+# keeps the last mask's derived tensors); another mask or bias object simply replaces it.
+_LAST: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+
 
 def _with_position_bias(attention_mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
     """One additive mask: the relative position bias on attended keys, the dtype's minimum elsewhere."""
+    if _LAST and _LAST[0][0] is attention_mask and _LAST[0][1] is bias:
+        return _LAST[0][2]
     if attention_mask is None:
-        return bias
-    if attention_mask.dtype == torch.bool:
-        return bias.masked_fill(~attention_mask, torch.finfo(bias.dtype).min)
-    return bias + attention_mask
+        combined = bias
+    elif attention_mask.dtype == torch.bool:
+        combined = bias.masked_fill(~attention_mask, torch.finfo(bias.dtype).min)
+    else:
+        combined = bias + attention_mask
+    _LAST[:] = [(attention_mask, bias, combined)]
+    return combined
 
 
 def attention_forward(self: MPNetSelfAttention, hidden_states, attention_mask=None, position_bias=None,
