@@ -8,7 +8,8 @@ forward and backward), eager vs crisp's sort path vs crisp's fused kernel.
 :func:`sweep`). ``python -m crisp.bench grid -- OVERRIDES``: exactly ``python -m crisp.run OVERRIDES``
 timed from command to report, and in the same command a peer: one Hugging Face ``Trainer`` run of
 the same model written the way a user would without crisp (``python -m crisp.bench peer``), see
-:func:`grid`. Each prints its numbers and writes JSON.
+:func:`grid`. ``python -m crisp.bench step``: a lockstep group's step, timed and broken down by kind of
+kernel (:mod:`crisp.bench_step`). Each prints its numbers and writes JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig
 
 import crisp
+from crisp import bench_step
 from crisp.core.results import model_label
 from crisp.sweep import nvidia_mps as mps
 from crisp.training.cuda_graphs import GraphedTrainStep
@@ -479,8 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     pe.add_argument("--data", required=True)
     pe.add_argument("--epochs", type=int, default=1)
     pe.add_argument("--dir", required=True)
+    bench_step.add_parser(sub)
     args = parser.parse_args(argv)
-    {"attention": attention, "kernel": kernel, "sweep": sweep, "grid": grid, "peer": peer}[args.what](args)
+    {"attention": attention, "kernel": kernel, "sweep": sweep, "grid": grid, "peer": peer,
+     "step": bench_step.step}[args.what](args)
     return 0
 
 

@@ -35,6 +35,24 @@ def test_sweep_summary_scales_shorter_baseline_runs_to_the_grids_epochs():
     assert summary["samples_per_second_total_grid"] == 210.0
 
 
+def test_step_bench_trains_the_grid_as_one_group_and_times_its_steps(tmp_path):
+    """Two learning rates of the paper grid's 7 runs per seed, one group; on the CPU there are no kernels to count."""
+    out = tmp_path / "step.json"
+    bench.main(["step", "--seeds", "1", "--lrs", "1e-3", "3e-3", "--skip", "2", "--timed", "2", "--profiled", "1",
+                "--out", str(out), "experiment=smoke", "data.num_train=256"])
+    found = json.loads(out.read_text())
+    assert found["runs"] == found["completed"] == 14 and found["step_ms"] > 0
+    assert found["lrs"] == ["1e-3", "3e-3"] and "data.train_limit=192" in found["overrides"]
+
+
+def test_step_bench_names_kinds_of_kernels():
+    from crisp.bench_step import kind_of
+
+    assert kind_of("nvjet_sm90_tst_128x256_64x4_1x2_h_badd_coopA_NNN") == "matmul"
+    assert kind_of("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "AdamW"
+    assert kind_of("_dropout_kernel") == "dropout" and kind_of("_topk_softmax_kernel").startswith("attention")
+
+
 def test_kernel_bench_times_eager_and_crisp_probabilities(tmp_path):
     out = tmp_path / "kernel.json"
     bench.main(["kernel", "--cpu", "--shapes", "2x8", "--dtypes", "fp32", "--reps", "2", "--out", str(out)])

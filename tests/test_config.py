@@ -66,6 +66,8 @@ def test_smoke_experiment():
         (["optim.lr=0"], "optim.lr=0"),
         (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
         (["data=sst2_local", "data.dir=null"], "data.dir=None"),
+        (["dropout.attention=1.0"], "dropout.attention=1.0"),
+        (["dropout.hidden=-0.1"], "dropout.hidden=-0.1"),
     ],
 )
 def test_validate_names_key_value_and_allowed(overrides, key):
@@ -107,6 +109,22 @@ def test_run_key_ignores_output_and_logging_but_not_training():
     b = OmegaConf.to_container(make("experiment=smoke", "sparsity=0.8", "logger=none"), resolve=True)
     c = OmegaConf.to_container(make("experiment=smoke", "sparsity=0.8", "optim.lr=0.01"), resolve=True)
     assert run_key(a) == run_key(b) != run_key(c)
+
+
+def test_dropout_left_to_the_model_keeps_the_run_key_of_configs_that_had_no_dropout_key():
+    config = OmegaConf.to_container(make("experiment=smoke", "sparsity=0.8"), resolve=True)
+    before = {k: v for k, v in config.items() if k != "dropout"}  # a run recorded before crisp had the key
+    hidden = OmegaConf.to_container(make("experiment=smoke", "sparsity=0.8", "dropout.hidden=0.2"), resolve=True)
+    assert run_key(config) == run_key(before) != run_key(hidden)
+
+
+def test_a_dropout_the_model_family_lacks_is_refused_by_name():
+    from crisp.training.encoder import dropout_overrides
+
+    assert dropout_overrides("distilbert", {"hidden": 0.2, "attention": None}) == {"dropout": 0.2}
+    assert dropout_overrides("bert", {"classifier": 0.3}) == {"classifier_dropout": 0.3}
+    with pytest.raises(ConfigError, match=r"dropout.classifier=0.1 is not allowed: a mpnet model .*dropout.hidden"):
+        dropout_overrides("mpnet", {"classifier": 0.1})
 
 
 def test_sweep_dirs_do_not_collide():

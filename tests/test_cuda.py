@@ -136,7 +136,7 @@ def check_kernel_dropout_applies_each_runs_own_mask(device: str) -> None:
     """Lockstep dropout on the GPU draws and applies a run's mask in one launch and draws it again in
     the backward pass: the same mask as the run's ``keep_mask``, whatever the run's neighbours, in
     fp32 and bf16, with blocks that do not fill the kernel's."""
-    from crisp.lockstep.dropout import RunRandom
+    from crisp.lockstep.dropout import RunProbabilities, RunRandom
 
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(3 * 4, 5, 33, device=device, dtype=dtype, requires_grad=True)  # 660 per run
@@ -156,6 +156,20 @@ def check_kernel_dropout_applies_each_runs_own_mask(device: str) -> None:
         alone.next_step()
         alone.next_step()
         assert torch.equal(alone.keep_mask(torch.Size([4, 5, 33]), 0.3, x.device), keep[4:8])
+    # each run at its own probability (runs whose dropout differs share a group)
+    probs = torch.tensor([0.0, 0.3, 0.6], device=device)
+    p = RunProbabilities(0.6, probs, 1 / (1 - probs))
+    x = torch.randn(3 * 4, 5, 33, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    group, masks = RunRandom([3, 7, 11], device), RunRandom([3, 7, 11], device)
+    for random in (group, masks):
+        random.next_step()
+    keep, y = masks.keep_mask(x.shape, p, x.device), group.dropout(x, p)
+    y.backward(grad)
+    assert keep[:4].all() and 0.6 < keep[4:8].float().mean() < 0.8 and 0.3 < keep[8:].float().mean() < 0.5
+    scale = p.scales.repeat_interleave(4)[:, None, None]
+    torch.testing.assert_close(y, x * keep * scale, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, grad * keep * scale, rtol=0, atol=0)
 
 
 @cuda
@@ -362,6 +376,18 @@ def test_a_gpu_run_uses_cuda_graphs_and_learns(tmp_path):
     assert record["timing"]["cuda_graphs"]["graphs"] >= 1
     assert record["timing"]["pad_to_multiple_of"] == 16
     assert record["final"]["val_acc"] > 0.8
+
+
+@cuda
+def test_a_lockstep_group_with_runs_of_their_own_lr_and_dropout_trains_on_the_gpu(tmp_path):
+    # CUDA graphs, bf16, the Triton dropout at each run's probability, the per-run AdamW, all in one group
+    proc = run_crisp("-m", "experiment=smoke", "trainer=gpu", "hydra/launcher=lockstep", "sparsity=0,0.5",
+                     "optim.lr=1e-3,2e-3", "dropout.hidden=0,0.1", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = [results.read(p) for p in results.find_all(tmp_path)]
+    assert len(found) == 8 and {r["timing"]["lockstep"]["runs"] for r in found} == {8}
+    assert all(r["status"] == results.COMPLETED and r["final"]["val_acc"] > 0.8 for r in found)
+    assert all(r["timing"]["cuda_graphs"]["graphs"] >= 1 for r in found)
 
 
 def _mps_processes() -> list[str]:

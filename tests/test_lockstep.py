@@ -12,12 +12,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
 
 import crisp
 from crisp.core import results
-from crisp.lockstep.dropout import RunRandom
+from crisp.lockstep.dropout import RunProbabilities, RunRandom
 from crisp.lockstep.fused import FusedEmbedding, follow_weight_decay, fuse, run_state_dict
 from crisp.lockstep.packing import attention_mask, pack, pack_rows
+from crisp.lockstep.run_adamw import RunAdamW, RunOptim
 from crisp.sweep.lockstep_launcher import plan, recipe
 from tests.conftest import ROOT, run_crisp, smoke_overrides, tiny_model
 from tests.test_sweep import records, wait_for, workers_of
@@ -68,7 +70,7 @@ def _sentences(count: int, low: int, high: int, seed: int = 0):
     return TokenizedSplit(ids, lengths, torch.randint(0, 2, (count,), generator=g))
 
 
-def _fused_logits(fused, split, runs: int, arch: str) -> torch.Tensor:
+def _fused_logits(fused, split, runs: int, arch: str, random: RunRandom | None = None) -> torch.Tensor:
     from crisp.lockstep.fused import sentences_start_at
     from crisp.sparsity.attention import RunRows, batch_of_runs
     from crisp.sparsity.families import family_of
@@ -76,7 +78,8 @@ def _fused_logits(fused, split, runs: int, arch: str) -> torch.Tensor:
     batch = pack([(split, list(range(len(split))))] * runs, width=16)
     extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
     first = family_of(fused).first_position(fused)
-    with batch_of_runs(RunRows(runs, query_valid=batch["segments"] >= 0)), sentences_start_at(batch["first"]):
+    rows = RunRows(runs, query_valid=batch["segments"] >= 0, dropout=None if random is None else random.dropout)
+    with batch_of_runs(rows), sentences_start_at(batch["first"]):
         return fused(input_ids=batch["input_ids"], attention_mask=attention_mask(batch["segments"]),
                      position_ids=batch["position_ids"] + first, **extra).logits
 
@@ -100,22 +103,27 @@ def test_word_embeddings_the_training_data_never_holds_only_decay_as_adamw_decay
     """Rows outside the training tokens leave the optimizer: after AdamW steps (strong weight decay)
     every run's whole table, and its logits on sentences with unseen tokens, are those of the run alone."""
     from torch.nn import functional as F
+    from transformers import get_linear_schedule_with_warmup
 
     train, unseen = _sentences(6, 1, 40), _sentences(4, 30, 64, seed=1)  # vocab 64: ids 40-63 never train
     alone = [tiny_model("bert", seed=seed).train() for seed in (0, 1)]
     fused = fuse([tiny_model("bert", seed=seed) for seed in (0, 1)], RunRandom([0, 1], "cpu"),
                  trained_tokens=train.input_ids.unique()).train()
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=20.0) for m in alone]
-    group = torch.optim.AdamW(fused.parameters(), lr=1e-3, weight_decay=20.0)
+    # the runs decay at rates of their own
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=decay)
+                  for m, decay in zip(alone, (20.0, 5.0), strict=True)]
+    schedules = [get_linear_schedule_with_warmup(o, 0, 3) for o in optimizers]
+    group = RunAdamW(list(fused.parameters()), [], [RunOptim(1e-3, 20.0, 0.0), RunOptim(1e-3, 5.0, 0.0)], 3)
     follow_weight_decay(fused, group)
     words = next(m for m in fused.modules() if isinstance(m, FusedEmbedding) and m.frozen is not None)
     assert words.weight.shape[1] == len(train.input_ids.unique()) < 64
     for _ in range(3):
-        for model, optimizer in zip(alone, optimizers, strict=True):
+        for model, optimizer, schedule in zip(alone, optimizers, schedules, strict=True):
             optimizer.zero_grad()
             F.cross_entropy(model(input_ids=train.input_ids, attention_mask=(train.input_ids != 0).long()).logits,
                             train.labels).backward()
             optimizer.step()
+            schedule.step()
         group.zero_grad()
         logits = _fused_logits(fused, train, 2, "bert")
         F.cross_entropy(logits, train.labels.repeat(2), reduction="none").view(2, -1).mean(1).sum().backward()
@@ -150,6 +158,43 @@ def test_each_run_has_its_own_dropout_stream():
     assert 0.88 < a1.float().mean() < 0.92
 
 
+def test_each_run_drops_at_its_own_rate():
+    random = RunRandom([11, 22, 33], "cpu")
+    random.next_step()
+    probs = torch.tensor([0.0, 0.5, 0.9])
+    out = random.dropout(torch.ones(3, 20_000), RunProbabilities(0.9, probs, 1 / (1 - probs)))
+    assert torch.equal(out[0], torch.ones(20_000))  # dropout off: untouched
+    for run, p in ((1, 0.5), (2, 0.9)):
+        kept = out[run] != 0
+        assert abs(kept.float().mean() - (1 - p)) < 0.01
+        torch.testing.assert_close(out[run][kept], torch.full((int(kept.sum()),), 1 / (1 - p)))
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "bert", "mpnet"])
+def test_runs_of_one_group_drop_with_their_own_probabilities_at_every_site(arch):
+    """The same weights, one run with every dropout off, one with all on (hidden, attention, classifier as the
+    family has them): in a training step the first computes exactly its evaluation logits, the second does not."""
+    from crisp.sparsity.families import family_of_type
+    from crisp.training.encoder import dropout_overrides
+    from tests.conftest import tiny_config
+
+    def model(p: float):
+        config = tiny_config(arch)
+        for key, value in dropout_overrides(config.model_type, dict.fromkeys(family_of_type(arch).dropout, p)).items():
+            setattr(config, key, value)
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp")
+
+    split = _sentences(6, 5, 60)
+    random = RunRandom([1, 2], "cpu")
+    fused = fuse([model(0.0), model(0.3)], random)
+    expected = _fused_logits(fused.eval(), split, 2, arch)
+    random.next_step()
+    logits = _fused_logits(fused.train(), split, 2, arch, random)
+    torch.testing.assert_close(logits[:6], expected[:6], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(logits[6:], expected[6:], rtol=1e-3, atol=1e-3)
+
+
 def _job(tmp_path, *overrides):
     from crisp.core.config import register_configs, register_resolvers
     from crisp.sweep.jobs import Job
@@ -163,12 +208,19 @@ def _job(tmp_path, *overrides):
 
 def test_jobs_that_differ_in_seed_sparsity_or_strategy_share_a_recipe(tmp_path):
     jobs = [_job(tmp_path, "seed=1"), _job(tmp_path, "seed=2", "sparsity=0.8"), _job(tmp_path, "strategy=adaptive"),
-            _job(tmp_path, "optim.lr=0.01"), _job(tmp_path, "data.num_train=64")]
+            _job(tmp_path, "data.num_train=64"), _job(tmp_path, "optim.betas=[0.9,0.98]")]
     assert recipe(jobs[0]) == recipe(jobs[1]) == recipe(jobs[2])  # data_seed: ${seed} is one recipe
     assert len({recipe(job) for job in jobs}) == 3
     assert [len(g) for g in plan(jobs, capacity=None, devices=1)] == [3, 1, 1]
     assert [len(g) for g in plan(jobs[:3], capacity=2, devices=1)] == [2, 1]  # too big for the device
     assert [len(g) for g in plan(jobs[:3], capacity=None, devices=2)] == [2, 1]  # one group per GPU
+
+
+def test_jobs_that_differ_in_lr_weight_decay_warmup_or_dropout_share_a_recipe(tmp_path):
+    jobs = [_job(tmp_path, "seed=1"), _job(tmp_path, "optim.lr=0.01", "optim.weight_decay=0.1"),
+            _job(tmp_path, "optim.warmup_ratio=0.2"), _job(tmp_path, "dropout.hidden=0.3", "dropout.attention=0"),
+            _job(tmp_path, "dropout.classifier=0.2")]
+    assert len({recipe(job) for job in jobs}) == 1
 
 
 # ---------------------------------------------------------------------------------------------- as users run it
@@ -194,6 +246,11 @@ def _step_losses(run_dir) -> list[float]:
         return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
 
 
+def _by_folder(sweep_dir) -> dict[str, dict]:
+    """Each run's record by its folder in the sweep (runs of several learning rates share names)."""
+    return {str(path.parent.relative_to(sweep_dir)): results.read(path) for path in results.find_all(sweep_dir)}
+
+
 def _equal_training(tmp_path, grid: list[str], runs: int, steps: int, env: dict | None = None) -> tuple[dict, dict]:
     """The grid once run by run (Hydra's basic launcher) and once in lockstep: the same losses step by step,
     validation numbers epoch by epoch and final weights; returns both sets of records."""
@@ -201,7 +258,7 @@ def _equal_training(tmp_path, grid: list[str], runs: int, steps: int, env: dict 
     together = run_crisp("-m", *grid, "hydra/launcher=lockstep", f"hydra.sweep.dir={tmp_path / 'lockstep'}", env=env)
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert together.returncode == 0, together.stderr[-3000:]
-    solo, fused = records(tmp_path / "alone"), records(tmp_path / "lockstep")
+    solo, fused = _by_folder(tmp_path / "alone"), _by_folder(tmp_path / "lockstep")
     assert len(fused) == len(solo) == runs and len({r["environment"]["pid"] for r in fused.values()}) == 1
     for name, record in solo.items():
         assert fused[name]["run_key"] == record["run_key"]
@@ -232,6 +289,24 @@ def test_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
             "trainer.max_epochs=2", *EXACT, *NO_DROPOUT, "seed=1,2", "sparsity=0.5,0.8", "strategy=uniform,adaptive"]
     _, fused = _equal_training(tmp_path, grid, runs=8, steps=8)
     assert fused["adaptive_s0.8_seed2"]["layers"]["configured"] != [0.8, 0.8]  # adaptive really spread it
+
+
+@pytest.mark.slow
+def test_runs_of_their_own_lr_weight_decay_and_warmup_train_in_one_group_exactly_like_alone(tmp_path):
+    """Dropout off, fp32: two seeds, two sparsities and two optimizer settings (learning rate, weight
+    decay and warm-up each differ) in one group, each run as it trains alone."""
+    grid = ["experiment=smoke", "data.num_train=128", "data.num_val=64", "data.eval_batch_size=16",
+            "trainer.max_epochs=2", *EXACT, "dropout.hidden=0", "dropout.attention=0", "dropout.classifier=0",
+            "seed=1,2", "sparsity=0.5,0.8",
+            "optim={lr:1e-3,weight_decay:0.01,warmup_ratio:0},{lr:3e-3,weight_decay:0.3,warmup_ratio:0.5}"]
+    _, fused = _equal_training(tmp_path, grid, runs=8, steps=8)
+    assert {r["timing"]["lockstep"]["runs"] for r in fused.values()} == {8}  # one group
+    lrs = {r["config"]["optim"]["lr"] for r in fused.values()}
+    assert lrs == {1e-3, 3e-3}
+    # the report keeps the settings apart: a table for each
+    report = (tmp_path / "lockstep" / "report.md").read_text()
+    assert "optim.lr=0.001, optim.warmup_ratio=0.0, optim.weight_decay=0.01" in report
+    assert "optim.lr=0.003, optim.warmup_ratio=0.5, optim.weight_decay=0.3" in report
 
 
 MPNET = ["~model.from_config", "+model.from_config={model_type:mpnet,hidden_size:32,num_hidden_layers:2,"

@@ -12,7 +12,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -46,6 +46,15 @@ class OptimConf:
 
 
 @dataclass
+class DropoutConf:
+    """The encoder's dropout probabilities; None: the model's own (its config's)."""
+
+    hidden: Optional[float] = None  # noqa: UP045 (OmegaConf reads typing.Optional)
+    attention: Optional[float] = None  # noqa: UP045
+    classifier: Optional[float] = None  # noqa: UP045
+
+
+@dataclass
 class CrispConf:
     """The top level. Groups (model, data, strategy, trainer, logger) are typed by their own yaml."""
 
@@ -55,6 +64,7 @@ class CrispConf:
     tags: list[str] = field(default_factory=list)
     sparsifier: SparsifierConf = field(default_factory=SparsifierConf)
     optim: OptimConf = field(default_factory=OptimConf)
+    dropout: DropoutConf = field(default_factory=DropoutConf)
     model: Any = MISSING
     data: Any = MISSING
     strategy: Any = MISSING
@@ -152,6 +162,9 @@ def validate(cfg: DictConfig) -> None:
         _fail("optim.lr", cfg.optim.lr, "it must be positive")
     _check_number(cfg, "optim.weight_decay", 0, 1)
     _check_number(cfg, "optim.warmup_ratio", 0, 1)
+    for role in ("hidden", "attention", "classifier"):
+        if cfg.dropout[role] is not None:
+            _check_number(cfg, f"dropout.{role}", 0, 1, closed_high=False)
     if cfg.optim.fused not in ("auto", True, False):
         _fail("optim.fused", cfg.optim.fused, "choose auto, true or false")
     for key in ("trainer.max_epochs", "data.batch_size", "data.max_length"):

@@ -27,9 +27,18 @@ def effective_strategy(strategy: str, sparsity: float) -> str:
     return "dense" if sparsity == 0 else strategy
 
 
+def _without_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A config whose dropout is every model's own hashes as it did before crisp had that key: runs
+    recorded then still resume and pair with runs recorded now."""
+    dropout = config.get("dropout")
+    if isinstance(dropout, dict) and all(v is None for v in dropout.values()):
+        config = {k: v for k, v in config.items() if k != "dropout"}
+    return config
+
+
 def run_key(config: dict[str, Any]) -> str:
     """Stable hash of the effective config (without output paths, logging or the strategy of a dense run)."""
-    keyed = {k: v for k, v in config.items() if k not in NOT_IN_KEY}
+    keyed = {k: v for k, v in _without_defaults(config).items() if k not in NOT_IN_KEY}
     if isinstance(keyed.get("model"), dict):
         keyed["model"] = {k: v for k, v in keyed["model"].items() if k != "label"}  # a display name
     if keyed.get("sparsity") == 0 and isinstance(keyed.get("strategy"), dict):
@@ -46,7 +55,7 @@ def recipe_key(unresolved: dict[str, Any]) -> str:
     """Hash of the config as written, before interpolation, without what a run varies or how it is watched:
     runs of one recipe differ in seed, sparsity and strategy alone (a value derived from the seed, such as
     ``data_seed: ${seed}``, stays one recipe; a folder found through an environment variable is one folder)."""
-    kept = {k: v for k, v in unresolved.items() if k not in (*NOT_IN_KEY, *PER_RUN)}
+    kept = {k: v for k, v in _without_defaults(unresolved).items() if k not in (*NOT_IN_KEY, *PER_RUN)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -9,6 +9,9 @@ step from the device, so it can be replayed from a CUDA graph; the backward pass
 again instead of keeping it (one read and one write per element each way, where a stored mask and
 separate multiplies took five passes). On a CPU each run's block is drawn from a ``torch.Generator``
 seeded with the key. The two give different (equally random) masks.
+
+Each run has its own probability at each site (:class:`RunProbabilities`): runs whose dropout
+differs train in one group.
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ if triton is not None:
         tl.store(out_ptr + run_start + offsets, kept.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _dropout_kernel(x_ptr, out_ptr, seeds_ptr, step_ptr, per_run, site_key, p, scale, BLOCK: tl.constexpr):
-        """out = x * keep * scale over each run's block; keep = the run's Philox draw >= p. One Philox
-        evaluation gives four numbers: each program's block is four quarters, one number each."""
+    def _dropout_kernel(x_ptr, out_ptr, seeds_ptr, step_ptr, p_ptr, scale_ptr, per_run, site_key,
+                        BLOCK: tl.constexpr):
+        """out = x * keep * scale over each run's block; keep = the run's Philox draw >= the run's p. One
+        Philox evaluation gives four numbers: each program's block is four quarters, one number each."""
         run = tl.program_id(0)
+        p, scale = tl.load(p_ptr + run), tl.load(scale_ptr + run)
         quarter: tl.constexpr = BLOCK // 4
         counters = tl.program_id(1) * quarter + tl.arange(0, quarter)
         seed = tl.load(seeds_ptr + run).to(tl.uint64)
@@ -57,6 +62,29 @@ if triton is not None:
         _apply_mask(x_ptr, out_ptr, run_start, first + quarter, per_run, u1, p, scale)
         _apply_mask(x_ptr, out_ptr, run_start, first + 2 * quarter, per_run, u2, p, scale)
         _apply_mask(x_ptr, out_ptr, run_start, first + 3 * quarter, per_run, u3, p, scale)
+
+
+class RunProbabilities(float):
+    """A dropout site's probability for each run. transformers' attention code reads ``dropout.p`` and
+    passes it on as a float: it sees the largest (so that its ``p > 0`` holds when any run drops);
+    crisp's dropout reads each run's own from ``probs`` (and ``scales``: 1 / (1 - p)), on the device."""
+
+    probs: torch.Tensor
+    scales: torch.Tensor
+
+    def __new__(cls, largest: float, probs: torch.Tensor, scales: torch.Tensor):
+        value = super().__new__(cls, largest)
+        value.probs, value.scales = probs, scales
+        return value
+
+
+def run_probabilities(p: float | RunProbabilities, runs: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each run's probability and scale, ``[runs]`` float32 tensors on ``device``."""
+    if isinstance(p, RunProbabilities):
+        return p.probs, p.scales
+    return (torch.full((runs,), p, dtype=torch.float32, device=device),
+            torch.full((runs,), 1.0 / (1.0 - p), dtype=torch.float32, device=device))
 
 
 class RunRandom:
@@ -78,34 +106,35 @@ class RunRandom:
         site, self.site = self.site, self.site + 1
         return (site * _SITE) % 2**63
 
-    def _apply_kernel(self, x: torch.Tensor, p: float, scale: float, site_key: int,
+    def _apply_kernel(self, x: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, site_key: int,
                       seeds: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         out = torch.empty_like(x)
         runs, block = len(seeds), 1024
         per_run = x.numel() // runs
-        _dropout_kernel[(runs, triton.cdiv(per_run, block))](x, out, seeds, self.step, per_run, site_key, p, scale,
-                                                             BLOCK=block)
+        _dropout_kernel[(runs, triton.cdiv(per_run, block))](x, out, seeds, self.step, probs, scales, per_run,
+                                                             site_key, BLOCK=block)
         return out
 
-    def keep_mask(self, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    def keep_mask(self, shape: torch.Size, p: float | RunProbabilities, device: torch.device) -> torch.Tensor:
         """The next call site's mask (True = kept), ``[runs * ..., ...]`` with one equal block per run."""
+        runs = len(self.seeds)
+        probs, _ = run_probabilities(p, runs, device)
         if _use_kernel(self.seeds):
             ones = torch.ones(shape, device=device)
-            return self._apply_kernel(ones, p, 1.0, self._site_key(), self.seeds) != 0
-        runs = len(self.seeds)
+            return self._apply_kernel(ones, probs, torch.ones_like(probs), self._site_key(), self.seeds) != 0
         per_run = shape.numel() // runs
         site = self.site
         self._site_key()
         step = int(self.step)
         blocks = []
-        for seed in self.seeds.tolist():
+        for seed, run_p in zip(self.seeds.tolist(), probs.tolist(), strict=True):
             digest = hashlib.blake2b(f"{seed}:{step}:{site}".encode(), digest_size=8).digest()
             generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
-            blocks.append(torch.rand(per_run, generator=generator, device=device) >= p)
+            blocks.append(torch.rand(per_run, generator=generator, device=device) >= run_p)
         return torch.cat(blocks).view(shape)
 
-    def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+    def dropout(self, x: torch.Tensor, p: float | RunProbabilities) -> torch.Tensor:
         if _use_kernel(x):
             return _KernelDropout.apply(x, p, self)
         return _MaskDropout.apply(x, p, self)
@@ -114,25 +143,31 @@ class RunRandom:
 class _KernelDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p, random):
-        ctx.random, ctx.p, ctx.scale, ctx.seeds = random, p, 1.0 / (1.0 - p), random.seeds
+        ctx.random, ctx.seeds = random, random.seeds
+        ctx.probs, ctx.scales = run_probabilities(p, len(random.seeds), x.device)
         ctx.site_key = random._site_key()
-        return random._apply_kernel(x, p, ctx.scale, ctx.site_key, ctx.seeds)
+        return random._apply_kernel(x, ctx.probs, ctx.scales, ctx.site_key, ctx.seeds)
 
     @staticmethod
     def backward(ctx, grad):
-        # the same step (advanced only by the next forward), seeds and site: the same mask
-        return ctx.random._apply_kernel(grad, ctx.p, ctx.scale, ctx.site_key, ctx.seeds), None, None
+        # the same step (advanced only by the next forward), seeds, probabilities and site: the same mask
+        return ctx.random._apply_kernel(grad, ctx.probs, ctx.scales, ctx.site_key, ctx.seeds), None, None
 
 
 class _MaskDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p, random):
         keep = random.keep_mask(x.shape, p, x.device)
+        _, ctx.scales = run_probabilities(p, len(random.seeds), x.device)
         ctx.save_for_backward(keep)
-        ctx.scale = 1.0 / (1.0 - p)
-        return x * keep * ctx.scale
+        return _scaled(x * keep, ctx.scales)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return grad * keep * ctx.scale, None, None
+        return _scaled(grad * keep, ctx.scales), None, None
+
+
+def _scaled(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Each run's block of ``x`` (equal blocks of its elements, in run order) times that run's scale."""
+    return (x.reshape(len(scales), -1) * scales.to(x.dtype)[:, None]).view(x.shape)

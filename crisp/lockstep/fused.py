@@ -13,7 +13,8 @@ are swapped:
   embeddings train only the rows that the training data uses (see the class);
 - ``LayerNorm`` -> :class:`FusedLayerNorm`: normalisation, then each run's scale and shift (one
   Triton launch each way on a GPU, :mod:`crisp.lockstep.layer_norm`);
-- ``Dropout`` -> :class:`RunDropout`: each run's mask from its own stream (:mod:`crisp.lockstep.dropout`).
+- ``Dropout`` -> :class:`RunDropout`: each run's mask from its own stream and with its own
+  probability (:mod:`crisp.lockstep.dropout`).
 
 Activations, reshapes and attention already work row by row; crisp's attention function gives each
 run its own sparsity (``crisp_sparsity`` is then a tuple, see :class:`crisp.sparsity.attention.RunRows`).
@@ -34,7 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from crisp.lockstep import layer_norm
-from crisp.lockstep.dropout import RunRandom
+from crisp.lockstep.dropout import RunProbabilities, RunRandom
+from crisp.lockstep.run_adamw import RunAdamW
 
 
 def _stack(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
@@ -127,7 +129,7 @@ class FusedEmbedding(nn.Module):
 
     With ``trained_rows`` (the token ids that the training data holds) only those rows are a
     parameter; the others can get no gradient in any step, so all AdamW ever does to them is weight
-    decay: ``row *= 1 - lr * weight_decay`` per step. They are kept as a buffer with that factor
+    decay: ``row *= 1 - lr * weight_decay`` per step. They are kept as a buffer with each run's factor
     accumulated in ``decay`` (:func:`follow_weight_decay`) and applied when they are read. Exact, and
     on SST-2 with a BERT vocabulary 62% of the word embeddings (a third of MiniLM's parameters)
     leave the optimizer's step. Every token of a training batch must be a trained row.
@@ -152,7 +154,7 @@ class FusedEmbedding(nn.Module):
         frozen_slot[rest] = torch.arange(len(rest))
         self.weight = nn.Parameter(weight[:, rows].contiguous())  # [R, trained, dim]
         self.register_buffer("frozen", weight[:, rest].contiguous())  # [R, vocab - trained, dim]
-        self.register_buffer("decay", torch.ones((), dtype=torch.float64))  # the weight decay since
+        self.register_buffer("decay", torch.ones(len(embeddings), dtype=torch.float64))  # each run's, so far
         for name, value in (("rows", rows), ("rest", rest), ("trained", trained), ("slot", slot),
                             ("frozen_slot", frozen_slot)):
             self.register_buffer(name, value, persistent=False)
@@ -172,7 +174,8 @@ class FusedEmbedding(nn.Module):
         else:  # evaluation may meet tokens that training never saw
             trained = self.trained[per_run].unsqueeze(-1)
             out = torch.where(trained, self._lookup(self.weight, self.slot[per_run].clamp_max(self.weight.size(1) - 1)),
-                              self._lookup(self.frozen, self.frozen_slot[per_run]) * self.decay)
+                              self._lookup(self.frozen, self.frozen_slot[per_run])
+                              * self.decay.to(self.frozen.dtype)[:, None, None])
         if self.padding_idx is not None:
             # as nn.Embedding(padding_idx=...) does: the padding row gets no gradient from its tokens
             out = torch.where((per_run == self.padding_idx).unsqueeze(-1), out.detach(), out)
@@ -184,22 +187,24 @@ class FusedEmbedding(nn.Module):
             return self.weight.detach()[run]
         table = self.weight.new_empty(self.vocab, self.weight.size(-1))
         table[self.rows] = self.weight.detach()[run]
-        table[self.rest] = (self.frozen[run] * self.decay).to(table.dtype)
+        table[self.rest] = (self.frozen[run] * self.decay[run]).to(table.dtype)
         return table
 
     def keep_runs(self, index: torch.Tensor) -> None:
         if self.frozen is not None:
-            self.frozen = self.frozen.index_select(0, index)
+            self.frozen, self.decay = self.frozen.index_select(0, index), self.decay.index_select(0, index)
 
 
-def follow_weight_decay(fused: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """After every optimizer step, the factor by which AdamW decayed the frozen embedding rows."""
-    tables = [(m, next(g for g in optimizer.param_groups if any(p is m.weight for p in g["params"])))
-              for m in fused.modules() if isinstance(m, FusedEmbedding) and m.frozen is not None]
+def follow_weight_decay(fused: nn.Module, optimizer: RunAdamW) -> None:
+    """After every optimizer step, the factor by which each run's AdamW decayed its frozen embedding rows."""
+    tables = [m for m in fused.modules() if isinstance(m, FusedEmbedding) and m.frozen is not None]
+    if any(not any(p is m.weight for p in optimizer.param_groups[0]["params"]) for m in tables):
+        raise ValueError("the word embeddings must be in the optimizer's decayed group")
 
     def decayed(optimizer, args, kwargs) -> None:
-        for table, group in tables:
-            table.decay.mul_(1 - float(group["lr"]) * group["weight_decay"])
+        for table in tables:
+            for (start, stop), factor in optimizer.decay_factors():  # a scalar per slice: no copy to the device
+                table.decay[start:stop].mul_(factor)
 
     if tables:
         optimizer.register_step_post_hook(decayed)
@@ -224,12 +229,30 @@ class FusedLayerNorm(nn.Module):
 
 
 class RunDropout(nn.Module):
-    def __init__(self, p: float, random: RunRandom):
+    """Dropout with each run's probability (its own model's at this site) and random stream.
+
+    ``p`` is what transformers' attention modules read and hand to the attention function: a float
+    that carries every run's probability (:class:`crisp.lockstep.dropout.RunProbabilities`).
+    """
+
+    def __init__(self, probs: Sequence[float], random: RunRandom):
         super().__init__()
-        self.p, self.random = p, random
+        self.random = random
+        self.register_buffer("probs", torch.tensor(probs, dtype=torch.float32), persistent=False)
+        self.register_buffer("scales", torch.tensor([1.0 / (1.0 - p) for p in probs], dtype=torch.float32),
+                             persistent=False)
+        self._largest = max(probs)
+
+    @property
+    def p(self) -> RunProbabilities:
+        return RunProbabilities(self._largest, self.probs, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.random.dropout(x, self.p) if self.training and self.p > 0 else x
+        return self.random.dropout(x, self.p) if self.training and self._largest > 0 else x
+
+    def keep_runs(self, index: torch.Tensor) -> None:
+        self.probs, self.scales = self.probs.index_select(0, index), self.scales.index_select(0, index)
+        self._largest = float(self.probs.max())
 
 
 # where each packed sentence starts, for the heads; by context, like the runs (crisp.sparsity.attention):
@@ -294,7 +317,7 @@ def fuse(models: Sequence[nn.Module], random: RunRandom, trained_tokens: torch.T
         elif type(module) in _FUSED:
             replacements[name] = _FUSED[type(module)]([m.get_submodule(name) for m in models])
         elif isinstance(module, nn.Dropout):
-            replacements[name] = RunDropout(module.p, random)
+            replacements[name] = RunDropout([m.get_submodule(name).p for m in models], random)
     # swapped only once all are built: models[0] may be another run's model too
     for name, replacement in replacements.items():
         parent, _, child = name.rpartition(".")
@@ -339,5 +362,5 @@ def keep_runs(fused: nn.Module, keep: Sequence[int], optimizer: torch.optim.Opti
         if param.grad is not None:
             param.grad = param.grad.index_select(0, index)
     for module in fused.modules():
-        if isinstance(module, FusedEmbedding):
+        if isinstance(module, (FusedEmbedding, RunDropout)):
             module.keep_runs(index)

@@ -4,9 +4,11 @@ Per run it keeps what :class:`crisp.training.classifier.SparseClassifier` keeps 
 loss (and accuracy, for classification) of each epoch, the task's validation metrics on each of its
 validation splits, per-layer achieved sparsity and attention entropy, its per-epoch history, and its
 own logger. The loss of the step is the sum of the runs' mean losses, so each run's gradient is
-exactly its own. A run whose training loss is not finite at the end of an epoch fails (as it would
-alone) and leaves the group: its slices of the parameters and optimizer state are dropped, and the
-next epoch trains the others only.
+exactly its own. Each run keeps its own learning rate, weight decay and warm-up
+(:class:`crisp.lockstep.run_adamw.RunAdamW`) and its own dropout probabilities (its model's, fused
+by :func:`crisp.lockstep.fused.fuse`). A run whose training loss is not finite at the end of an
+epoch fails (as it would alone) and leaves the group: its slices of the parameters and optimizer
+state are dropped, and the next epoch trains the others only.
 """
 
 from __future__ import annotations
@@ -25,18 +27,11 @@ from crisp.lockstep.batches import GroupDataModule
 from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import follow_weight_decay, keep_runs, sentences_start_at, solo_ndim
 from crisp.lockstep.packing import attention_mask
+from crisp.lockstep.run_adamw import RunAdamW, RunOptim
 from crisp.sparsity.attention import RunRows, batch_of_runs
 from crisp.sparsity.families import attention_modules, family_of
 from crisp.training import tasks
-from crisp.training.classifier import (
-    ValidationOutputs,
-    adamw,
-    epoch_record,
-    layer_metrics,
-    linear_schedule,
-    track,
-    training_outputs,
-)
+from crisp.training.classifier import ValidationOutputs, epoch_record, layer_metrics, track, training_outputs
 from crisp.training.cuda_graphs import GraphedTrainStep
 
 
@@ -46,6 +41,7 @@ class Run:
 
     name: str
     layer_sparsity: list[float]
+    optim: RunOptim
     logger: Any = None  # a Lightning logger of its own, or None
     history: list[dict] = field(default_factory=list)
     layers: dict[str, list[float]] = field(default_factory=dict)
@@ -189,7 +185,9 @@ class LockstepClassifier(pl.LightningModule):
         if not keep:
             self.trainer.should_stop = True
             return
-        keep_runs(self.encoder, keep, self.optimizers().optimizer if self.trainer else None)
+        optimizer = self.optimizers().optimizer
+        keep_runs(self.encoder, keep, optimizer)
+        optimizer.keep_runs(keep)
         self.random.keep_runs(keep)
         datamodule: GroupDataModule = self.trainer.datamodule
         datamodule.keep_runs(keep)
@@ -200,9 +198,12 @@ class LockstepClassifier(pl.LightningModule):
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
         params = list(self.encoder.parameters())
-        # as for one run: biases and LayerNorm weights (1-D in a run's own model) are not decayed
-        optimizer = adamw(self.encoder, self.optim, [p for p in params if solo_ndim(p) >= 2],
-                          [p for p in params if solo_ndim(p) < 2])
+        fused = self.optim.fused
+        # as for one run: biases and LayerNorm weights (1-D in a run's own model) are not decayed;
+        # each run's schedule is the optimizer's own, so there is no Lightning scheduler
+        optimizer = RunAdamW([p for p in params if solo_ndim(p) >= 2], [p for p in params if solo_ndim(p) < 2],
+                             [run.optim for run in self.runs], self.trainer.estimated_stepping_batches,
+                             betas=self.optim.betas, eps=self.optim.eps,
+                             fused=params[0].is_cuda if fused == "auto" else bool(fused))
         follow_weight_decay(self.encoder, optimizer)
-        total = self.trainer.estimated_stepping_batches
-        return {"optimizer": optimizer, "lr_scheduler": linear_schedule(optimizer, self.optim.warmup_ratio, total)}
+        return optimizer

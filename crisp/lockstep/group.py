@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from lightning_fabric.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.strategies import SingleDeviceStrategy
 
 import crisp
 from crisp.core import heartbeat, lifecycle
@@ -30,6 +31,7 @@ from crisp.lockstep.batches import GroupDataModule
 from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import fuse, run_state_dict
 from crisp.lockstep.fused_classifier import LockstepClassifier, Run
+from crisp.lockstep.run_adamw import RunOptim
 from crisp.sparsity.families import FAMILIES, REGISTRY, family_of
 from crisp.sparsity.strategies import STRATEGIES, measure_entropy
 from crisp.training import loggers
@@ -79,12 +81,19 @@ def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def run_optim(cfg: DictConfig) -> RunOptim:
+    return RunOptim(float(cfg.optim.lr), float(cfg.optim.weight_decay), float(cfg.optim.warmup_ratio))
+
+
 def _train(members: list[Member], options: dict[str, Any]) -> None:
-    cfg = members[0].cfg  # the group's shared recipe (the launcher groups jobs by it)
+    # runs of equal optimizer settings side by side: each set is one slice of the fused parameters (RunAdamW)
+    members = sorted(members, key=lambda m: astuple(run_optim(m.cfg)))
+    cfg = members[0].cfg  # the group's shared recipe (the launcher groups jobs by it), but for what runs vary
     settings = trainer_settings(cfg)
     if cfg.model.name_or_path:
         resolve_model(cfg.model.name_or_path)  # an unreachable hub fails now, not after the data
-    device = torch.device("cuda" if settings["accelerator"] == "gpu" else "cpu")
+    gpu = settings["accelerator"] == "gpu"
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")  # with its index
     if device.type == "cuda":
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
     task = task_of(cfg.data)
@@ -111,8 +120,9 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     progress = Progress()
     trainer = pl.Trainer(
         accelerator=settings["accelerator"], devices=1, precision=settings["precision"],
+        strategy=KeepOnDevice(device),
         max_epochs=cfg.trainer.max_epochs, logger=False,
-        callbacks=[TQDMProgressBar(refresh_rate=settings["refresh"]), progress],
+        callbacks=[TQDMProgressBar(refresh_rate=settings["refresh"]), progress, *options.get("callbacks", [])],
         plugins=[LightningEnvironment()], enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, deterministic=cfg.trainer.deterministic, default_root_dir=str(members[0].output_dir),
     )
@@ -130,6 +140,17 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
         if cfg.trainer.save_weights:
             save_weights(m.output_dir, run_state_dict(encoder, position))
         m.run.complete(_summary(m, task, seen, fit_seconds, progress.train_seconds, settings, module, group))
+
+
+class KeepOnDevice(SingleDeviceStrategy):
+    """Lightning's one-device strategy, but its teardown leaves the model and the optimizer's state where
+    they are: it copies them to the host (some 15 GB for 70 MiniLM runs, seconds of a grid's time)
+    only for this process to free them; the runs' weights are saved from the device."""
+
+    def teardown(self) -> None:
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
 
 def _build_runs(members: list[Member], device: torch.device, task: Task) -> None:
@@ -151,10 +172,11 @@ def _build_runs(members: list[Member], device: torch.device, task: Task) -> None
         if tok_key not in tokenizers:
             tokenizers[tok_key] = build_tokenizer(cfg.model, splits[data_key]["train"].texts)
         tokenizer = tokenizers[tok_key]
-        init_key = (tok_key, cfg.seed)
+        # the weights depend on the seed only; the dropout probabilities are the model's own too
+        init_key = (tok_key, cfg.seed, _key(OmegaConf.to_container(cfg.dropout)))
         if init_key not in initial:
-            pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the init depends on the seed only
-            model = build_encoder(cfg.model, tokenizer, task)
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
+            model = build_encoder(cfg.model, tokenizer, task, dropout=cfg.dropout)
             if family_of(model) is REGISTRY:
                 raise ConfigError(f"{type(model).__name__} cannot train in lockstep, which fuses the encoder families "
                                   f"{', '.join(sorted(FAMILIES))}: train it with hydra/launcher=parallel")
@@ -179,7 +201,7 @@ def _build_runs(members: list[Member], device: torch.device, task: Task) -> None
         crisp.configure(encoder, apply_in_eval=cfg.sparsifier.apply_in_eval, track_stats=False)
         allocation = ", ".join(f"{s:.3f}" for s in layer_sparsity)
         print(f"crisp: {m.run.name}: strategy={name} sparsity={cfg.sparsity:g} -> per-layer sparsity [{allocation}]")
-        m.encoder, m.fused = encoder, Run(m.run.name, layer_sparsity)
+        m.encoder, m.fused = encoder, Run(m.run.name, layer_sparsity, run_optim(cfg))
         heartbeat.beat(force=True)
 
 

@@ -1,8 +1,9 @@
 """``hydra/launcher=lockstep``: the runs of a sweep that can train together, trained as one model.
 
 Jobs whose configs are equal except for what a grid varies per run (seed, sparsity, strategy and
-its parameters, and the names that follow from them) share a recipe: the same model, data, batch
-size, epochs, optimizer and trainer settings. Each group of them trains in one worker process as one
+its parameters, the learning rate, weight decay and warm-up, the dropout probabilities, and the names
+that follow from them) share a recipe: the same model, data, batch size, epochs, optimizer and
+trainer settings. Each group of them trains in one worker process as one
 fused model (:mod:`crisp.lockstep`), one step for all its runs. Configs are compared before
 interpolation, so ``data_seed: ${seed}`` is the same recipe for every seed.
 
@@ -31,14 +32,17 @@ from crisp.sweep.jobs import Job, job_return
 from crisp.sweep.pool import visible_gpus
 
 log = logging.getLogger("crisp")
-PER_RUN = ("hydra", *results.PER_RUN)  # a group's runs differ in these alone
+PER_RUN = ("hydra", "dropout", *results.PER_RUN)  # a group's runs differ in these alone
+PER_RUN_OPTIM = ("lr", "weight_decay", "warmup_ratio")  # and in these of optim (crisp.lockstep.run_adamw)
 BYTES_PER_PARAMETER = 20
 ACTIVATIONS_PER_RUN = 150 * 2**20
 
 
 def recipe(job: Job) -> str:
     config = OmegaConf.to_container(job.config, resolve=False)
-    return json.dumps({k: v for k, v in config.items() if k not in PER_RUN}, sort_keys=True, default=str)
+    kept = {k: v for k, v in config.items() if k not in PER_RUN}
+    kept["optim"] = {k: v for k, v in kept.get("optim", {}).items() if k not in PER_RUN_OPTIM}
+    return json.dumps(kept, sort_keys=True, default=str)
 
 
 def plan(jobs: Sequence[Job], capacity: int | None, devices: int) -> list[list[Job]]:

@@ -77,7 +77,9 @@ class GraphedTrainStep:
             return outputs[0]
 
         module.optimizers().step(closure=forward_backward)
-        module.lr_schedulers().step()
+        scheduler = module.lr_schedulers()
+        if scheduler is not None:  # a lockstep group's optimizer follows its runs' schedules itself
+            scheduler.step()
         return outputs
 
     def _room_for_graph(self) -> bool:

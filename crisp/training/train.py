@@ -131,7 +131,7 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
     splits = load_splits(cfg.data)
     tokenizer = build_tokenizer(cfg.model, splits["train"].texts)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's random init depends on the seed only
-    encoder = build_encoder(cfg.model, tokenizer, task)
+    encoder = build_encoder(cfg.model, tokenizer, task, dropout=cfg.dropout)
     heartbeat.beat(force=True)
     datamodule = TaskDataModule(
         cfg.data, tokenizer, splits, seed=cfg.seed, pad_to_multiple_of=settings["pad_to_multiple_of"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -56,6 +56,8 @@ class Family:
     attention_modules: Callable[[nn.Module], list[nn.Module]] = registry_attention_modules
     # routes the family's inline attention through crisp's function; None: it uses the registry
     install: Callable[[nn.Module], None] | None = None
+    # crisp's dropout keys (hidden, attention, classifier) -> the family's config attributes
+    dropout: dict[str, str] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -70,7 +72,10 @@ def _load() -> None:
 
 
 def family_of(model: nn.Module) -> Family:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return family_of_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def family_of_type(model_type: str | None) -> Family:
     return next((f for f in FAMILIES.values() if model_type in f.model_types), REGISTRY)
 
 

@@ -2,4 +2,6 @@
 
 from crisp.sparsity.families import Family
 
-FAMILY = Family("bert", ("bert",), token_types=True)
+FAMILY = Family("bert", ("bert",), token_types=True,
+                dropout={"hidden": "hidden_dropout_prob", "attention": "attention_probs_dropout_prob",
+                         "classifier": "classifier_dropout"})

@@ -2,4 +2,5 @@
 
 from crisp.sparsity.families import Family
 
-FAMILY = Family("distilbert", ("distilbert",))
+FAMILY = Family("distilbert", ("distilbert",),
+                dropout={"hidden": "dropout", "attention": "attention_dropout", "classifier": "seq_classif_dropout"})

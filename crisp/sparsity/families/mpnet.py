@@ -80,4 +80,6 @@ FAMILY = Family(
     first_position=lambda model: next(m for m in model.modules() if isinstance(m, MPNetEmbeddings)).padding_idx + 1,
     attention_modules=lambda model: [m for m in model.modules() if isinstance(m, MPNetSelfAttention)],
     install=install,
+    # its classification head drops with hidden_dropout_prob: no key of its own
+    dropout={"hidden": "hidden_dropout_prob", "attention": "attention_probs_dropout_prob"},
 )

@@ -1,0 +1,177 @@
+"""``python -m crisp.bench step``: one lockstep group's training step on the GPU, timed and taken apart.
+
+The group is the one a sweep trains: its runs' configs are composed from the overrides as
+``crisp.run`` composes them (``--seeds`` x ``--grid`` x ``--lrs``), and :func:`crisp.lockstep.group.train_group`
+builds, fuses and trains it. Its first epoch is cut to ``--steps`` steps; once the CUDA graphs are
+captured (after ``--skip`` steps) ``--timed`` steps are timed from the host with the device synchronised at
+both ends, then ``--profiled`` steps run under ``torch.profiler``: the GPU time of every kernel, summed by
+kind (matmuls, AdamW, attention, dropout, LayerNorm, elementwise, ...). Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+# kernel name -> kind, first match wins
+KINDS = [
+    ("matmul", r"gemm|cutlass|nvjet|xmma|cublas|sm\d+_|splitK"),
+    ("AdamW", r"adam"),
+    ("attention top-k and softmax", r"topk|_softmax_bwd|_k_table|radix"),
+    ("softmax", r"softmax"),
+    ("dropout", r"dropout"),
+    ("LayerNorm", r"layer_norm|layernorm"),
+    ("embedding and gathers", r"embedding|index|gather|scatter"),
+    ("reductions", r"reduce"),
+    ("copies and casts", r"copy|memcpy|memset|cat|_to_copy|convert"),
+    ("elementwise", r"elementwise|vectorized|unrolled|foreach"),
+]
+
+PAPER_GRID = [("uniform", 0.0)] + [(s, p) for s in ("uniform", "adaptive") for p in (0.6, 0.7, 0.8)]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def kind_of(kernel: str) -> str:
+    return next((kind for kind, pattern in KINDS if re.search(pattern, kernel, re.IGNORECASE)), "other")
+
+
+class StepTimer(pl.Callback):
+    """Times ``timed`` training steps after ``skip``, then profiles ``profiled`` more, then stops the fit."""
+
+    def __init__(self, skip: int, timed: int, profiled: int):
+        self.skip, self.timed, self.profiled = skip, timed, profiled
+        self.window_ms: list[float] = []  # each 50 steps' mean from the first, captures and compiles included
+        self.step_ms: float | None = None
+        self.profile = None
+        self._t = self._window = 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx % 50 == 0:
+            _sync()
+            now = time.perf_counter()
+            if batch_idx:
+                self.window_ms.append(round((now - self._window) / 50 * 1000, 2))
+            self._window = now
+        if batch_idx == self.skip:
+            _sync()
+            self._t = time.perf_counter()
+        elif batch_idx == self.skip + self.timed:
+            _sync()
+            self.step_ms = (time.perf_counter() - self._t) / self.timed * 1000
+            self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                              torch.profiler.ProfilerActivity.CUDA])
+            self.profile.__enter__()
+        elif batch_idx == self.skip + self.timed + self.profiled:
+            _sync()
+            self.profile.__exit__(None, None, None)
+            trainer.should_stop = True
+
+
+def _ranked(times: dict[str, float], count: int | None = None) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in sorted(times.items(), key=lambda item: -item[1])[:count]}
+
+
+def breakdown(profile, steps: int) -> dict:
+    """GPU time per step by kind of kernel, the heaviest kernels, and (launched eagerly: the kernels of
+    a replayed CUDA graph have no host op) the chain of host ops that launched them."""
+    kernels: dict[str, float] = {}
+    ops: dict[str, float] = {}
+    for event in profile.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            if getattr(event, "is_user_annotation", False) or "#" in event.name:  # a range, not a kernel
+                continue
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1000 / steps  # ms a step
+        elif event.kernels:
+            chain, parent = [event.name], event.cpu_parent
+            while parent is not None and len(chain) < 3:
+                chain.insert(0, parent.name)
+                parent = parent.cpu_parent
+            key = " > ".join(chain)
+            ops[key] = ops.get(key, 0.0) + sum(k.duration for k in event.kernels) / 1000 / steps
+    kinds: dict[str, float] = {}
+    for name, ms in kernels.items():
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+    return {"gpu_ms_per_step": round(sum(kernels.values()), 3), "by_kind_ms": _ranked(kinds),
+            "top_kernels_ms": {name[:100]: ms for name, ms in _ranked(kernels, 15).items()},
+            "top_host_ops_ms": _ranked(ops, 25)}
+
+
+def run_configs(overrides: list[str], seeds: int, lrs: list[str]) -> list:
+    from hydra import compose, initialize_config_dir
+
+    from crisp.core.config import CONF_DIR, register_configs, register_resolvers
+
+    register_configs()
+    register_resolvers()
+    configs = []
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for lr, seed, (strategy, sparsity) in itertools.product(lrs or [None], range(1, seeds + 1), PAPER_GRID):
+            grid = [f"seed={seed}", f"strategy={strategy}", f"sparsity={sparsity}"] + ([f"optim.lr={lr}"] if lr else [])
+            configs.append(compose("config", overrides=[*overrides, *grid]))
+    return configs
+
+
+def step(args) -> dict:
+    from omegaconf import OmegaConf
+
+    from crisp.core import lifecycle
+    from crisp.lockstep.group import train_group
+
+    steps = args.skip + args.timed + args.profiled + 1
+    overrides = ["logger=none", "report.after_sweep=false", "trainer.max_epochs=1", "data.val_limit=256",
+                 f"data.train_limit={steps * 32}", *args.overrides]
+    configs = run_configs(overrides, args.seeds, args.lrs)
+    timer = StepTimer(args.skip, args.timed, args.profiled)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = []
+        for k, cfg in enumerate(configs):
+            out = Path(tmp) / f"run{k}"
+            out.mkdir()
+            record = {"name": f"{cfg.name}-lr{cfg.optim.lr:g}", "run_key": f"bench-step-{k}"}
+            runs.append((lifecycle.Run.of(record, out), cfg))
+        start = time.perf_counter()
+        train_group(runs, {"callbacks": [timer]})
+        seconds = time.perf_counter() - start
+        completed = sum(1 for run, _ in runs if run.result and run.result.get("status") == "completed")
+    if timer.profile is None or completed < len(runs):
+        raise SystemExit(f"crisp.bench step: {len(runs) - completed} of {len(runs)} runs did not complete "
+                         f"or the group trained fewer than {steps} steps: see the log above")
+    out = {"runs": len(configs), "completed": completed, "overrides": overrides,
+           "lrs": args.lrs, "torch": torch.__version__,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "step_ms": round(timer.step_ms, 3), "first_steps_window_ms": timer.window_ms[:6],
+           "group_seconds": round(seconds, 1), "precision": OmegaConf.select(configs[0], "trainer.precision"),
+           **breakdown(timer.profile, args.profiled)}
+    print(f"{out['runs']} runs: {out['step_ms']:.2f} ms a step (host, synchronised), "
+          f"{out['gpu_ms_per_step']:.2f} ms of kernels a step")
+    for kind, ms in out["by_kind_ms"].items():
+        print(f"  {kind:<30} {ms:8.3f} ms")
+    for name, ms in out["top_kernels_ms"].items():
+        print(f"    {ms:8.3f} ms  {name}")
+    for name, ms in out["top_host_ops_ms"].items():
+        print(f"    {ms:8.3f} ms  launched by {name}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def add_parser(sub) -> None:
+    st = sub.add_parser("step", help="a lockstep group's training step: time and torch.profiler breakdown (GPU)")
+    st.add_argument("--seeds", type=int, default=3, help="the paper grid's 7 runs per seed (3: 21 runs)")
+    st.add_argument("--lrs", nargs="*", default=[], help="learning rates, each a copy of the grid (one group)")
+    st.add_argument("--skip", type=int, default=200, help="steps before timing (graphs captured by then)")
+    st.add_argument("--timed", type=int, default=300)
+    st.add_argument("--profiled", type=int, default=20)
+    st.add_argument("--out", default="multirun/bench/step.json")
+    st.add_argument("overrides", nargs="*", help="e.g. model=minilm-l6 data=sst2_local")
