@@ -31,7 +31,14 @@ from crisp.lockstep.run_adamw import RunAdamW, RunOptim
 from crisp.sparsity.attention import RunRows, batch_of_runs
 from crisp.sparsity.families import attention_modules, family_of
 from crisp.training import tasks
-from crisp.training.classifier import ValidationOutputs, epoch_record, layer_metrics, track, training_outputs
+from crisp.training.classifier import (
+    ValidationOutputs,
+    epoch_record,
+    fused_adamw,
+    layer_metrics,
+    track,
+    training_outputs,
+)
 from crisp.training.cuda_graphs import GraphedTrainStep
 
 
@@ -198,12 +205,11 @@ class LockstepClassifier(pl.LightningModule):
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
         params = list(self.encoder.parameters())
-        fused = self.optim.fused
         # as for one run: biases and LayerNorm weights (1-D in a run's own model) are not decayed;
         # each run's schedule is the optimizer's own, so there is no Lightning scheduler
         optimizer = RunAdamW([p for p in params if solo_ndim(p) >= 2], [p for p in params if solo_ndim(p) < 2],
                              [run.optim for run in self.runs], self.trainer.estimated_stepping_batches,
                              betas=self.optim.betas, eps=self.optim.eps,
-                             fused=params[0].is_cuda if fused == "auto" else bool(fused))
+                             fused=fused_adamw(self.optim, self.encoder))
         follow_weight_decay(self.encoder, optimizer)
         return optimizer

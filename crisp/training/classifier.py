@@ -97,12 +97,16 @@ def training_outputs(module, batch: dict[str, torch.Tensor], batch_idx: int) -> 
     return track_now, module._graphed_training_step(batch, track_now)
 
 
+def fused_adamw(optim, encoder: torch.nn.Module) -> bool:
+    """``optim.fused``: auto is torch's fused kernel on CUDA, its default implementation elsewhere."""
+    return next(encoder.parameters()).is_cuda if optim.fused == "auto" else bool(optim.fused)
+
+
 def adamw(encoder: torch.nn.Module, optim, decayed: list, not_decayed: list) -> torch.optim.AdamW:
     """AdamW as Hugging Face fine-tunes (no decay for biases and LayerNorm weights); fused on CUDA."""
     groups = [{"params": decayed, "weight_decay": optim.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
-    fused = optim.fused
-    fused = next(encoder.parameters()).is_cuda if fused == "auto" else bool(fused)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             fused=fused_adamw(optim, encoder) or None)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_ratio: float, total: int) -> dict:
