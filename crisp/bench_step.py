@@ -55,8 +55,37 @@ class StepTimer(pl.Callback):
         self.step_ms: float | None = None
         self.profile = None
         self._t = self._window = 0.0
+        # CUDA events at each timed step's start, before its optimizer step and at its end: the GPU's own
+        # split of the step, which holds where the profiler loses kernels inside replayed graphs
+        self._events: list[tuple] = []
+
+    def _mark(self, batch_idx: int, slot: int) -> None:
+        if torch.cuda.is_available() and self.skip <= batch_idx < self.skip + self.timed:
+            if slot == 0:
+                self._events.append(tuple(torch.cuda.Event(enable_timing=True) for _ in range(3)))
+            if self._events:
+                self._events[-1][slot].record()
+
+    def phases_ms(self) -> dict[str, float]:
+        """Mean GPU milliseconds a timed step spends in forward and backward (with the batch's copy in),
+        in the optimizer (and the schedule), and from the step's end to the next one's start."""
+        if len(self._events) < 2:
+            return {}
+        _sync()
+        steps = list(zip(self._events, self._events[1:], strict=False))
+        mean = lambda pairs: round(sum(a.elapsed_time(b) for a, b in pairs) / len(pairs), 3)  # noqa: E731
+        return {"forward_backward": mean([(s[0], s[1]) for s, _ in steps]),
+                "optimizer": mean([(s[1], s[2]) for s, _ in steps]),
+                "between_steps": mean([(s[2], n[0]) for s, n in steps])}
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        self._mark(trainer.fit_loop.epoch_loop.batch_idx, 1)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._mark(batch_idx, 2)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._mark(batch_idx, 0)
         if batch_idx % 50 == 0:
             _sync()
             now = time.perf_counter()
@@ -107,6 +136,21 @@ def breakdown(profile, steps: int) -> dict:
             "top_host_ops_ms": _ranked(ops, 25)}
 
 
+def idle_between_kernels(profile, steps: int, within_us: float = 500.0) -> dict:
+    """Kernels a step, and the GPU's idle time between consecutive kernels (gaps shorter than
+    ``within_us``: inside a step, not waiting for the host), summed by the kernel that comes next."""
+    kernels = sorted((e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and not getattr(e, "is_user_annotation", False) and "#" not in e.name),
+                     key=lambda e: e.time_range.start)
+    idle: dict[str, float] = {}
+    for before, after in zip(kernels, kernels[1:], strict=False):
+        gap = after.time_range.start - before.time_range.end
+        if 0 < gap < within_us:
+            idle[after.name[:80]] = idle.get(after.name[:80], 0.0) + gap / 1000 / steps
+    return {"kernels_per_step": round(len(kernels) / steps), "idle_ms_per_step": round(sum(idle.values()), 3),
+            "idle_before_ms": _ranked(idle, 12)}
+
+
 def run_configs(overrides: list[str], seeds: int, lrs: list[str]) -> list:
     from hydra import compose, initialize_config_dir
 
@@ -150,11 +194,17 @@ def step(args) -> dict:
     out = {"runs": len(configs), "completed": completed, "overrides": overrides,
            "lrs": args.lrs, "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "step_ms": round(timer.step_ms, 3), "first_steps_window_ms": timer.window_ms[:6],
+           "step_ms": round(timer.step_ms, 3), "gpu_phases_ms": timer.phases_ms(),
+           "first_steps_window_ms": timer.window_ms[:6],
            "group_seconds": round(seconds, 1), "precision": OmegaConf.select(configs[0], "trainer.precision"),
-           **breakdown(timer.profile, args.profiled)}
+           **breakdown(timer.profile, args.profiled), **idle_between_kernels(timer.profile, args.profiled)}
     print(f"{out['runs']} runs: {out['step_ms']:.2f} ms a step (host, synchronised), "
           f"{out['gpu_ms_per_step']:.2f} ms of kernels a step")
+    for phase, ms in out["gpu_phases_ms"].items():
+        print(f"  GPU {phase:<26} {ms:8.3f} ms")
+    print(f"  {out['kernels_per_step']} kernels a step, {out['idle_ms_per_step']:.2f} ms idle between them")
+    for name, ms in out["idle_before_ms"].items():
+        print(f"    {ms:8.3f} ms idle before {name}")
     for kind, ms in out["by_kind_ms"].items():
         print(f"  {kind:<30} {ms:8.3f} ms")
     for name, ms in out["top_kernels_ms"].items():

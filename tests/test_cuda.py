@@ -286,6 +286,66 @@ def test_linears_that_share_an_input_cast_it_once_and_compute_what_each_computes
         torch.testing.assert_close(key(x), FusedLinear(linears[1]).cuda()(x), rtol=0, atol=0)
 
 
+@cuda
+def test_kept_weight_copies_follow_every_optimizer_step_and_a_run_leaving():
+    """With the bf16 weight copies tied to the optimizer, every forward is bit for bit the forward that
+    casts the weights afresh: after fused AdamW steps (which leave no trace in a version counter) and
+    after the weights' storage changed (a run left the group)."""
+    from crisp.lockstep.fused import FusedLinear, WeightCopies
+
+    torch.manual_seed(0)
+    copies = WeightCopies()
+    fused = FusedLinear([torch.nn.Linear(48, 40) for _ in range(3)], copies=copies).cuda()
+    optimizer = torch.optim.AdamW(fused.parameters(), lr=1e-2, fused=True)
+    copies.follow(optimizer)
+    x = torch.randn(3, 37, 48, device="cuda")
+
+    def forward(kept: bool) -> torch.Tensor:
+        copies.active = kept
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fused(x)
+
+    for _ in range(3):
+        torch.testing.assert_close(forward(True), forward(False), rtol=0, atol=0)
+        copies.active = True
+        optimizer.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fused(x).float().square().mean().backward()
+        optimizer.step()
+    with torch.no_grad():  # run 1 leaves: new storage, one run fewer
+        for param in fused.parameters():
+            param.data = param.data[[0, 2]].clone()
+    x = x[[0, 2]]
+    torch.testing.assert_close(forward(True), forward(False), rtol=0, atol=0)
+
+
+@cuda
+def test_query_key_and_value_as_one_matmul_under_autocast_compute_what_each_computes_alone():
+    from crisp.lockstep.fused import FusedLinear, FusedProjections, ProjectionOf
+
+    torch.manual_seed(0)
+    linears = [[torch.nn.Linear(32, 32) for _ in range(2)] for _ in range(3)]  # query, key, value of 2 runs
+    owner = FusedProjections(linears).cuda()
+    fused = [owner, ProjectionOf(owner, 1), ProjectionOf(owner, 2)]
+    alone = [FusedLinear(runs).cuda() for runs in linears]
+    x = torch.randn(2, 9, 32, device="cuda", requires_grad=True)
+    outputs = []
+    for qkv in (fused, alone):
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ys = [linear(x) for linear in qkv]
+        sum((y.float() * (i + 1)).sum() for i, y in enumerate(ys)).backward()
+        outputs.append((ys, x.grad.clone()))
+    (ys, gx), (ref_ys, ref_gx) = outputs
+    for y, ref in zip(ys, ref_ys, strict=True):
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, ref_gx, rtol=2**-8, atol=1e-5)  # one matmul's sum against three
+    for k, linear in enumerate(alone):
+        # the same fp32 sums of the same products, perhaps in another order
+        torch.testing.assert_close(owner.weight.grad.split(32, dim=-1)[k], linear.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(owner.bias.grad.split(32, dim=-1)[k], linear.bias.grad, rtol=1e-5, atol=1e-6)
+
+
 def _tiny_bert(seed: int, dropout: float = 0.0):
     from transformers import AutoModelForSequenceClassification
 

@@ -17,9 +17,10 @@ from transformers import AutoModelForSequenceClassification
 import crisp
 from crisp.core import results
 from crisp.lockstep.dropout import RunProbabilities, RunRandom
-from crisp.lockstep.fused import FusedEmbedding, follow_weight_decay, fuse, run_state_dict
+from crisp.lockstep.fused import FusedEmbedding, FusedProjections, follow_weight_decay, fuse, run_state_dict
 from crisp.lockstep.packing import attention_mask, pack, pack_rows
 from crisp.lockstep.run_adamw import RunAdamW, RunOptim
+from crisp.sparsity.families import family_of
 from crisp.sweep.lockstep_launcher import plan, recipe
 from tests.conftest import ROOT, run_crisp, smoke_overrides, tiny_model
 from tests.test_sweep import records, wait_for, workers_of
@@ -93,10 +94,18 @@ def test_a_fused_model_computes_what_each_run_computes_alone(arch):
         crisp.set_sparsity(model, s)
     split = _sentences(5, 5, 60)
     expected = [m(input_ids=split.input_ids, attention_mask=(split.input_ids != 0).long()).logits for m in models]
-    fused = fuse(models, RunRandom([0, 1, 2], "cpu")).eval()
+    weights = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
+    fused = fuse(models, RunRandom([0, 1, 2], "cpu"), projections=family_of(models[0]).projections).eval()
+    # each attention's query, key and value: one matmul
+    assert sum(isinstance(m, FusedProjections) for m in fused.modules()) == fused.config.num_hidden_layers
     for module in crisp.sparsity.families.attention_modules(fused):
         module.crisp_sparsity = sparsities
     torch.testing.assert_close(_fused_logits(fused, split, 3, arch), torch.cat(expected), rtol=1e-5, atol=1e-6)
+    for run, own in enumerate(weights):  # and each run comes back out as its own model, name for name
+        state = run_state_dict(fused, run)
+        assert state.keys() == own.keys()
+        for name, tensor in own.items():
+            torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
 
 
 def test_word_embeddings_the_training_data_never_holds_only_decay_as_adamw_decays_them_alone():

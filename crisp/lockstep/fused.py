@@ -9,6 +9,9 @@ are swapped:
   parameter's own layout and is not copied again for every parameter on every step; under CUDA
   autocast the gradients of fp32 tensors come out in fp32, not cast up from bf16, and an input
   that several linears share (query, key, value) is cast once);
+- sibling ``Linear`` s that read one input (an attention's query, key and value: the family's
+  ``projections``) -> :class:`FusedProjections` and :class:`ProjectionOf`: one matmul for all three
+  and, in backward, one matmul for their input's gradient (three, and two fp32 sums of them, before);
 - ``Embedding`` -> :class:`FusedEmbedding`: R tables, one lookup in their concatenation; the word
   embeddings train only the rows that the training data uses (see the class);
 - ``LayerNorm`` -> :class:`FusedLayerNorm`: normalisation, then each run's scale and shift (one
@@ -70,17 +73,57 @@ class InputCasts:
         return self._copy
 
 
+class WeightCopies:
+    """Low-precision copies of a fused model's matmul weights and biases: each made once, then all
+    rewritten in place in one launch after every optimizer step (:meth:`follow`).
+
+    Autocast casts every weight in every forward, two launches per linear inside the step's CUDA graph.
+    Torch's fused AdamW does not bump a parameter's version counter, so a copy cannot see by itself that
+    it is stale: copies are used only once :meth:`follow` has tied them to the optimizer that changes the
+    weights. Until then, and for a parameter whose storage changed since (a run left the group), a
+    forward casts as autocast does.
+    """
+
+    def __init__(self):
+        self._copies: dict[int, tuple[weakref.ref, torch.Tensor, int]] = {}
+        self.active = False
+
+    def __call__(self, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if not self.active:
+            return param.to(dtype)
+        entry = self._copies.get(id(param))
+        if entry is None or entry[0]() is not param or entry[1].dtype != dtype or entry[2] != param.data_ptr() \
+                or entry[1].shape != param.shape:
+            if torch.cuda.is_current_stream_capturing():  # a copy made here would belong to the graph's pool
+                return param.to(dtype)
+            entry = self._copies[id(param)] = (weakref.ref(param), param.detach().to(dtype), param.data_ptr())
+        return entry[1]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        live = [(param, copy) for ref, copy, ptr in self._copies.values()
+                if (param := ref()) is not None and param.data_ptr() == ptr and copy.shape == param.shape]
+        if live:
+            torch._foreach_copy_([copy for _, copy in live], [param for param, _ in live])
+
+    def follow(self, optimizer: torch.optim.Optimizer) -> None:
+        """From now on ``optimizer`` alone changes the weights: the copies follow each of its steps."""
+        optimizer.register_step_post_hook(lambda *_: self.refresh())
+        self.active = True
+
+
 class _AutocastBatchedLinear(torch.autograd.Function):
     """What autocast computes for ``baddbmm(bias, x, weight)``, except that the gradients come out of
     the matmuls and the reduction in fp32 where the tensor is fp32 (autocast rounds them to bf16 and
-    casts them up in more kernels: 6 more bytes of traffic per element), and that an input shared by
-    several linears is cast once (:class:`InputCasts`)."""
+    casts them up in more kernels: 6 more bytes of traffic per element), that an input shared by
+    several linears is cast once (:class:`InputCasts`) and that the weights' copies are kept
+    (:class:`WeightCopies`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype, casts):
+    def forward(ctx, x, weight, bias, dtype, casts, copies):
         # x as the module got it: the very tensor that the sibling projections get too
-        x16, w16 = casts(x, dtype).reshape(weight.size(0), -1, x.size(-1)), weight.to(dtype)
-        y = torch.bmm(x16, w16) if bias is None else torch.baddbmm(bias.to(dtype).unsqueeze(1), x16, w16)
+        x16, w16 = casts(x, dtype).reshape(weight.size(0), -1, x.size(-1)), copies(weight, dtype)
+        y = torch.bmm(x16, w16) if bias is None else torch.baddbmm(copies(bias, dtype).unsqueeze(1), x16, w16)
         ctx.save_for_backward(x16, w16)
         ctx.has_bias, ctx.x_dtype, ctx.x_shape, ctx.casts = bias is not None, x.dtype, x.shape, casts
         return y
@@ -97,23 +140,25 @@ class _AutocastBatchedLinear(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.x_shape)
         grad_w = torch.bmm(x16.transpose(1, 2), grad, out_dtype=torch.float32)
         grad_b = grad.sum(1, dtype=torch.float32) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class FusedLinear(nn.Module):
 
-    def __init__(self, linears: Sequence[nn.Linear], casts: InputCasts | None = None):
+    def __init__(self, linears: Sequence[nn.Linear], casts: InputCasts | None = None,
+                 copies: WeightCopies | None = None):
         super().__init__()
         self.weight = _stack([m.weight.t() for m in linears])  # [R, in, out]
         self.bias = _stack([m.bias for m in linears]) if linears[0].bias is not None else None  # [R, out]
         self.casts = casts or InputCasts()
+        self.copies = copies or WeightCopies()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runs, shape = self.weight.size(0), x.shape
         if x.is_cuda and _FP32_OUT_BMM and torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
             with torch.autocast("cuda", enabled=False):
-                y = _AutocastBatchedLinear.apply(x, self.weight, self.bias, dtype, self.casts)
+                y = _AutocastBatchedLinear.apply(x, self.weight, self.bias, dtype, self.casts, self.copies)
             return y.reshape(*shape[:-1], -1)
         x = x.reshape(runs, -1, shape[-1])
         y = torch.bmm(x, self.weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
@@ -122,6 +167,58 @@ class FusedLinear(nn.Module):
     def solo(self, leaf: str, run: int) -> torch.Tensor:
         tensor = getattr(self, leaf).detach()[run]
         return tensor.t().contiguous() if leaf == "weight" else tensor  # run r's nn.Linear weight is weight[r].T
+
+
+class FusedProjections(FusedLinear):
+    """Sibling linears that read the same input, as one: ``weight`` is ``[R, in, sum of outs]``.
+
+    It stands in for the first sibling; :class:`ProjectionOf` stands in for each other one. Whichever is
+    called first computes every sibling's output in one matmul and keeps the others' for that very input
+    (the tensor, unmodified since: its version counter), each handed out once. Called with another
+    input, a sibling computes them afresh, so the result is always that of its own linear. The outputs
+    are ``split`` views of one tensor: in backward autograd concatenates their gradients into one.
+    """
+
+    def __init__(self, siblings: Sequence[Sequence[nn.Linear]], casts: InputCasts | None = None,
+                 copies: WeightCopies | None = None):
+        nn.Module.__init__(self)
+        runs = range(len(siblings[0]))
+        self.widths = [group[0].out_features for group in siblings]
+        self.weight = _stack([torch.cat([group[r].weight.t() for group in siblings], 1) for r in runs])
+        has_bias = siblings[0][0].bias is not None
+        self.bias = _stack([torch.cat([group[r].bias for group in siblings]) for r in runs]) if has_bias else None
+        self.casts = casts or InputCasts()
+        self.copies = copies or WeightCopies()
+        self._kept: tuple = (None, -1, [])
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        source, version, outputs = self._kept
+        if source is None or source() is not x or version != x._version or outputs[index] is None:
+            outputs = list(super().forward(x).split(self.widths, dim=-1))
+        out, outputs[index] = outputs[index], None
+        self._kept = (weakref.ref(x), x._version, outputs) if any(o is not None for o in outputs) else (None, -1, [])
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(x, 0)
+
+    def solo_state(self, leaf: str, run: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Run ``run``'s ``leaf`` of each sibling, keyed by the siblings' ``names``."""
+        parts = getattr(self, leaf).detach()[run].split(self.widths, dim=-1)
+        return {name: part.t().contiguous() if leaf == "weight" else part
+                for name, part in zip(names, parts, strict=True)}
+
+
+class ProjectionOf(nn.Module):
+    """The ``index``-th sibling of a :class:`FusedProjections`: its parameters live there."""
+
+    def __init__(self, owner: FusedProjections, index: int):
+        super().__init__()
+        self._owner = [owner]  # not a submodule: the parameters are the owner's, listed once
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._owner[0].output(x, self.index)
 
 
 class FusedEmbedding(nn.Module):
@@ -297,23 +394,46 @@ class SentenceOutputs(nn.Module):
 
 
 _FUSED = {nn.Linear: FusedLinear, nn.Embedding: FusedEmbedding, nn.LayerNorm: FusedLayerNorm}
+_HOLDERS = (*_FUSED.values(), FusedProjections)
 
 
-def fuse(models: Sequence[nn.Module], random: RunRandom, trained_tokens: torch.Tensor | None = None) -> nn.Module:
+def _sibling_projections(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
+    """For each module holding Linears under every one of ``names`` (same input width), their full names."""
+    found = {}
+    for owner, module in model.named_modules():
+        children = [getattr(module, n, None) for n in names]
+        if names and all(type(c) is nn.Linear for c in children) and len({c.in_features for c in children}) == 1 \
+                and len({c.bias is None for c in children}) == 1:
+            found[owner] = [f"{owner}.{n}" if owner else n for n in names]
+    return found
+
+
+def fuse(models: Sequence[nn.Module], random: RunRandom, trained_tokens: torch.Tensor | None = None,
+         projections: Sequence[str] = ()) -> nn.Module:
     """One model that trains ``models`` (same architecture) in lockstep; built in place of models[0].
 
     Runs that start from the same weights may pass one model object more than once: each gets a copy.
     Every parameter must sit in a Linear, Embedding or LayerNorm: anything else is refused. With
     ``trained_tokens`` (every token id of the training data) the word embeddings train those rows only.
+    ``projections`` names sibling Linears that read one input (the family's query, key and value):
+    wherever a module holds all of them, they become one :class:`FusedProjections`.
     """
     fused = models[0]
     words = fused.get_input_embeddings()
-    replacements, casts = {}, InputCasts()
+    replacements, casts, copies = {}, InputCasts(), WeightCopies()
+    groups = list(_sibling_projections(fused, projections).values())
+    siblings = {name for group in groups for name in group}
+    for group in groups:
+        owner = FusedProjections([[m.get_submodule(name) for m in models] for name in group], casts, copies)
+        replacements[group[0]] = owner
+        replacements.update({name: ProjectionOf(owner, k) for k, name in enumerate(group) if k})
     for name, module in fused.named_modules():
+        if name in siblings:
+            continue
         if module is words and trained_tokens is not None:
             replacements[name] = FusedEmbedding([m.get_submodule(name) for m in models], trained_tokens)
         elif type(module) is nn.Linear:
-            replacements[name] = FusedLinear([m.get_submodule(name) for m in models], casts)
+            replacements[name] = FusedLinear([m.get_submodule(name) for m in models], casts, copies)
         elif type(module) in _FUSED:
             replacements[name] = _FUSED[type(module)]([m.get_submodule(name) for m in models])
         elif isinstance(module, nn.Dropout):
@@ -324,8 +444,9 @@ def fuse(models: Sequence[nn.Module], random: RunRandom, trained_tokens: torch.T
         setattr(fused.get_submodule(parent), child, replacement)
     prefix = fused.base_model_prefix
     setattr(fused, prefix, SentenceOutputs(getattr(fused, prefix)))
+    fused.crisp_weight_copies = copies  # for the optimizer to keep up to date (WeightCopies.follow)
     unfused = [n for n, p in fused.named_parameters() if p.dim() == 0 or p.size(0) != len(models)
-               or not isinstance(fused.get_submodule(n.rpartition(".")[0]), tuple(_FUSED.values()))]
+               or not isinstance(fused.get_submodule(n.rpartition(".")[0]), _HOLDERS)]
     if unfused:
         raise ValueError(f"lockstep cannot fuse these parameters (not in Linear, Embedding or LayerNorm): {unfused}")
     return fused
@@ -337,10 +458,20 @@ def run_state_dict(fused: nn.Module, run: int) -> dict[str, torch.Tensor]:
     state = {}
     for name, _ in fused.named_parameters():
         owner, _, leaf = name.rpartition(".")
-        tensor = fused.get_submodule(owner).solo(leaf, run)
-        if name.startswith(prefix + "base."):
-            name = prefix + name.removeprefix(prefix + "base.")
-        state[name] = tensor
+        module = fused.get_submodule(owner)
+        if isinstance(module, FusedProjections):
+            parent = owner.rpartition(".")[0]
+            children = fused.get_submodule(parent).named_children()
+            index = {n: 0 if child is module else child.index for n, child in children
+                     if child is module or (isinstance(child, ProjectionOf) and child._owner[0] is module)}
+            siblings = [f"{parent}.{n}" if parent else n for n in sorted(index, key=index.get)]
+            tensors = {f"{sibling}.{leaf}": t for sibling, t in module.solo_state(leaf, run, siblings).items()}
+        else:
+            tensors = {name: module.solo(leaf, run)}
+        for full, tensor in tensors.items():
+            if full.startswith(prefix + "base."):
+                full = prefix + full.removeprefix(prefix + "base.")
+            state[full] = tensor
     return state
 
 

@@ -212,4 +212,5 @@ class LockstepClassifier(pl.LightningModule):
                              betas=self.optim.betas, eps=self.optim.eps,
                              fused=fused_adamw(self.optim, self.encoder))
         follow_weight_decay(self.encoder, optimizer)
+        self.encoder.crisp_weight_copies.follow(optimizer)
         return optimizer

@@ -104,7 +104,8 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     # every token id the runs' training batches can hold (0 pads packed rows)
     splits = {id(m.train): m.train for m in members}.values()
     trained_tokens = torch.cat([torch.zeros(1, dtype=torch.long), *(s.input_ids.flatten() for s in splits)]).unique()
-    encoder = fuse([m.encoder for m in members], random, trained_tokens).to(device)
+    encoder = fuse([m.encoder for m in members], random, trained_tokens,
+                   projections=family_of(members[0].encoder).projections).to(device)
     for m in members:
         m.encoder = None  # fused now: the single models' tensors can go
     workers = options.get("pack_workers", "auto")

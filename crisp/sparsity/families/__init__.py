@@ -58,6 +58,8 @@ class Family:
     install: Callable[[nn.Module], None] | None = None
     # crisp's dropout keys (hidden, attention, classifier) -> the family's config attributes
     dropout: dict[str, str] = field(default_factory=dict)
+    # the Linears of an attention module that read one input (query, key, value): lockstep fuses them
+    projections: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {}

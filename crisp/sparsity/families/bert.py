@@ -4,4 +4,5 @@ from crisp.sparsity.families import Family
 
 FAMILY = Family("bert", ("bert",), token_types=True,
                 dropout={"hidden": "hidden_dropout_prob", "attention": "attention_probs_dropout_prob",
-                         "classifier": "classifier_dropout"})
+                         "classifier": "classifier_dropout"},
+                projections=("query", "key", "value"))

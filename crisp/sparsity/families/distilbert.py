@@ -3,4 +3,5 @@
 from crisp.sparsity.families import Family
 
 FAMILY = Family("distilbert", ("distilbert",),
-                dropout={"hidden": "dropout", "attention": "attention_dropout", "classifier": "seq_classif_dropout"})
+                dropout={"hidden": "dropout", "attention": "attention_dropout", "classifier": "seq_classif_dropout"},
+                projections=("q_lin", "k_lin", "v_lin"))

@@ -82,4 +82,5 @@ FAMILY = Family(
     install=install,
     # its classification head drops with hidden_dropout_prob: no key of its own
     dropout={"hidden": "hidden_dropout_prob", "attention": "attention_probs_dropout_prob"},
+    projections=("q", "k", "v"),
 )
