@@ -7,11 +7,12 @@ are swapped:
 - ``Linear`` -> :class:`FusedLinear`: R weight matrices, one batched matmul over ``[R, tokens, in]``
   (stored transposed, ``[R, in, out]``: the matmul's weight gradient then comes out in the
   parameter's own layout and is not copied again for every parameter on every step; under CUDA
-  autocast the gradients of fp32 tensors come out in fp32, not cast up from bf16, and an input
-  that several linears share (query, key, value) is cast once);
-- sibling ``Linear`` s that read one input (an attention's query, key and value: the family's
+  autocast the gradients of fp32 tensors come out in fp32, not cast up from bf16, an input that
+  several linears share is cast once, and the weights' bf16 copies are rewritten once per optimizer
+  step, not cast in every forward: :class:`WeightCopies`);
+- sibling Linears that read one input (an attention's query, key and value: the family's
   ``projections``) -> :class:`FusedProjections` and :class:`ProjectionOf`: one matmul for all three
-  and, in backward, one matmul for their input's gradient (three, and two fp32 sums of them, before);
+  and, in backward, one for their input's gradient, where three linears take three and two fp32 sums;
 - ``Embedding`` -> :class:`FusedEmbedding`: R tables, one lookup in their concatenation; the word
   embeddings train only the rows that the training data uses (see the class);
 - ``LayerNorm`` -> :class:`FusedLayerNorm`: normalisation, then each run's scale and shift (one
@@ -23,7 +24,8 @@ Activations, reshapes and attention already work row by row; crisp's attention f
 run its own sparsity (``crisp_sparsity`` is then a tuple, see :class:`crisp.sparsity.attention.RunRows`).
 A fused parameter's first dimension is the run: ``param[r]`` is run r's tensor, shaped as in its
 own model, so AdamW (elementwise) updates every run exactly as it would alone; each fused module's
-``solo(leaf, run)`` gives run r's tensor as its own model holds it.
+``solo(leaf, run)`` gives run r's tensor as its own model holds it (``solo_state`` for the siblings'
+tensors that one :class:`FusedProjections` holds).
 """
 
 from __future__ import annotations
