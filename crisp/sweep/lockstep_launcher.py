@@ -9,7 +9,8 @@ interpolation, so ``data_seed: ${seed}`` is the same recipe for every seed.
 
 A group larger than the device holds (about 20 bytes per parameter per run: weights, gradients,
 AdamW's two moments and room for activations) is split into equal parts that take turns; on
-several GPUs, groups are split until each GPU has one, and run side by side.
+several GPUs, the costliest groups are split until each GPU has one, and they run side by side,
+handed out costliest first as GPUs free up (:mod:`crisp.sweep.placement`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import math
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf
 
 from crisp.core import results
-from crisp.sweep import launch
+from crisp.sweep import launch, placement
 from crisp.sweep.jobs import Job, job_return
 from crisp.sweep.pool import visible_gpus
 
@@ -45,8 +46,10 @@ def recipe(job: Job) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
-def plan(jobs: Sequence[Job], capacity: int | None, devices: int) -> list[list[Job]]:
-    """Groups of jobs with one recipe, each at most ``capacity`` runs, at least ``devices`` groups when possible."""
+def plan(jobs: Sequence[Job], capacity: int | None, devices: int,
+         cost: Callable[[Sequence[Job]], float] = len) -> list[list[Job]]:
+    """Groups of jobs with one recipe, each at most ``capacity`` runs, at least ``devices`` groups when
+    possible (the costliest split in two, until each GPU has one); with several devices, costliest first."""
     by_recipe: dict[str, list[Job]] = {}
     for job in jobs:
         by_recipe.setdefault(recipe(job), []).append(job)
@@ -55,10 +58,11 @@ def plan(jobs: Sequence[Job], capacity: int | None, devices: int) -> list[list[J
         parts = math.ceil(len(group) / capacity) if capacity else 1
         groups += _split(group, parts)
     while len(groups) < devices and max(map(len, groups), default=0) > 1:
-        largest = max(groups, key=len)
-        groups.remove(largest)
-        groups += _split(largest, 2)
-    return groups
+        costliest = max((g for g in groups if len(g) > 1), key=cost)
+        groups.remove(costliest)
+        groups += _split(costliest, 2)
+    # the pool starts the next group as a GPU frees up: costliest first balances them (crisp.sweep.placement)
+    return sorted(groups, key=cost, reverse=True) if devices > 1 else groups
 
 
 def _split(group: list[Job], parts: int) -> list[list[Job]]:
@@ -185,9 +189,15 @@ def group_jobs(jobs: Sequence[Job], max_runs: int | str | None, devices: int,
         else:
             pending.append(job)
         owner.setdefault(job.output_dir, job.idx)
-    groups = plan(pending, capacity(pending[0], max_runs, memory) if pending else None, devices)
+    cost = placement.cost_of(pending, _parameters) if devices > 1 else len
+    groups = plan(pending, capacity(pending[0], max_runs, memory) if pending else None, devices, cost)
     for k, group in enumerate(groups):
         log.info("lockstep group %d: %d runs (%s)", k, len(group), ", ".join(job.record["output_dir"] for job in group))
+    if devices > 1 and len(groups) > 1:
+        costs = [cost(group) for group in groups]
+        for gpu, tasks in enumerate(placement.placement(costs, devices)):
+            log.info("lockstep: GPU slot %d expects groups %s (%.0f%% of the cost)", gpu, tasks,
+                     100 * sum(costs[k] for k in tasks) / sum(costs))
     return returns, groups
 
 
