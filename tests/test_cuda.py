@@ -325,7 +325,7 @@ def test_query_key_and_value_as_one_matmul_under_autocast_compute_what_each_comp
 
     torch.manual_seed(0)
     linears = [[torch.nn.Linear(32, 32) for _ in range(2)] for _ in range(3)]  # query, key, value of 2 runs
-    owner = FusedProjections(linears).cuda()
+    owner = FusedProjections(linears, ["query", "key", "value"]).cuda()
     fused = [owner, ProjectionOf(owner, 1), ProjectionOf(owner, 2)]
     alone = [FusedLinear(runs).cuda() for runs in linears]
     x = torch.randn(2, 9, 32, device="cuda", requires_grad=True)

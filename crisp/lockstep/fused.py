@@ -181,9 +181,10 @@ class FusedProjections(FusedLinear):
     are ``split`` views of one tensor: in backward autograd concatenates their gradients into one.
     """
 
-    def __init__(self, siblings: Sequence[Sequence[nn.Linear]], casts: InputCasts | None = None,
+    def __init__(self, siblings: Sequence[Sequence[nn.Linear]], names: Sequence[str], casts: InputCasts | None = None,
                  copies: WeightCopies | None = None):
         nn.Module.__init__(self)
+        self.names = list(names)  # the siblings' names in their parent module, in the weight's order
         runs = range(len(siblings[0]))
         self.widths = [group[0].out_features for group in siblings]
         self.weight = _stack([torch.cat([group[r].weight.t() for group in siblings], 1) for r in runs])
@@ -204,11 +205,11 @@ class FusedProjections(FusedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(x, 0)
 
-    def solo_state(self, leaf: str, run: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Run ``run``'s ``leaf`` of each sibling, keyed by the siblings' ``names``."""
+    def solo_state(self, leaf: str, run: int) -> dict[str, torch.Tensor]:
+        """Run ``run``'s ``leaf`` of each sibling, as ``"<sibling>.<leaf>"`` (names in the parent module)."""
         parts = getattr(self, leaf).detach()[run].split(self.widths, dim=-1)
-        return {name: part.t().contiguous() if leaf == "weight" else part
-                for name, part in zip(names, parts, strict=True)}
+        return {f"{name}.{leaf}": part.t().contiguous() if leaf == "weight" else part
+                for name, part in zip(self.names, parts, strict=True)}
 
 
 class ProjectionOf(nn.Module):
@@ -426,7 +427,8 @@ def fuse(models: Sequence[nn.Module], random: RunRandom, trained_tokens: torch.T
     groups = list(_sibling_projections(fused, projections).values())
     siblings = {name for group in groups for name in group}
     for group in groups:
-        owner = FusedProjections([[m.get_submodule(name) for m in models] for name in group], casts, copies)
+        owner = FusedProjections([[m.get_submodule(name) for m in models] for name in group],
+                                 [name.rpartition(".")[2] for name in group], casts, copies)
         replacements[group[0]] = owner
         replacements.update({name: ProjectionOf(owner, k) for k, name in enumerate(group) if k})
     for name, module in fused.named_modules():
@@ -461,13 +463,9 @@ def run_state_dict(fused: nn.Module, run: int) -> dict[str, torch.Tensor]:
     for name, _ in fused.named_parameters():
         owner, _, leaf = name.rpartition(".")
         module = fused.get_submodule(owner)
-        if isinstance(module, FusedProjections):
+        if isinstance(module, FusedProjections):  # one parameter for several siblings' tensors
             parent = owner.rpartition(".")[0]
-            children = fused.get_submodule(parent).named_children()
-            index = {n: 0 if child is module else child.index for n, child in children
-                     if child is module or (isinstance(child, ProjectionOf) and child._owner[0] is module)}
-            siblings = [f"{parent}.{n}" if parent else n for n in sorted(index, key=index.get)]
-            tensors = {f"{sibling}.{leaf}": t for sibling, t in module.solo_state(leaf, run, siblings).items()}
+            tensors = {f"{parent}.{key}" if parent else key: t for key, t in module.solo_state(leaf, run).items()}
         else:
             tensors = {name: module.solo(leaf, run)}
         for full, tensor in tensors.items():
