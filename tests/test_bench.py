@@ -53,6 +53,34 @@ def test_step_bench_names_kinds_of_kernels():
     assert kind_of("_dropout_kernel") == "dropout" and kind_of("_topk_softmax_kernel").startswith("attention")
 
 
+def test_step_bench_sums_a_profile_by_kind_host_op_and_idle_gap():
+    """Two profiled steps of a matmul (launched by bmm) and a memset, 3 us apart: per step the kernel time,
+    who launched the memset, and the GPU's idle time before each kernel."""
+    from types import SimpleNamespace as E
+
+    import torch
+
+    from crisp.bench_step import breakdown, idle_between_kernels
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events, host = [], E(name="aten::bmm", cpu_parent=None)
+    for step in range(2):
+        t = 100.0 * step
+        matmul = E(name="nvjet_sm90_tst", device_type=cuda, device_time=10.0, duration=10.0,
+                   time_range=E(start=t, end=t + 10), kernels=[])
+        memset = E(name="Memset (Device)", device_type=cuda, device_time=1.0, duration=1.0,
+                   time_range=E(start=t + 13, end=t + 14), kernels=[])
+        events += [matmul, memset, E(name="aten::zero_", device_type=cpu, cpu_parent=host, kernels=[memset])]
+    profile = E(events=lambda: events)
+    found = breakdown(profile, steps=2)
+    assert found["by_kind_ms"] == {"matmul": 0.01, "copies and casts": 0.001}
+    assert found["memsets_per_step_by_host_op"] == {"aten::bmm > aten::zero_": 1.0}
+    idle = idle_between_kernels(profile, steps=2)
+    # 3 us before each memset; the 86 us from a memset to the next step's matmul counts too (under 500)
+    assert idle["kernels_per_step"] == 2 and idle["idle_before_ms"]["Memset (Device)"] == 0.003
+    assert idle["idle_ms_per_step"] == 0.046
+
+
 def test_kernel_bench_times_eager_and_crisp_probabilities(tmp_path):
     out = tmp_path / "kernel.json"
     bench.main(["kernel", "--cpu", "--shapes", "2x8", "--dtypes", "fp32", "--reps", "2", "--out", str(out)])
