@@ -55,7 +55,8 @@ _FP32_OUT_BMM = hasattr(torch.ops.aten.bmm, "dtype")
 class InputCasts:
     """The bf16 copy of the last input a model's FusedLinears cast, for the next that takes the same input.
 
-    BERT's query, key and value projections read one hidden state: autocast casts it three times, here
+    Linears that read one hidden state (an attention's query, key and value, where its family names no
+    ``projections`` to fuse them into one :class:`FusedProjections`): autocast casts it for each, here
     once. Assumes one forward at a time per fused model (one cache per model, made by :func:`fuse`); a
     copy is reused only for the very tensor it was cast from, unmodified since (its version counter),
     and is dropped by the first backward, so that it does not outlive the step.

@@ -3,8 +3,8 @@
 A group's cost is runs x parameters x epochs x training text. The training text is the bytes of the
 local ``train.tsv`` where every group reads one (bytes follow tokens from task to task: a pair task's
 rows are longer), cut to ``data.train_limit``; else the training rows where every group knows them
-(``data.train_limit``, generated data's ``data.num_train``); else the same for every group. One sweep's groups are
-measured in one unit.
+(``data.train_limit``, generated data's ``data.num_train``); else the same for every group. One
+sweep's groups are measured in one unit.
 
 The pool (:class:`crisp.sweep.pool.WorkerPool`) runs one task per GPU and starts the next as a GPU frees
 up. Handed the groups costliest first, that is greedy list scheduling, longest first: its finish time is
@@ -26,10 +26,9 @@ from crisp.sweep.jobs import Job
 
 
 @cache
-def _file_rows_and_bytes(path: str) -> tuple[int, int]:
+def _lines(path: str) -> int:
     with open(path, "rb") as f:
-        data = f.read()
-    return data.count(b"\n"), len(data)
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def _generated(job: Job) -> bool:
@@ -41,9 +40,8 @@ def _text_bytes(job: Job) -> float | None:
     train = Path(str(folder)) / "train.tsv" if folder else None
     if train is None or not train.is_file():
         return None
-    rows, size = _file_rows_and_bytes(str(train))
-    limit = OmegaConf.select(job.config, "data.train_limit", default=None)
-    return size * min(1.0, limit / max(rows, 1)) if limit else float(size)
+    size, limit = train.stat().st_size, OmegaConf.select(job.config, "data.train_limit", default=None)
+    return size * min(1.0, limit / max(_lines(str(train)), 1)) if limit else float(size)
 
 
 def _text_rows(job: Job) -> float | None:
@@ -64,7 +62,6 @@ def text_sizes(jobs: Sequence[Job]) -> list[float]:
 def cost_of(jobs: Sequence[Job], parameters: Callable[[Job], int]) -> Callable[[Sequence[Job]], float]:
     """A function that gives a group of these jobs its cost; ``parameters`` counts a job's model's
     (called once per model config)."""
-    text = {id(job): size for job, size in zip(jobs, text_sizes(jobs), strict=True)}
     counted: dict[str, float] = {}
 
     def params(job: Job) -> float:
@@ -76,11 +73,10 @@ def cost_of(jobs: Sequence[Job], parameters: Callable[[Job], int]) -> Callable[[
                 counted[key] = 1.0
         return counted[key]
 
-    def cost(group: Sequence[Job]) -> float:
-        first = group[0]
-        return len(group) * params(first) * float(first.config.trainer.max_epochs) * text[id(first)]
-
-    return cost
+    # one run's cost, for each job: a group's runs share their recipe, so its first job stands for all
+    per_run = {id(job): params(job) * float(job.config.trainer.max_epochs) * text
+               for job, text in zip(jobs, text_sizes(jobs), strict=True)}
+    return lambda group: len(group) * per_run[id(group[0])]
 
 
 def placement(costs: Sequence[float], devices: int) -> list[list[int]]:
