@@ -118,6 +118,7 @@ def breakdown(profile, steps: int) -> dict:
     kernels: dict[str, float] = {}
     ops: dict[str, float] = {}
     memsets: dict[str, float] = {}
+    launches: dict[str, float] = {}  # kernels a step, by host op: where the step's ~500 launches come from
     for event in profile.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             if getattr(event, "is_user_annotation", False) or "#" in event.name:  # a range, not a kernel
@@ -130,6 +131,7 @@ def breakdown(profile, steps: int) -> dict:
                 parent = parent.cpu_parent
             key = " > ".join(chain)
             ops[key] = ops.get(key, 0.0) + sum(k.duration for k in event.kernels) / 1000 / steps
+            launches[key] = launches.get(key, 0.0) + len(event.kernels) / steps
             # memsets take next to no time themselves, but the GPU idles before them inside graphs
             count = sum(k.name.startswith("Memset") for k in event.kernels)
             if count:
@@ -139,7 +141,8 @@ def breakdown(profile, steps: int) -> dict:
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
     return {"gpu_ms_per_step": round(sum(kernels.values()), 3), "by_kind_ms": _ranked(kinds),
             "top_kernels_ms": {name[:100]: ms for name, ms in _ranked(kernels, 15).items()},
-            "top_host_ops_ms": _ranked(ops, 25), "memsets_per_step_by_host_op": _ranked(memsets, 10)}
+            "top_host_ops_ms": _ranked(ops, 25), "memsets_per_step_by_host_op": _ranked(memsets, 10),
+            "kernels_per_step_by_host_op": _ranked(launches, 30)}
 
 
 def idle_between_kernels(profile, steps: int, within_us: float = 500.0) -> dict:
@@ -219,6 +222,8 @@ def step(args) -> dict:
         print(f"    {ms:8.3f} ms  launched by {name}")
     for name, count in out["memsets_per_step_by_host_op"].items():
         print(f"    {count:8.1f} memsets a step by {name}")
+    for name, count in out["kernels_per_step_by_host_op"].items():
+        print(f"    {count:8.1f} kernels a step by {name}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     return out

@@ -55,7 +55,8 @@ def test_step_bench_names_kinds_of_kernels():
 
 def test_step_bench_sums_a_profile_by_kind_host_op_and_idle_gap():
     """Two profiled steps of a matmul (launched by bmm) and a memset, 3 us apart: per step the kernel time,
-    who launched the memset, and the GPU's idle time before each kernel."""
+    who launched the memset (and how many kernels each host op launched), and the GPU's idle time before
+    each kernel."""
     from types import SimpleNamespace as E
 
     import torch
@@ -75,6 +76,7 @@ def test_step_bench_sums_a_profile_by_kind_host_op_and_idle_gap():
     found = breakdown(profile, steps=2)
     assert found["by_kind_ms"] == {"matmul": 0.01, "copies and casts": 0.001}
     assert found["memsets_per_step_by_host_op"] == {"aten::bmm > aten::zero_": 1.0}
+    assert found["kernels_per_step_by_host_op"] == {"aten::bmm > aten::zero_": 1.0}
     idle = idle_between_kernels(profile, steps=2)
     # 3 us before each memset; the 86 us from a memset to the next step's matmul counts too (under 500)
     assert idle["kernels_per_step"] == 2 and idle["idle_before_ms"]["Memset (Device)"] == 0.003

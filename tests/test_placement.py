@@ -81,3 +81,53 @@ def test_a_sweep_on_two_gpus_hands_out_its_groups_costliest_first(tmp_path, capl
     assert "GPU slot 0 expects groups [0] (80% of the cost)" in caplog.text
     _, one_gpu = group_jobs(jobs, max_runs=None, devices=1)
     assert [[job.idx for job in g] for g in one_gpu] == [[0, 1], [2]]  # one GPU: the sweep's own order
+
+
+@pytest.mark.parametrize("mps", [True, False])
+def test_two_groups_per_gpu_split_the_grid_and_train_side_by_side_on_one_gpu(tmp_path, monkeypatch, caplog, mps):
+    """hydra.launcher.groups_per_gpu=2 on one GPU: the recipe's group is split in two, both start at once,
+    each sized for half the GPU's memory; without MPS the groups would only take turns, and it says so."""
+    import dataclasses
+    import logging
+    from types import SimpleNamespace
+
+    from crisp.sweep import launch, lockstep_launcher
+    from crisp.sweep.jobs import job_return
+
+    jobs = [_job(tmp_path, f"seed={s}") for s in (1, 2, 3, 4)]
+    jobs = [dataclasses.replace(job, idx=k, output_dir=tmp_path / f"run{k}", record={"output_dir": f"run{k}",
+            "run_key": f"key{k}"}) for k, job in enumerate(jobs)]
+    monkeypatch.setattr(lockstep_launcher, "visible_gpus", lambda: ["0"])
+    monkeypatch.setattr(lockstep_launcher, "_device_memory", lambda: 4 * 2**30)
+    monkeypatch.setattr(launch, "prepare", lambda launcher: tmp_path)
+    if mps:
+        monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "mps"))
+    else:
+        monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    seen = {}
+
+    def run_tasks(sweep_dir, tasks, pending, max_running, *rest):
+        seen.update(groups=[[job.idx for job in task.spec["jobs"]] for task in tasks], at_once=max_running)
+        return [job_return(job, {**job.record, "status": "completed"}) for job in pending]
+
+    monkeypatch.setattr(launch, "run_tasks", run_tasks)
+    launcher = SimpleNamespace(max_runs_per_group=None, groups_per_gpu=2, row_width=64, pack_workers="auto",
+                               stall_timeout_s=60, worker_start="auto", config=jobs[0].config, hydra_context=None,
+                               task_function=None)
+    with caplog.at_level(logging.INFO, logger="crisp"):
+        returns = lockstep_launcher.launch_jobs(launcher, jobs)
+    assert seen == {"groups": [[0, 1], [2, 3]], "at_once": 2}
+    assert [r.return_value["status"] for r in returns] == ["completed"] * 4
+    assert ("take turns on it" in caplog.text) is not mps
+    # sized for its share: auto fits half as many runs in each of two groups as in one
+    memory = lockstep_launcher._device_memory()
+    assert lockstep_launcher.capacity(jobs[0], "auto", memory // 2) < lockstep_launcher.capacity(jobs[0], "auto", memory)
+
+
+def test_a_bad_groups_per_gpu_is_refused_with_the_key_and_what_is_allowed():
+    from crisp.sweep.lockstep_launcher import check_groups_per_gpu
+
+    assert check_groups_per_gpu(2) == 2
+    for bad in (0, -1, "2", True, 1.5):
+        with pytest.raises(SystemExit, match=r"hydra.launcher.groups_per_gpu=.* is not allowed: use a number"):
+            check_groups_per_gpu(bad)
