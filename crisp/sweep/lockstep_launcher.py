@@ -11,10 +11,6 @@ A group larger than the device holds (about 20 bytes per parameter per run: weig
 AdamW's two moments and room for activations) is split into equal parts that take turns; on
 several GPUs, the costliest groups are split until each GPU has one, and they run side by side,
 handed out costliest first as GPUs free up (:mod:`crisp.sweep.placement`).
-
-``groups_per_gpu`` slots per GPU: with ``sweep.mps=true`` two groups on one GPU run their kernels at
-the same time, so one group's kernels fill the GPU while the other's next kernel waits on the one
-before it (a small group's step is hundreds of short kernels, each waiting on the last).
 """
 
 from __future__ import annotations
@@ -120,14 +116,6 @@ def _parameters(job: Job) -> int:
         return sum(p.numel() for p in AutoModelForSequenceClassification.from_config(_model_config(job)).parameters())
 
 
-def check_groups_per_gpu(value: int) -> int:
-    """``hydra.launcher.groups_per_gpu``: a count >= 1, checked before anything runs."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    raise SystemExit(f"crisp: hydra.launcher.groups_per_gpu={value!r} is not allowed: use a number of groups >= 1 "
-                     "(more than 1 with sweep.mps=true, so that they share the GPU at once)")
-
-
 def check_pack_workers(value: int | str) -> int | str:
     """``hydra.launcher.pack_workers``: "auto" or a count of processes, checked before anything runs."""
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
@@ -146,17 +134,11 @@ def _device_memory() -> int:
 
 
 def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobReturn]:
-    """Train the jobs' groups ``groups_per_gpu`` per GPU at a time; with ``alone="process"`` (``hydra/launcher=auto``) a
+    """Train the jobs' groups one per GPU at a time; with ``alone="process"`` (``hydra/launcher=auto``) a
     group of one run, or of runs that lockstep cannot train, runs each in a worker process of its own."""
     sweep_dir = launch.prepare(launcher)
     gpus = visible_gpus()
-    per_gpu = launcher.groups_per_gpu if gpus else 1
-    if per_gpu > 1 and not os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
-        log.warning("lockstep: hydra.launcher.groups_per_gpu=%d without sweep.mps=true: the groups on a GPU take "
-                    "turns on it, not share it", per_gpu)
-    slots = max(1, len(gpus)) * per_gpu
-    returns, groups = group_jobs(jobs, launcher.max_runs_per_group, slots if gpus else 0,
-                                 memory=_device_memory() // per_gpu if per_gpu > 1 else None)
+    returns, groups = group_jobs(jobs, launcher.max_runs_per_group, len(gpus))
     tasks = []
     for k, group in enumerate(groups):
         if alone == "process" and (len(group) == 1 or not can_fuse(group[0])):
@@ -167,7 +149,7 @@ def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobR
             tasks.append(launch.task(launcher, f"group{k}", "lockstep", group, log_path, options=options(launcher)))
     if tasks:
         pending = [job for task in tasks for job in task.spec["jobs"]]
-        ran = launch.run_tasks(sweep_dir, tasks, pending, slots, launcher.stall_timeout_s,
+        ran = launch.run_tasks(sweep_dir, tasks, pending, max(1, len(gpus)), launcher.stall_timeout_s,
                                launcher.worker_start)
         returns.update({job.idx: ret for job, ret in zip(pending, ran, strict=True)})
     return [returns[job.idx] for job in jobs]

@@ -85,9 +85,8 @@ class LockstepLauncher(_ProcessLauncher):
     """``hydra/launcher=lockstep``: runs that share a recipe trained as one fused model per group."""
 
     def __init__(self, max_runs_per_group: int | str | None = "auto", row_width: int = 64,
-                 pack_workers: int | str = "auto", stall_timeout_s: float = 600, worker_start: str = "auto",
-                 groups_per_gpu: int = 1) -> None:
-        from crisp.sweep.lockstep_launcher import check_groups_per_gpu, check_max_runs, check_pack_workers
+                 pack_workers: int | str = "auto", stall_timeout_s: float = 600, worker_start: str = "auto") -> None:
+        from crisp.sweep.lockstep_launcher import check_max_runs, check_pack_workers
         from crisp.sweep.pool import check_worker_start
 
         # checked before Hydra writes anything
@@ -95,7 +94,6 @@ class LockstepLauncher(_ProcessLauncher):
             stall_timeout_s
         self.pack_workers = check_pack_workers(pack_workers)
         self.worker_start = check_worker_start(worker_start)
-        self.groups_per_gpu = check_groups_per_gpu(groups_per_gpu)
 
     def launch_jobs(self, jobs) -> Sequence[JobReturn]:
         from crisp.sweep.lockstep_launcher import launch_jobs
