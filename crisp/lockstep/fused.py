@@ -95,17 +95,22 @@ class WeightCopies:
         if not self.active:
             return param.to(dtype)
         entry = self._copies.get(id(param))
-        if entry is None or entry[0]() is not param or entry[1].dtype != dtype or entry[2] != param.data_ptr() \
-                or entry[1].shape != param.shape:
+        if entry is None or entry[1].dtype != dtype or self._owner(entry) is not param:
             if torch.cuda.is_current_stream_capturing():  # a copy made here would belong to the graph's pool
                 return param.to(dtype)
             entry = self._copies[id(param)] = (weakref.ref(param), param.detach().to(dtype), param.data_ptr())
         return entry[1]
 
+    @staticmethod
+    def _owner(entry: tuple[weakref.ref, torch.Tensor, int]) -> torch.Tensor | None:
+        """The parameter that ``entry``'s copy still stands for (alive, same storage and shape), else None."""
+        ref, copy, ptr = entry
+        param = ref()
+        return param if param is not None and param.data_ptr() == ptr and copy.shape == param.shape else None
+
     @torch.no_grad()
     def refresh(self) -> None:
-        live = [(param, copy) for ref, copy, ptr in self._copies.values()
-                if (param := ref()) is not None and param.data_ptr() == ptr and copy.shape == param.shape]
+        live = [(param, entry[1]) for entry in self._copies.values() if (param := self._owner(entry)) is not None]
         if live:
             torch._foreach_copy_([copy for _, copy in live], [param for param, _ in live])
 
