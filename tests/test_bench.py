@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from crisp import bench
+from crisp.bench import cli
+from crisp.bench.grid import _compare
 from tests.conftest import run_crisp
 
 
 def test_attention_bench_writes_every_implementation(tmp_path, capsys):
     out = tmp_path / "attention.json"
-    bench.main(["attention", "--cpu", "--encoders", "minilm-l6", "--shapes", "2x8", "--steps", "2",
+    cli.main(["attention", "--cpu", "--encoders", "minilm-l6", "--shapes", "2x8", "--steps", "2",
                 "--rounds", "2", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["implementation"] for r in rows] == ["eager", "sdpa", "crisp s=0", "crisp s=0.8"]
@@ -27,7 +28,7 @@ def test_sweep_summary_scales_shorter_baseline_runs_to_the_grids_epochs():
     grid = {"wall_seconds": 300.0,
             "runs": {"completed": 21, "epochs": [3] * 21, "samples": 21 * 3 * 1000,
                      "samples_per_second": [700.0] * 21, "peak_gpu_memory_mb": [1000.0] * 21}}
-    summary = bench._compare(baseline, grid)
+    summary = _compare(baseline, grid)
     per_run = ((70 + 2 * 50) + (80 + 2 * 58)) / 2
     assert summary["untuned_seconds_per_run"] == per_run
     assert summary["untuned_sequential_seconds_extrapolated"] == 21 * per_run
@@ -38,7 +39,7 @@ def test_sweep_summary_scales_shorter_baseline_runs_to_the_grids_epochs():
 def test_step_bench_trains_the_grid_as_one_group_and_times_its_steps(tmp_path):
     """Two learning rates of the paper grid's 7 runs per seed, one group; on the CPU there are no kernels to count."""
     out = tmp_path / "step.json"
-    bench.main(["step", "--seeds", "1", "--lrs", "1e-3", "3e-3", "--skip", "2", "--timed", "2", "--profiled", "1",
+    cli.main(["step", "--seeds", "1", "--lrs", "1e-3", "3e-3", "--skip", "2", "--timed", "2", "--profiled", "1",
                 "--out", str(out), "experiment=smoke", "data.num_train=256"])
     found = json.loads(out.read_text())
     assert found["runs"] == found["completed"] == 14 and found["step_ms"] > 0
@@ -46,7 +47,7 @@ def test_step_bench_trains_the_grid_as_one_group_and_times_its_steps(tmp_path):
 
 
 def test_step_bench_names_kinds_of_kernels():
-    from crisp.bench_step import kind_of
+    from crisp.bench.step import kind_of
 
     assert kind_of("nvjet_sm90_tst_128x256_64x4_1x2_h_badd_coopA_NNN") == "matmul"
     assert kind_of("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "AdamW"
@@ -61,7 +62,7 @@ def test_step_bench_sums_a_profile_by_kind_host_op_and_idle_gap():
 
     import torch
 
-    from crisp.bench_step import breakdown, idle_between_kernels
+    from crisp.bench.step import breakdown, idle_between_kernels
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     events, host = [], E(name="aten::bmm", cpu_parent=None)
@@ -85,7 +86,7 @@ def test_step_bench_sums_a_profile_by_kind_host_op_and_idle_gap():
 
 def test_kernel_bench_times_eager_and_crisp_probabilities(tmp_path):
     out = tmp_path / "kernel.json"
-    bench.main(["kernel", "--cpu", "--shapes", "2x8", "--dtypes", "fp32", "--reps", "2", "--out", str(out)])
+    cli.main(["kernel", "--cpu", "--shapes", "2x8", "--dtypes", "fp32", "--reps", "2", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     # no Triton on a CPU tensor: the fused kernel is left out, not faked
     assert [r["implementation"] for r in rows] == ["eager softmax", "crisp sort"]

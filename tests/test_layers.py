@@ -1,4 +1,4 @@
-"""The package's layers point down only: sparsity <- core <- training <- lockstep <- sweep <- entry points."""
+"""The package's layers point down only: sparsity <- core <- report, training <- lockstep <- sweep <- bench, entry points."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ PACKAGE = ROOT / "crisp"
 BELOW = {
     "sparsity": set(),
     "core": {"sparsity"},
+    "report": {"sparsity", "core"},  # reads results.json files alone
     "training": {"sparsity", "core"},
     "lockstep": {"sparsity", "core", "training"},
-    "sweep": {"sparsity", "core", "training", "lockstep"},
+    "sweep": {"sparsity", "core", "report", "training", "lockstep"},  # a sweep ends with its report
+    "bench": {"sparsity", "core", "report", "training", "lockstep", "sweep"},  # nothing imports the benchmarks
 }
-ENTRY_POINTS = {"crisp.run", "crisp.report", "crisp.bench"}
+ENTRY_POINTS = {"crisp.run", "crisp.report.__main__", "crisp.bench.__main__"}
 
 
 def crisp_imports(path: Path) -> set[str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from crisp.report import COLUMNS, collect, main, summarize, write_report
+from crisp.report import COLUMNS, collect, summarize, write_report
+from crisp.report.__main__ import main
 
 T975_DF1 = 12.706204736174707  # scipy.stats.t.ppf(0.975, 1)
 T975_DF2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2)

@@ -76,8 +76,8 @@ def write_report(config: DictConfig, sweep_dir: Path) -> list[str]:
     # each by its folder in the sweep: the run's name, after the keys that vary
     failed = sorted(r.get("output_dir") or r.get("name", "?") for r in records if r.get("status") != results.COMPLETED)
     if config.report.after_sweep and records:
-        from crisp.core.ablation import format_all
-        from crisp.core.ablation import write_report as write
+        from crisp.report import format_all
+        from crisp.report import write_report as write
 
         summary = write([sweep_dir], log_wandb=_wandb_target(config))
         print(format_all(summary), flush=True)

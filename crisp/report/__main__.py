@@ -1,7 +1,7 @@
 """``python -m crisp.report DIR [DIR ...]``: the ablation tables of one study folder or several sweeps.
 
 Writes ``report.md``, ``report.csv``, ``report.png`` (and ``report-tasks.png`` across tasks) into the
-first DIR or ``--out`` (:mod:`crisp.core.ablation` says what the tables hold), prints the tables, and
+first DIR or ``--out`` (:mod:`crisp.report` says what the tables hold), prints the tables, and
 exits 1 when a results.json below the dirs cannot be used (each is named on the terminal), 2 when a
 dir does not exist or holds no results.
 """
@@ -11,25 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from crisp.core.ablation import (  # noqa: F401  (the report's API, as it always was importable from here)
-    COLUMNS,
-    CSV,
-    MARKDOWN,
-    PNG,
-    ReportError,
-    collect,
-    cross_task,
-    format_all,
-    format_cross_task,
-    format_table,
-    summarize,
-    write_report,
-)
+from crisp.report import CSV, MARKDOWN, PNG, ReportError, collect, format_all, write_report
 from crisp.core.results import FILENAME
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crisp.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m crisp.report", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help=f"study or sweep directories; every {FILENAME} "
                                                                "below is read")
     parser.add_argument("--out", metavar="DIR", help="where to write the report (default: the first DIR)")

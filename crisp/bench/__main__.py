@@ -1,0 +1,5 @@
+import sys
+
+from crisp.bench.cli import main
+
+sys.exit(main())
