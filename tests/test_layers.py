@@ -1,4 +1,4 @@
-"""The package's layers point down only: sparsity <- core <- report, training <- lockstep <- sweep <- bench, entry points."""
+"""The package's layers point down only: sparsity <- core <- report, training <- lockstep <- sweep <- bench."""
 
 from __future__ import annotations
 

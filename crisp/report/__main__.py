@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from crisp.report import CSV, MARKDOWN, PNG, ReportError, collect, format_all, write_report
 from crisp.core.results import FILENAME
+from crisp.report import CSV, MARKDOWN, PNG, ReportError, collect, format_all, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
