@@ -32,7 +32,7 @@ _API = {
     "prepare": "crisp.sparsity.layers",
     "set_sparsity": "crisp.sparsity.layers",
     "STRATEGIES": "crisp.sparsity.strategies",
-    "apply_strategy": "crisp.sparsity.strategies",
+    "apply_strategy": "crisp.sparsity.calibration",
     "register_strategy": "crisp.sparsity.strategies",
 }
 __all__ = sorted(_API)

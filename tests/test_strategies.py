@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crisp
-from crisp.sparsity.strategies import MAX_LAYER_SPARSITY, adaptive, measure_entropy, ramp, uniform
+from crisp.sparsity.calibration import measure_entropy
+from crisp.sparsity.strategies import MAX_LAYER_SPARSITY, adaptive, ramp, uniform
 from tests.conftest import VOCAB, tiny_model
 
 

@@ -21,6 +21,7 @@ from crisp.core.errors import ConfigError
 from crisp.core.model_dirs import minilm_dir, mpnet_dir
 from crisp.core.results import effective_strategy
 from crisp.sparsity import MAX_LAYER_SPARSITY
+from crisp.sparsity.strategies import NOT_PARAMETERS, load_strategy, strategy_parameters
 
 # conf/ beside the package (a checkout) or inside it (an installed wheel)
 CONF_DIR = next((p for p in (Path(__file__).resolve().parents[2] / "conf", Path(__file__).resolve().parents[1] / "conf")
@@ -144,17 +145,31 @@ def _check_number(cfg: DictConfig, key: str, low: float, high: float, *, closed_
         _fail(key, value, f"it must be a number in [{low:g}, {high:g}{bracket}")
 
 
+def _check_strategy(cfg: DictConfig) -> None:
+    """The strategy is registered (importing the module its yaml names), takes the parameters its yaml
+    sets, and can reach the mean sparsity asked for (:mod:`crisp.sparsity.strategies`' registry)."""
+    spec = OmegaConf.to_container(cfg.strategy, resolve=True)
+    try:
+        fn = load_strategy(spec.get("name"), spec.get("module"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    allowed = strategy_parameters(fn)
+    for key, value in spec.items():
+        if key not in NOT_PARAMETERS and allowed is not None and key not in allowed:
+            takes = ", ".join(sorted(allowed)) or "no parameters"
+            _fail(f"strategy.{key}", value, f"strategy {spec['name']} takes {takes} (besides name and module)")
+    if fn.clips and cfg.sparsity > MAX_LAYER_SPARSITY:
+        _fail("sparsity", cfg.sparsity, f"strategy {spec['name']} spreads sparsity over layers each in "
+                                        f"[0, {MAX_LAYER_SPARSITY}]")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value whose range a type cannot express; raise ConfigError on the first bad one."""
     _check_number(cfg, "sparsity", 0, 1, closed_high=False)
-    strategy, strategies = cfg.strategy.name, sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
-    if strategy not in strategies:
-        _fail("strategy", strategy, f"choose one of {strategies}")
+    _check_strategy(cfg)
     name = str(cfg.name)
     if not name or "/" in name or name.startswith(".") or "\0" in name:
         _fail("name", cfg.name, "a run's name is one folder name: no '/', not starting with '.'")
-    if strategy != "uniform" and cfg.sparsity > MAX_LAYER_SPARSITY:
-        _fail("sparsity", cfg.sparsity, f"strategy {strategy} spreads sparsity over layers each in [0, 0.95]")
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
         _fail("seed", cfg.seed, "it must be a non-negative integer")
     _check_number(cfg, "optim.lr", 0, 1, closed_high=True)

@@ -43,7 +43,7 @@ from crisp.training.cuda_graphs import GraphedTrainStep
 
 
 @dataclass
-class Run:
+class FusedRun:
     """One run of the group as the module sees it."""
 
     name: str
@@ -56,8 +56,8 @@ class Run:
 
 
 class LockstepClassifier(pl.LightningModule):
-    def __init__(self, encoder: torch.nn.Module, runs: list[Run], random: RunRandom, cfg: DictConfig,
-                 task: tasks.Task, cuda_graphs: bool = False, on_failure: Callable[[Run], None] | None = None):
+    def __init__(self, encoder: torch.nn.Module, runs: list[FusedRun], random: RunRandom, cfg: DictConfig,
+                 task: tasks.Task, cuda_graphs: bool = False, on_failure: Callable[[FusedRun], None] | None = None):
         super().__init__()
         self.encoder = encoder.train()
         self.runs = runs  # the active ones, in the fused model's order

@@ -5,7 +5,8 @@
 - :mod:`~crisp.sparsity.attention`: the attention function, registered with transformers;
 - :mod:`~crisp.sparsity.families`: how each encoder family's attention reaches it;
 - :mod:`~crisp.sparsity.layers`: the model-level API (set_sparsity, configure, attention_stats, prepare);
-- :mod:`~crisp.sparsity.strategies`: which sparsity each layer gets (uniform, adaptive, ramp).
+- :mod:`~crisp.sparsity.strategies`: which sparsity each layer gets (uniform, adaptive, ramp), a registry;
+- :mod:`~crisp.sparsity.calibration`: a strategy applied to a model (the adaptive one calibrated on it).
 """
 
 # the most sparsity a strategy gives one layer (adaptive, ramp); here, so that config checks read it without torch

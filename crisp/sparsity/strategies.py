@@ -1,32 +1,64 @@
-"""Sparsity strategies: which sparsity each attention layer gets.
+"""Sparsity strategies: which sparsity each attention layer gets (the registry the config checks read).
 
-A strategy is a function ``(num_layers, sparsity, **params) -> list[float]`` in :data:`STRATEGIES`;
-one that needs per-layer attention entropies measured on the dense model sets
-``needs_entropy = True`` and receives them as ``entropy=``. Adding one = a function here (or
-anywhere, with :func:`register_strategy`) and a yaml in ``conf/strategy/``.
+A strategy is a function ``(num_layers, sparsity, **params) -> list[float]`` in :data:`STRATEGIES`,
+registered with :func:`register_strategy`, which records what the config checks need to know of it
+without running it: whether it needs per-layer attention entropies measured on the dense model
+(``needs_entropy``: it then receives them as ``entropy=``) and whether it spreads sparsity over layers
+clipped to [0, :data:`MAX_LAYER_SPARSITY`] (``clips``: the mean it can reach is capped there too).
+Adding one = a registered function (here, or in a module of your own that a strategy yaml names with
+``module:``) and a yaml in ``conf/strategy/`` (or in a config folder of your own on ``hydra.searchpath``).
+
+This module imports no torch: ``python -m crisp.run`` checks a strategy's name, parameters and range
+against it before anything heavy loads. Applying a strategy to a model is :mod:`crisp.sparsity.calibration`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
 
-import torch
-from torch import nn
+from crisp.sparsity import MAX_LAYER_SPARSITY
 
-from crisp.sparsity import MAX_LAYER_SPARSITY  # noqa: E402 (re-exported)
-from crisp.sparsity.layers import attention_stats, check_sparsity, configure, get_sparsity, set_sparsity
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a batch feeds the encoder
 STRATEGIES: dict[str, Callable[..., list[float]]] = {}
+# keys of a strategy's config that are not parameters of its function
+NOT_PARAMETERS = ("name", "module")
 
 
-def register_strategy(name: str, *, needs_entropy: bool = False):
+def register_strategy(name: str, *, needs_entropy: bool = False, clips: bool = False):
+    """Register ``fn`` as strategy ``name`` (see the module for ``needs_entropy`` and ``clips``)."""
+
     def decorate(fn):
-        fn.needs_entropy = needs_entropy
+        fn.needs_entropy, fn.clips = needs_entropy, clips
         STRATEGIES[name] = fn
         return fn
 
     return decorate
+
+
+def load_strategy(name: str, module: str | None = None) -> Callable[..., list[float]]:
+    """The strategy registered as ``name``, importing ``module`` first (a user's module that registers it).
+
+    Raises ValueError naming the strategy and what is registered."""
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"strategy.module={module!r} cannot be imported ({err}): it must be a module on the "
+                             "Python path that registers the strategy with crisp.register_strategy") from None
+    if name not in STRATEGIES:
+        where = f" (module {module} registers none by that name)" if module else ""
+        raise ValueError(f"strategy={name!r} is not allowed{where}: choose one of {sorted(STRATEGIES)}, or register "
+                         "your own with crisp.register_strategy and name its module in the yaml (module: ...)")
+    return STRATEGIES[name]
+
+
+def strategy_parameters(fn: Callable[..., list[float]]) -> set[str] | None:
+    """The config keys a strategy takes (its function's keyword parameters); None: any (it takes ``**kwargs``)."""
+    params = list(inspect.signature(fn).parameters.values())[2:]  # after num_layers, sparsity
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.name != "entropy"}
 
 
 def mean_preserving(offsets: Sequence[float], target: float, high: float = MAX_LAYER_SPARSITY) -> list[float]:
@@ -37,6 +69,8 @@ def mean_preserving(offsets: Sequence[float], target: float, high: float = MAX_L
     """
     if not 0 <= target <= high:
         raise ValueError(f"sparsity={target!r} cannot be spread over layers each in [0, {high}]")
+    import torch  # here: the registry above loads without it
+
     offsets_t = torch.tensor(offsets, dtype=torch.float64)
 
     def values(b: float) -> torch.Tensor:
@@ -58,7 +92,7 @@ def uniform(num_layers: int, sparsity: float) -> list[float]:
     return [sparsity] * num_layers
 
 
-@register_strategy("ramp")
+@register_strategy("ramp", clips=True)
 def ramp(num_layers: int, sparsity: float, spread: float = 0.2) -> list[float]:
     """Linear in depth: the last layer gets ``spread`` more than the first (negative: less); mean = sparsity."""
     if num_layers == 1:
@@ -67,7 +101,7 @@ def ramp(num_layers: int, sparsity: float, spread: float = 0.2) -> list[float]:
     return mean_preserving(offsets, sparsity)
 
 
-@register_strategy("adaptive", needs_entropy=True)
+@register_strategy("adaptive", needs_entropy=True, clips=True)
 def adaptive(num_layers: int, sparsity: float, entropy: Sequence[float], spread: float = 0.2) -> list[float]:
     """More sparsity for more peaked (lower-entropy) layers; non-increasing in entropy; mean = sparsity.
 
@@ -76,6 +110,8 @@ def adaptive(num_layers: int, sparsity: float, entropy: Sequence[float], spread:
     """
     if len(entropy) != num_layers:
         raise ValueError(f"adaptive needs one entropy per layer: got {len(entropy)} for {num_layers} layers")
+    import torch
+
     h = torch.tensor(entropy, dtype=torch.float64)
     width = float(h.max() - h.min())
     if width == 0:
@@ -84,55 +120,3 @@ def adaptive(num_layers: int, sparsity: float, entropy: Sequence[float], spread:
     return mean_preserving(offsets, sparsity)
 
 
-@torch.no_grad()
-def measure_entropy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
-    """Mean normalized attention entropy per layer of the *dense* model over ``batches``."""
-    saved = get_sparsity(model)
-    was_training = model.training
-    set_sparsity(model, 0.0)
-    configure(model, track_stats=True)
-    model.eval()
-    device = next(model.parameters()).device
-    totals, count = None, 0
-    try:
-        for batch in batches:
-            inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-            model(**inputs)
-            layer_entropy = torch.tensor([s.entropy for s in attention_stats(model)], dtype=torch.float64)
-            totals = layer_entropy if totals is None else totals + layer_entropy
-            count += 1
-    finally:
-        set_sparsity(model, saved)
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("entropy calibration got no batches")
-    return (totals / count).tolist()
-
-
-def apply_strategy(
-    model: nn.Module,
-    name: str,
-    sparsity: float,
-    calibration_batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
-    entropy: list[float] | None = None,
-    **params,
-) -> list[float]:
-    """Set per-layer sparsity on ``model`` with strategy ``name``; returns the values it set.
-
-    ``sparsity=0`` means dense whatever the strategy (no calibration runs). A strategy that needs the
-    dense model's attention entropy measures it on ``calibration_batches``, unless it is given as
-    ``entropy`` (measured already on this model and those batches).
-    """
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy={name!r} is not allowed: choose one of {sorted(STRATEGIES)}")
-    sparsity = check_sparsity(sparsity)
-    num_layers = len(get_sparsity(model))
-    if sparsity == 0:
-        return set_sparsity(model, [0.0] * num_layers)
-    strategy = STRATEGIES[name]
-    if strategy.needs_entropy:
-        if entropy is None and calibration_batches is None:
-            raise ValueError(f"strategy={name!r} needs calibration_batches to measure attention entropy")
-        params["entropy"] = measure_entropy(model, calibration_batches) if entropy is None else list(entropy)
-        model.crisp_calibration_entropy = params["entropy"]  # saved with the run's results
-    return set_sparsity(model, strategy(num_layers, sparsity, **params))

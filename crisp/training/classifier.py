@@ -6,13 +6,13 @@ import math
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 from transformers import get_linear_schedule_with_warmup
 
 import crisp
+from crisp.sparsity.calibration import MODEL_INPUTS
 from crisp.sparsity.families import attention_modules
-from crisp.sparsity.strategies import MODEL_INPUTS, STRATEGIES
 from crisp.training import tasks
 from crisp.training.cuda_graphs import GraphedTrainStep
 
@@ -119,41 +119,29 @@ class SparseClassifier(pl.LightningModule):
     step's forward and backward replay a CUDA graph (crisp/training/cuda_graphs.py) and the optimizer
     steps manually."""
 
-    def __init__(self, encoder: torch.nn.Module, cfg: DictConfig, task: tasks.Task, cuda_graphs: bool = False):
+    def __init__(self, encoder: torch.nn.Module, cfg: DictConfig, task: tasks.Task, cuda_graphs: bool = False,
+                 layer_sparsity: list[float] | None = None):
         super().__init__()
         self.automatic_optimization = not cuda_graphs
         self.graphed_step: GraphedTrainStep | None = None
         # from_pretrained returns eval mode, and Lightning keeps submodules' modes: dropout must be on
         self.encoder = encoder.train()
         self.task = task
-        self.sparsity = cfg.sparsity
-        self.strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
         self.optim = cfg.optim
-        self.apply_in_eval = cfg.sparsifier.apply_in_eval
         self.stats_every = max(1, cfg.sparsifier.stats_every_n_steps)
-        self.calibration_count = cfg.data.calibration_batches
         self.attention = attention_modules(encoder)
         # no input checks: they would wait for the GPU on every step; a NaN loss is caught per epoch
         self.train_loss, self.train_correct = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
         self.train_stats, self.val_stats = LayerStatsMeter(), LayerStatsMeter()
         self.val = ValidationOutputs(len(task.validation))
-        self.layer_sparsity: list[float] = []
+        # the strategy's allocation (crisp.training.builder sets it on the encoder before the run trains)
+        self.layer_sparsity: list[float] = list(layer_sparsity) if layer_sparsity is not None \
+            else crisp.get_sparsity(encoder)
         self.history: list[dict] = []
         self.last_val: dict = {}
         self.last_layers: dict = {}
 
-    # -- sparsity -------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        params = {k: v for k, v in self.strategy.items() if k != "name"}
-        name = self.strategy["name"]
-        batches = None
-        if STRATEGIES[name].needs_entropy and self.sparsity > 0:
-            batches = self.trainer.datamodule.calibration_batches(self.calibration_count)
-        self.layer_sparsity = crisp.apply_strategy(self.encoder, name, self.sparsity, batches, **params)
-        crisp.configure(self.encoder, apply_in_eval=self.apply_in_eval, track_stats=False)
-        allocation = ", ".join(f"{s:.3f}" for s in self.layer_sparsity)
-        print(f"crisp: strategy={name} sparsity={self.sparsity:g} -> per-layer sparsity [{allocation}]")
-
+    # -- statistics -----------------------------------------------------------------------------
     def _track(self, enabled: bool) -> None:
         track(self.attention, enabled)
 

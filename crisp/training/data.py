@@ -258,14 +258,12 @@ def loader_worker_init(worker_id: int) -> None:
 class TaskDataModule(pl.LightningDataModule):
     """The training split in the seed's order and every validation split of the task, in order."""
 
-    def __init__(self, cfg: DictConfig, tokenizer, splits: dict[str, Split], seed: int, pin_memory: bool = False,
-                 pad_to_multiple_of: int = 1, token_types: bool = False):
+    def __init__(self, cfg: DictConfig, train: TokenizedSplit, vals: list[TokenizedSplit], seed: int,
+                 pin_memory: bool = False, pad_to_multiple_of: int = 1):
         super().__init__()
-        self.cfg, self.tokenizer, self.seed, self.pin_memory = cfg, tokenizer, seed, pin_memory
-        tokenized = {name: tokenize(tokenizer, split, cfg.max_length, token_types=token_types)
-                     for name, split in splits.items()}
-        self.train = tokenized.pop("train")
-        self.vals = list(tokenized.values())  # in the task's order: the first is the one results name plainly
+        self.cfg, self.seed, self.pin_memory = cfg, seed, pin_memory
+        self.train = train
+        self.vals = vals  # in the task's order: the first is the one results name plainly
         if pad_to_multiple_of > 1:
             self.train.pad_to_multiple_of(pad_to_multiple_of, cfg.max_length)
 
@@ -289,8 +287,6 @@ class TaskDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(val, self.cfg.eval_batch_size, shuffle=False) for val in self.vals]
 
-    def calibration_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
-        return calibration_batches(self.train, self.cfg.batch_size, count, self.seed)
 
 
 def calibration_batches(train: TokenizedSplit, batch_size: int, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
