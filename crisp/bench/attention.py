@@ -87,7 +87,7 @@ class TrainingStep:
 
 
 def _capturable_eager_mask(*args, dtype: torch.dtype = torch.float32, **kwargs):
-    """transformers' eager mask, with its 0 built on the device: before 5.2x it copies a CPU scalar,
+    """transformers' eager mask, with its 0 built on the device: before transformers 5.2 it copies a CPU scalar,
     which a CUDA graph cannot capture (newer transformers build it exactly like this)."""
     from transformers.masking_utils import sdpa_mask
 

@@ -1,10 +1,9 @@
 """Many short examples per row: a lockstep step's batch without most of its padding.
 
-SST-2 sentences average 13 tokens, and a step that folds several runs' batches together would pad
-every one of them to the longest of all (about 54 tokens at three seeds, 61 at ten): four times the
-tokens worth computing. Instead each run's sentences are packed into rows of ``width`` tokens (first
-fit, longest first), every run gets the same number of rows (the most any run needs), and each token
-records its sentence's slot in the row (``segments``, -1 for padding). The model then sees:
+Short sentences folded from several runs' batches into one would all be padded to the longest of
+them: most of a step's tokens would be padding. Instead each run's sentences are packed into rows of
+``width`` tokens (first fit, longest first), every run gets the same number of rows (the most any run
+needs), and each token records its sentence's slot in the row (``segments``, -1 for padding). The model then sees:
 
 - a block-diagonal attention mask built from ``segments`` (a sentence attends to its own tokens,
   padding tokens to themselves only), so a sentence's output does not depend on its neighbours;
@@ -13,8 +12,7 @@ records its sentence's slot in the row (``segments``, -1 for padding). The model
 - ``token_type_ids`` of pairs, for encoders that read them: a pair is one example, packed whole, and
   never sees another example's tokens (the mask above).
 
-Measured on SST-2's training set: 1.2x the useful tokens at three seeds per step (1.3x at ten),
-against 4.1x (4.6x) for padding to the longest sentence.
+How much padding packing saves on SST-2 is in docs/performance.md.
 """
 
 from __future__ import annotations

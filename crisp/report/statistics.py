@@ -70,7 +70,7 @@ def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def recipe_of(record: Mapping[str, Any]) -> dict[str, Any]:
+def recipe_settings(record: Mapping[str, Any]) -> dict[str, Any]:
     config = record.get("config") if isinstance(record.get("config"), Mapping) else {}
     recipe = {k: v for k, v in _flat(config).items() if k.split(".")[0] not in NOT_A_RECIPE}
     recipe["model"], recipe["task"] = portable_model(record.get("model")), record.get("task") or "sst2"
@@ -84,7 +84,7 @@ def tables(records: Iterable[dict[str, Any]]) -> list[Table]:
     for record in records:
         if not isinstance(record.get("strategy"), str) or not is_number(record.get("sparsity")):
             continue  # unusable files: listed as failed runs, in no table
-        recipe = recipe_of(record)
+        recipe = recipe_settings(record)
         # the recipe as written (results.json's "recipe"), or, for results written before it, the config as run
         key = json.dumps([recipe["task"], recipe["model"], record.get("recipe") or recipe], sort_keys=True, default=str)
         if key not in groups:

@@ -1,8 +1,8 @@
 """Training steps replayed from CUDA graphs.
 
 A MiniLM- or DistilBERT-sized step at batch 32 is some five hundred small kernels: launched one by
-one from Python it takes 20-30 ms, almost all of it launch overhead; replayed from a CUDA graph the
-same kernels run back to back. One graph is captured per batch shape (batches are padded to a
+one from Python, the step's time is mostly launch overhead; replayed from a CUDA graph the same kernels
+run back to back (docs/performance.md has the numbers). One graph is captured per batch shape (batches are padded to a
 multiple of ``data.pad_to_multiple_of`` tokens, so a run sees a handful) and per ``extra`` key
 (crisp uses it for "statistics on or off" and the layers' sparsities, which the graph bakes in).
 
@@ -11,8 +11,8 @@ schedule and Lightning's bookkeeping work unchanged. The first ``warmup`` steps 
 eagerly on a side stream (lazy initialisation must not happen during capture) and are real
 training steps: no batch is skipped or repeated. Each graph keeps a set of gradient buffers of its
 own, so the graphs' gradients may take at most ``GRADS_SHARE`` of the device's memory (one graph
-always): a lockstep group of 70 MiniLM runs has 4.3 GB of gradients per graph, and graphs captured
-for every row count it meets leave no room for validation. Shapes met after that run eagerly.
+always): a large lockstep group's gradients are gigabytes per graph, and graphs captured for every
+row count it meets would leave no room for validation. Shapes met after that run eagerly.
 """
 
 from __future__ import annotations
