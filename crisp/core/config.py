@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from crisp.core.errors import ConfigError
+from crisp.core.keys import check_keys
 from crisp.core.model_dirs import minilm_dir, mpnet_dir
 from crisp.core.results import effective_strategy
 from crisp.sparsity import MAX_LAYER_SPARSITY
@@ -166,6 +167,7 @@ def _check_strategy(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check every value whose range a type cannot express; raise ConfigError on the first bad one."""
     _check_number(cfg, "sparsity", 0, 1, closed_high=False)
+    check_keys(cfg)
     _check_strategy(cfg)
     name = str(cfg.name)
     if not name or "/" in name or name.startswith(".") or "\0" in name:

@@ -32,7 +32,15 @@ from crisp.training import loggers
 from crisp.training.builder import BuiltRun, RunBuilder, check_hub
 from crisp.training.data import round_up
 from crisp.training.outcome import run_outcome, save_weights
-from crisp.training.trainer import Progress, device_of, make_trainer, timed_fit, trainer_settings, use_matmul_precision
+from crisp.training.trainer import (
+    Progress,
+    device_of,
+    make_trainer,
+    not_in_lockstep,
+    timed_fit,
+    trainer_settings,
+    use_matmul_precision,
+)
 
 log = logging.getLogger("crisp")
 
@@ -67,6 +75,9 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     # runs of equal optimizer settings side by side: each set is one slice of the fused parameters (RunAdamW)
     members = sorted(members, key=lambda m: astuple(run_optim(m.cfg)))
     cfg = members[0].cfg  # the group's shared recipe (the launcher groups jobs by it), but for what runs vary
+    if not_in_lockstep(cfg):
+        raise ConfigError(f"trainer.{not_in_lockstep(cfg)[0]} is not allowed in lockstep: a fused group cannot apply "
+                          "it to each of its runs; train these runs with hydra/launcher=auto or parallel")
     check_hub(cfg)
     settings = trainer_settings(cfg)
     use_matmul_precision(cfg, settings)

@@ -161,7 +161,10 @@ def can_fuse(job: Job) -> bool:
     if "ddp" in str(trainer.strategy) or trainer.compile or str(trainer.devices) not in ("1", "auto"):
         return False
     from crisp.sparsity.families import FAMILIES
+    from crisp.training.trainer import not_in_lockstep
 
+    if not_in_lockstep(job.config):
+        return False
     try:
         return _model_type(job) in {t for family in FAMILIES.values() for t in family.model_types}
     except Exception:  # the worker meets the same problem and reports it

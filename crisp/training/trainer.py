@@ -17,11 +17,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import LightningEnvironment
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 from crisp.core import heartbeat
 from crisp.core.errors import ConfigError
+from crisp.core.keys import CRISP_TRAINER_KEYS
 
 # Lightning's start-up banner and tips, and warnings that say nothing about a crisp run
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -89,29 +90,46 @@ def use_matmul_precision(cfg: DictConfig, settings: dict[str, Any]) -> None:
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
 
 
+def lightning_options(cfg: DictConfig) -> dict[str, Any]:
+    """The Lightning arguments a user set under ``trainer`` beyond the ones :func:`make_trainer` resolves
+    itself (``+trainer.accumulate_grad_batches=2``, ``+trainer.gradient_clip_val=1.0``, ...)."""
+    resolved = {"accelerator", "devices", "strategy", "precision"}
+    return {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+            if k not in CRISP_TRAINER_KEYS and k not in resolved}
+
+
+# the Lightning arguments a lockstep group applies to each of its runs as a run alone applies them
+PER_RUN_IN_LOCKSTEP = frozenset({"max_epochs", "log_every_n_steps", "deterministic", "enable_model_summary",
+                                 "enable_progress_bar"})
+
+
+def not_in_lockstep(cfg: DictConfig) -> list[str]:
+    """The ``trainer`` settings a fused lockstep group cannot apply per run (those runs train one process each)."""
+    return sorted(k for k in lightning_options(cfg) if k not in PER_RUN_IN_LOCKSTEP)
+
+
 def make_trainer(cfg: DictConfig, settings: dict[str, Any], output_dir: Path, progress: Progress, *,
                  logger: Any = False, callbacks: list[pl.Callback] | None = None, strategy: Any = None,
                  devices: Any = None, checkpointing: bool | None = None) -> pl.Trainer:
-    """A run's Trainer: ``cfg.trainer``'s Lightning settings, crisp's progress bar and :class:`Progress`, and
-    the caller's logger and callbacks. ``strategy``/``devices`` replace the config's (a lockstep group keeps
-    its one device); ``checkpointing`` replaces ``trainer.save_checkpoint``."""
+    """A run's Trainer: ``cfg.trainer``'s Lightning settings (every Trainer argument it sets, see
+    :mod:`crisp.core.keys`), crisp's progress bar and :class:`Progress`, and the caller's logger and callbacks.
+    ``strategy``/``devices`` replace the config's (a lockstep group keeps its one device); ``checkpointing``
+    replaces ``trainer.save_checkpoint``."""
+    # crisp's defaults for Lightning's arguments; the config's own settings win
+    options = {"enable_model_summary": False, "num_sanity_val_steps": 0, **lightning_options(cfg)}
     return pl.Trainer(
         accelerator=settings["accelerator"],
         devices=settings["devices"] if devices is None else devices,
         strategy=cfg.trainer.strategy if strategy is None else strategy,
         precision=settings["precision"],
-        max_epochs=cfg.trainer.max_epochs,
         logger=logger,
         callbacks=[TQDMProgressBar(refresh_rate=settings["refresh"]), progress, *(callbacks or [])],
         # crisp starts DDP ranks itself (crisp/training/ddp.py): no cluster detection, which would import mpi4py
         # where it is installed and leave an Open MPI daemon behind every run
         plugins=[LightningEnvironment()],
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_checkpointing=cfg.trainer.save_checkpoint if checkpointing is None else checkpointing,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=cfg.trainer.deterministic,
         default_root_dir=str(output_dir),
+        **options,
     )
 
 

@@ -1,0 +1,75 @@
+"""Strict keys: what each config group may hold, so that a key crisp would not use is refused by name.
+
+``+data.text_column=review`` or ``+trainer.acumulate_grad_batches=2`` would otherwise be accepted and do
+nothing. :func:`check_keys` refuses every key of ``model``, ``trainer`` and ``logger`` that is not one of
+the keys below (``data``'s keys are checked with the data source, ``optim``, ``dropout`` and
+``sparsifier`` are typed by the schema), naming the key and the keys allowed there.
+
+``trainer`` takes every argument of ``pytorch_lightning.Trainer`` (read from Lightning's source, so that
+checking a config does not import Lightning) besides crisp's own keys; the few that crisp sets itself
+(the logger, the callbacks, the run's directory) are refused with the key that sets them instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from crisp.core.errors import ConfigError
+
+# the trainer keys that are crisp's, not Lightning's (conf/trainer/auto.yaml says what each does)
+CRISP_TRAINER_KEYS = frozenset({"progress_refresh_rate", "save_checkpoint", "save_weights", "compile", "cuda_graphs",
+                                "matmul_precision"})
+# Lightning's Trainer arguments that crisp sets itself, and what sets them instead
+SET_BY_CRISP = {
+    "logger": "the logger group (logger=wandb, logger=csv or logger=none)",
+    "callbacks": "the callbacks group",
+    "plugins": "crisp (its cluster environment)",
+    "default_root_dir": "the run's directory (hydra.run.dir, hydra.sweep.dir)",
+    "enable_checkpointing": "trainer.save_checkpoint",
+}
+MODEL_KEYS = frozenset({"name_or_path", "label", "tokenizer", "tokenizer_vocab_size", "from_config"})
+LOGGER_KEYS = {"wandb": frozenset({"name", "project", "entity", "mode"}), "csv": frozenset({"name"}),
+               "none": frozenset({"name"})}
+
+
+@functools.cache
+def lightning_trainer_args() -> frozenset[str]:
+    """The parameters of ``pytorch_lightning.Trainer.__init__``, read from its source without importing it."""
+    spec = importlib.util.find_spec("pytorch_lightning")
+    source = Path(spec.origin).parent / "trainer" / "trainer.py"
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+            init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+            return frozenset(a.arg for a in [*init.args.args[1:], *init.args.kwonlyargs])
+    raise RuntimeError(f"no Trainer class in {source}")
+
+
+def _refuse(group: str, key: str, value: Any, allowed: set[str] | frozenset[str], also: str = "") -> None:
+    raise ConfigError(f"{group}.{key}={value!r} is not allowed: {group} has no key {key!r} "
+                      f"(its keys: {', '.join(sorted(allowed))}{also})")
+
+
+def check_keys(cfg: Mapping[str, Any]) -> None:
+    """Refuse the first key of ``model``, ``trainer`` or ``logger`` that crisp would not use (see the module)."""
+    for key, value in (cfg.get("model") or {}).items():
+        if key not in MODEL_KEYS:
+            _refuse("model", key, value, MODEL_KEYS)
+    lightning = lightning_trainer_args()
+    for key, value in (cfg.get("trainer") or {}).items():
+        if key in SET_BY_CRISP:
+            raise ConfigError(f"trainer.{key}={value!r} is not allowed: crisp sets it; use {SET_BY_CRISP[key]}")
+        if key not in lightning and key not in CRISP_TRAINER_KEYS:
+            _refuse("trainer", key, value, CRISP_TRAINER_KEYS,
+                    also=", and every argument of pytorch_lightning.Trainer")
+    logger = cfg.get("logger") or {}
+    allowed = LOGGER_KEYS.get(logger.get("name"))
+    if allowed is None:
+        raise ConfigError(f"logger.name={logger.get('name')!r} is not allowed: choose one of {', '.join(LOGGER_KEYS)}")
+    for key, value in logger.items():
+        if key not in allowed:
+            _refuse("logger", key, value, allowed)
