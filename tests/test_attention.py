@@ -1,4 +1,4 @@
-"""The sparsifier's exact semantics (DESIGN.md, "The sparsifier") on tiny DistilBERT and BERT."""
+"""The sparsifier's exact semantics (crisp/sparsity/topk.py) on tiny DistilBERT and BERT."""
 
 from __future__ import annotations
 

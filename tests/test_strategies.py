@@ -1,4 +1,4 @@
-"""Strategies: per-layer values, mean preservation, adaptive's monotonicity (DESIGN.md, "Strategies")."""
+"""Strategies: per-layer values, mean preservation, adaptive's monotonicity (crisp/sparsity/strategies.py)."""
 
 from __future__ import annotations
 
