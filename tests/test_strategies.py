@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -113,3 +115,59 @@ def test_registry_is_pluggable():
         assert crisp.apply_strategy(tiny_model("bert"), "first_layer_only", 0.4) == [0.4, 0.0, 0.0]
     finally:
         del crisp.STRATEGIES["first_layer_only"]
+
+
+MY_STRATEGY = '''
+import crisp
+
+
+@crisp.register_strategy("last_layer_only", clips=True)
+def last_layer_only(num_layers, sparsity, scale=1.0):
+    return [0.0] * (num_layers - 1) + [min(0.95, sparsity * num_layers * scale)]
+'''
+
+
+def _my_strategy(tmp_path):
+    (tmp_path / "my_strategies.py").write_text(MY_STRATEGY)
+    (tmp_path / "my_conf" / "strategy").mkdir(parents=True)
+    (tmp_path / "my_conf" / "strategy" / "last_layer_only.yaml").write_text(
+        "name: last_layer_only\nmodule: my_strategies   # imported first: it registers the strategy\nscale: 1.0\n")
+    return [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "strategy=last_layer_only"], \
+        {"PYTHONPATH": str(tmp_path)}
+
+
+def test_a_strategy_registered_in_a_users_module_runs_from_the_command_line(tmp_path):
+    from tests.conftest import run_crisp, smoke_overrides
+
+    overrides, env = _my_strategy(tmp_path)
+    proc = run_crisp(*smoke_overrides(tmp_path / "run"), *overrides, "sparsity=0.3", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["layers"]["configured"] == pytest.approx([0.0, 0.6])  # the tiny model's two layers
+    assert record["strategy"] == "last_layer_only"
+
+
+def test_a_users_strategy_is_checked_like_crisps_own(tmp_path):
+    from tests.conftest import run_crisp, smoke_overrides
+
+    overrides, env = _my_strategy(tmp_path)
+    proc = run_crisp(*smoke_overrides(tmp_path / "run"), *overrides, "sparsity=0.3", "+strategy.spread=2", env=env)
+    assert proc.returncode == 2 and "strategy.spread=2 is not allowed" in proc.stderr and "scale" in proc.stderr
+    proc = run_crisp(*smoke_overrides(tmp_path / "run"), *overrides, "sparsity=0.97", env=env)
+    assert proc.returncode == 2 and "sparsity=0.97 is not allowed" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_users_strategy_trains_in_a_lockstep_grid_under_both_worker_starts(tmp_path):
+    from tests.conftest import run_crisp, smoke_overrides
+
+    overrides, env = _my_strategy(tmp_path)
+    for start in ("fork", "exec"):
+        out = tmp_path / start
+        proc = run_crisp("-m", *smoke_overrides(out, sweep=True), *overrides, "sparsity=0,0.3", "seed=1,2",
+                         "hydra/launcher=lockstep", f"hydra.launcher.worker_start={start}", env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found = {p.parent.name: json.loads(p.read_text()) for p in out.rglob("results.json")}
+        assert sorted(found) == ["dense_seed1", "dense_seed2", "last_layer_only_s0.3_seed1",
+                                 "last_layer_only_s0.3_seed2"]
+        assert found["last_layer_only_s0.3_seed2"]["layers"]["configured"] == pytest.approx([0.0, 0.6])
