@@ -212,18 +212,14 @@ def step(args) -> dict:
     for phase, ms in out["gpu_phases_ms"].items():
         print(f"  GPU {phase:<26} {ms:8.3f} ms")
     print(f"  {out['kernels_per_step']} kernels a step, {out['idle_ms_per_step']:.2f} ms idle between them")
-    for name, ms in out["idle_before_ms"].items():
-        print(f"    {ms:8.3f} ms idle before {name}")
-    for kind, ms in out["by_kind_ms"].items():
-        print(f"  {kind:<30} {ms:8.3f} ms")
-    for name, ms in out["top_kernels_ms"].items():
-        print(f"    {ms:8.3f} ms  {name}")
-    for name, ms in out["top_host_ops_ms"].items():
-        print(f"    {ms:8.3f} ms  launched by {name}")
-    for name, count in out["memsets_per_step_by_host_op"].items():
-        print(f"    {count:8.1f} memsets a step by {name}")
-    for name, count in out["kernels_per_step_by_host_op"].items():
-        print(f"    {count:8.1f} kernels a step by {name}")
+    # each table of the breakdown: its key, how a row prints
+    for key, row in (("idle_before_ms", "    {v:8.3f} ms idle before {k}"),
+                     ("by_kind_ms", "  {k:<30} {v:8.3f} ms"), ("top_kernels_ms", "    {v:8.3f} ms  {k}"),
+                     ("top_host_ops_ms", "    {v:8.3f} ms  launched by {k}"),
+                     ("memsets_per_step_by_host_op", "    {v:8.1f} memsets a step by {k}"),
+                     ("kernels_per_step_by_host_op", "    {v:8.1f} kernels a step by {k}")):
+        for k, v in out[key].items():
+            print(row.format(k=k, v=v))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     return out
