@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -33,14 +34,16 @@ def test_defaults_are_the_papers_setup():
     validate(cfg)
 
 
-@pytest.mark.parametrize("group", ["model", "data", "strategy", "trainer", "logger", "experiment"])
+@pytest.mark.parametrize("group", ["model", "data", "strategy", "sparsifier", "trainer", "logger", "experiment"])
 def test_every_choice_composes(group):
     for path in sorted((CONF / group).glob("*.yaml")):
         extra = ["data.dir=/somewhere"] if path.stem == "sst2_local" else []
         cfg = make(f"{group}={path.stem}", *extra)
         OmegaConf.to_container(cfg.data, resolve=True)
-        if group == "strategy":
-            assert cfg.strategy.name == path.stem
+        if group in ("strategy", "sparsifier"):
+            assert cfg[group].name == path.stem
+        if group == "sparsifier":
+            validate(cfg)
 
 
 def test_minilm_resolves_to_the_installed_package(monkeypatch):
@@ -68,6 +71,12 @@ def test_smoke_experiment():
         (["data=sst2_local", "data.dir=null"], "data.dir=None"),
         (["dropout.attention=1.0"], "dropout.attention=1.0"),
         (["dropout.hidden=-0.1"], "dropout.hidden=-0.1"),
+        (["sparsifier=entmax", "sparsity=0.8"], "sparsity=0.8"),
+        (["sparsifier=entmax", "sparsifier.alpha=1.0"], "sparsifier.alpha=1.0"),
+        (["sparsifier=random", "+sparsifier.alpha=2"], "sparsifier.alpha=2"),
+        (["sparsifier.name=bogus"], "sparsifier='bogus'"),
+        (["sparsifier.apply_in_eval=maybe"], "sparsifier.apply_in_eval='maybe'"),
+        (["sparsifier.stats_every_n_steps=0"], "sparsifier.stats_every_n_steps=0"),
     ],
 )
 def test_validate_names_key_value_and_allowed(overrides, key):
@@ -86,6 +95,49 @@ def test_types_fail_at_composition():
 def test_run_names():
     assert run_name("adaptive", 0.0, 1) == "dense_seed1"
     assert run_name("uniform", 0.8, 2) == "uniform_s0.8_seed2"
+
+
+def test_run_names_tell_sparsifiers_apart_and_keep_topks_and_the_dense_runs():
+    names = {" ".join(o): make(*o).name for o in (
+        ["sparsity=0.8"], ["sparsity=0.8", "sparsifier=topk"], ["sparsity=0.8", "sparsifier=random"],
+        ["sparsity=0.6", "sparsifier=topp", "strategy=adaptive", "seed=3"], ["sparsifier=random"],
+        ["sparsifier=entmax"], ["sparsifier=entmax", "sparsifier.alpha=2"])}
+    assert names == {"sparsity=0.8": "uniform_s0.8_seed1", "sparsity=0.8 sparsifier=topk": "uniform_s0.8_seed1",
+                     "sparsity=0.8 sparsifier=random": "random_uniform_s0.8_seed1",
+                     "sparsity=0.6 sparsifier=topp strategy=adaptive seed=3": "topp_adaptive_s0.6_seed3",
+                     "sparsifier=random": "dense_seed1", "sparsifier=entmax": "entmax_alpha1.5_seed1",
+                     "sparsifier=entmax sparsifier.alpha=2": "entmax_alpha2_seed1"}
+
+
+def test_a_sparsifier_grid_has_one_dense_run_per_seed():
+    """sparsifier=topk,random,topp,entmax x sparsity=0,0.8 x seed=1,2: dense once per seed (every sparsifier
+    that uses sparsity is dense at 0), each other pair its own run; entmax takes no sparsity."""
+    keys, names = set(), set()
+    for sparsifier, sparsity, seed in itertools.product(["topk", "random", "topp"], ["0", "0.8"], ["1", "2"]):
+        config = OmegaConf.to_container(make("experiment=smoke", f"sparsifier={sparsifier}", f"sparsity={sparsity}",
+                                             f"seed={seed}"), resolve=True)
+        keys.add(run_key(config))
+        names.add(config["name"])
+    for seed in ("1", "2"):
+        config = OmegaConf.to_container(make("experiment=smoke", "sparsifier=entmax", f"seed={seed}"), resolve=True)
+        keys.add(run_key(config))
+        names.add(config["name"])
+    assert len(keys) == len(names) == 2 + 3 * 2 + 2
+
+
+# Runs committed in multirun/results/, each composed now from its recorded overrides on the machine paths it
+# ran with (git history of the results has them: a key hashes the config with the paths of its machine).
+COMMITTED = ROOT / "multirun" / "results" / "paper-distilbert-random-lockstep"
+RECORDED_PATHS = ["data.dir=/work/main/.devicepack/sst2", "model.tokenizer=/work/main/.devicepack/minilm-l6"]
+
+
+@pytest.mark.parametrize("run", ["dense_seed1", "uniform_s0.8_seed2", "adaptive_s0.6_seed1"])
+def test_committed_runs_keep_their_run_keys_with_the_sparsifier_group(run):
+    record = json.loads((COMMITTED / run / "results.json").read_text())
+    assert record["config"]["sparsifier"] == {"apply_in_eval": True, "stats_every_n_steps": 50}  # before the group
+    cfg = make(*record["overrides"], *RECORDED_PATHS)
+    assert cfg.sparsifier.name == "topk" and cfg.name == record["name"]
+    assert run_key(OmegaConf.to_container(cfg, resolve=True)) == record["run_key"]
 
 
 def test_paper_grid_has_21_distinct_runs():

@@ -181,6 +181,103 @@ def test_kernel_dropout_applies_each_runs_own_mask_under_the_triton_interpreter(
     check_under_the_triton_interpreter("check_kernel_dropout_applies_each_runs_own_mask")
 
 
+def _probs_on(where: str, module, q, k, v, mask, seeds=(7,), runs=None) -> torch.Tensor:
+    """crisp's attention probabilities on ``where`` (back on the CPU), drawing from streams at their first step."""
+    from crisp.sparsity.attention import crisp_attention_forward
+    from crisp.sparsity.streams import RunStreams, random_stream
+
+    stream = RunStreams(list(seeds), where)
+    stream.next_step()
+    with random_stream(stream):
+        return crisp_attention_forward(module, q.to(where), k.to(where), v.to(where), mask.to(where),
+                                       crisp_runs=runs)[1].cpu()
+
+
+def check_sparsifiers_match_the_cpu(device: str) -> None:
+    """random, topp and entmax on the device: random keeps the keys it keeps on the CPU from the same streams
+    (the stream's hash gives the same bits on both), in fp32 and bf16, a run in a lockstep batch as alone;
+    topp keeps the smallest set reaching p of the device's own softmax; entmax is the CPU's within float
+    rounding, zero on padding, rows summing to 1; each with padding and a causal mask."""
+    from crisp.sparsity.attention import RunRows
+    from tests import test_sparsifiers as contract
+
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # fp32 scores as the CPU computes them (no TF32)
+    try:
+        for mask_of in (contract.key_padding, contract.causal):
+            mask = mask_of(contract.LENGTHS * 3, 13)
+            for dtype in (torch.float32, torch.bfloat16):
+                q, k, v = (x.to(dtype) for x in contract.qkv(3 * len(contract.LENGTHS), seed=11))
+                sparsities = (0.8, 0.5, 0.8)
+                on_cpu = _probs_on("cpu", contract.layer("random", sparsities), q, k, v, mask, (1, 2, 3), RunRows(3))
+                here = _probs_on(device, contract.layer("random", sparsities), q, k, v, mask, (1, 2, 3), RunRows(3))
+                assert torch.equal(here > 0, on_cpu > 0), (mask_of.__name__, dtype)
+                tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 4e-3}
+                torch.testing.assert_close(here.float(), on_cpu.float(), **tolerance)
+                rows = slice(4, 8)  # the second run, alone
+                alone = _probs_on(device, contract.layer("random", 0.5), q[rows], k[rows], v[rows], mask[rows], (2,))
+                assert torch.equal(alone > 0, here[rows] > 0)
+            q, k, v = contract.qkv(len(contract.LENGTHS), seed=12)
+            mask = mask_of(contract.LENGTHS, 13)
+            nucleus = _probs_on(device, contract.layer("topp", 0.5), q, k, v, mask)
+            dense = torch.softmax(contract.masked_scores(q.to(device), k.to(device), mask.to(device)), -1).cpu()
+            for b, h, row, _ in contract.query_rows(mask, 2):
+                kept = set(torch.nonzero(nucleus[b, h, row]).flatten().tolist())
+                assert kept == contract.reference_topp(dense[b, h, row].tolist(), 0.5), (b, h, row)
+            for alpha in (1.5, 2.0, 1.25):
+                here = _probs_on(device, contract.layer("entmax", alpha=alpha), q, k, v, mask)
+                on_cpu = _probs_on("cpu", contract.layer("entmax", alpha=alpha), q, k, v, mask)
+                torch.testing.assert_close(here, on_cpu, rtol=1e-5, atol=1e-6)
+                assert not here.masked_select(~mask.expand_as(here)).any()
+                torch.testing.assert_close(here.sum(-1), torch.ones(here.shape[:-1]), rtol=0, atol=1e-5)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+@cuda
+def test_random_topp_and_entmax_on_the_gpu_match_the_cpu():
+    check_sparsifiers_match_the_cpu("cuda")
+
+
+@cuda
+def test_a_cuda_graph_of_random_attention_draws_each_steps_keys_at_its_replay():
+    """The stream's step lives on the device and advances inside the graph: each replay keeps the keys an
+    eager forward keeps at that step, and another set than the replay before; the same for a lockstep batch."""
+    from crisp.sparsity.attention import RunRows, crisp_attention_forward
+    from crisp.sparsity.streams import RunStreams, random_stream
+    from tests.test_sparsifiers import key_padding, layer, qkv
+
+    q, k, v = (t.cuda() for t in qkv(8, seed=13))
+    mask = key_padding([13, 9, 4, 1] * 2, 13).cuda()
+    for seeds, sparsity, runs in (([5], 0.7, None), ([5, 6], (0.7, 0.5), RunRows(2))):
+        stream, module = RunStreams(seeds, "cuda"), layer("random", sparsity)
+
+        def step(stream=stream, module=module, runs=runs):
+            stream.next_step()
+            with random_stream(stream):
+                return crisp_attention_forward(module, q, k, v, mask, crisp_runs=runs)[1]
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # step 1, eagerly: the constants the graph captures by address exist now
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        replays = []
+        for _ in range(3):
+            graph.replay()
+            replays.append(out > 0)
+        eager = RunStreams(seeds, "cuda")
+        eager.next_step()  # the warm-up's step
+        for kept in replays:
+            eager.next_step()
+            with random_stream(eager):
+                assert torch.equal(crisp_attention_forward(module, q, k, v, mask, crisp_runs=runs)[1] > 0, kept)
+        assert not torch.equal(replays[0], replays[1]) and not torch.equal(replays[1], replays[2])
+
+
 def check_run_layer_norm_matches_pytorch(device: str) -> None:
     """The one-launch LayerNorm with each run's scale and shift: PyTorch's output and gradients (input,
     every run's weight and bias), fp32 and bf16 inputs, a width that is no power of two, blocks of

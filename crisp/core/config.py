@@ -21,19 +21,12 @@ from crisp.core.errors import ConfigError
 from crisp.core.keys import check_keys
 from crisp.core.model_dirs import minilm_dir, mpnet_dir
 from crisp.core.results import effective_strategy
-from crisp.sparsity import MAX_LAYER_SPARSITY
+from crisp.sparsity import MAX_LAYER_SPARSITY, registry
 from crisp.sparsity.strategies import NOT_PARAMETERS, load_strategy, strategy_parameters
 
 # conf/ beside the package (a checkout) or inside it (an installed wheel)
 CONF_DIR = next((p for p in (Path(__file__).resolve().parents[2] / "conf", Path(__file__).resolve().parents[1] / "conf")
                  if (p / "config.yaml").is_file()), Path(__file__).resolve().parents[1] / "conf")
-
-
-@dataclass
-class SparsifierConf:
-    apply_in_eval: bool = True
-    # per-layer statistics are measured on every validation batch and every N-th training step
-    stats_every_n_steps: int = 50
 
 
 @dataclass
@@ -58,13 +51,14 @@ class DropoutConf:
 
 @dataclass
 class CrispConf:
-    """The top level. Groups (model, data, strategy, trainer, logger) are typed by their own yaml."""
+    """The top level. Groups (model, data, strategy, sparsifier, trainer, logger) are typed by their own yaml;
+    the sparsifier's keys are checked against its registry entry (:func:`validate`)."""
 
     sparsity: float = 0.0
     seed: int = 1
     name: str = MISSING
     tags: list[str] = field(default_factory=list)
-    sparsifier: SparsifierConf = field(default_factory=SparsifierConf)
+    sparsifier: Any = MISSING
     optim: OptimConf = field(default_factory=OptimConf)
     dropout: DropoutConf = field(default_factory=DropoutConf)
     model: Any = MISSING
@@ -95,10 +89,20 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="crisp_schema", node=CrispConf)
 
 
-def run_name(strategy: str, sparsity: float, seed: int) -> str:
-    """A readable name: ``dense_seed1``, ``uniform_s0.8_seed2``."""
+def run_name(strategy: str, sparsity: float, seed: int, sparsifier: Any = None) -> str:
+    """A readable name: ``dense_seed1``, ``uniform_s0.8_seed2`` (topk), ``random_uniform_s0.8_seed2``,
+    ``entmax_alpha1.5_seed1`` (a sparsifier that does not use sparsity, by its parameter). Every
+    sparsifier's sparsity 0 is the one dense run."""
+    name = (sparsifier or {}).get("name", registry.DEFAULT)
+    entry = registry.SPARSIFIERS.get(name)
+    if entry is not None and not entry.uses_sparsity:
+        key = entry.parameter
+        shown = "" if key is None else f"_{key}{float(sparsifier.get(key, entry.keys[key].default)):g}"
+        return f"{name}{shown}_seed{seed}"
     strategy = effective_strategy(strategy, sparsity)
-    return f"dense_seed{seed}" if strategy == "dense" else f"{strategy}_s{sparsity:g}_seed{seed}"
+    if strategy == "dense":
+        return f"dense_seed{seed}"
+    return f"{'' if name == registry.DEFAULT else f'{name}_'}{strategy}_s{sparsity:g}_seed{seed}"
 
 
 def parallel_jobs(per_gpu: int = 4) -> int:
@@ -164,10 +168,41 @@ def _check_strategy(cfg: DictConfig) -> None:
                                         f"[0, {MAX_LAYER_SPARSITY}]")
 
 
+def _check_sparsifier(cfg: DictConfig) -> None:
+    """The sparsifier's choice and keys against its registry entry (:mod:`crisp.sparsity.registry`)."""
+    node = cfg.sparsifier
+    name, module = node.get("name", registry.DEFAULT), node.get("module")
+    try:
+        entry = registry.lookup(name, module)
+    except ImportError as err:
+        _fail("sparsifier.module", module, f"a module that registers sparsifier {name} ({err})")
+    if entry is None:
+        _fail("sparsifier", name, f"choose one of {sorted(registry.SPARSIFIERS)}"
+              + ("" if module else " (a sparsifier of your own: sparsifier.module names the module that registers it)"))
+    allowed = [*registry.COMMON_KEYS, *entry.keys]
+    for key in node:
+        if key not in allowed:
+            _fail(f"sparsifier.{key}", node[key], f"sparsifier {name} has the keys {', '.join(allowed)}")
+    if not isinstance(node.get("apply_in_eval", entry.apply_in_eval), bool):
+        _fail("sparsifier.apply_in_eval", node.apply_in_eval, "choose true or false")
+    steps = node.get("stats_every_n_steps", 50)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        _fail("sparsifier.stats_every_n_steps", steps, "it must be a positive integer")
+    for key, spec in entry.keys.items():
+        value = node.get(key, spec.default)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not spec.check(float(value)):
+            _fail(f"sparsifier.{key}", value, f"sparsifier {name} takes {spec.allowed}")
+    if not entry.uses_sparsity and cfg.sparsity != 0:
+        _fail("sparsity", cfg.sparsity, f"sparsifier={name} does not use sparsity (its sparsity comes from the "
+              f"scores{f', set by sparsifier.{entry.parameter}' if entry.parameter else ''}): leave sparsity at 0")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value whose range a type cannot express; raise ConfigError on the first bad one."""
     _check_number(cfg, "sparsity", 0, 1, closed_high=False)
     check_keys(cfg)
+    _check_sparsifier(cfg)
     _check_strategy(cfg)
     name = str(cfg.name)
     if not name or "/" in name or name.startswith(".") or "\0" in name:

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from crisp.sparsity import registry
+
 FILENAME = "results.json"
 SCHEMA_VERSION = 1
 COMPLETED, FAILED = "completed", "failed"
@@ -28,21 +30,38 @@ def effective_strategy(strategy: str, sparsity: float) -> str:
 
 
 def _without_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """A config whose dropout is every model's own hashes as it did before crisp had that key: runs
-    recorded then still resume and pair with runs recorded now."""
+    """A config whose dropout is every model's own, or whose sparsifier is topk, hashes as it did before
+    crisp had those keys: runs recorded then still resume and pair with runs recorded now."""
     dropout = config.get("dropout")
     if isinstance(dropout, dict) and all(v is None for v in dropout.values()):
         config = {k: v for k, v in config.items() if k != "dropout"}
+    sparsifier = config.get("sparsifier")
+    if isinstance(sparsifier, dict) and sparsifier.get("name") == registry.DEFAULT:
+        config = {**config, "sparsifier": {k: v for k, v in sparsifier.items() if k != "name"}}
     return config
 
 
+def _dense_sparsifier(sparsifier: Any) -> Any:
+    """At sparsity 0 every sparsifier that uses sparsity is the same dense run: it hashes as topk's
+    (which applies in evaluation by default), keeping only how often statistics are taken."""
+    if not isinstance(sparsifier, dict) or sparsifier.get("name", registry.DEFAULT) == registry.DEFAULT:
+        return sparsifier
+    entry = registry.SPARSIFIERS.get(sparsifier["name"])
+    if entry is None or not entry.uses_sparsity:
+        return sparsifier
+    return {"apply_in_eval": True, "stats_every_n_steps": sparsifier.get("stats_every_n_steps")}
+
+
 def run_key(config: dict[str, Any]) -> str:
-    """Stable hash of the effective config (without output paths, logging or the strategy of a dense run)."""
+    """Stable hash of the effective config (without output paths, logging, or the strategy and sparsifier of a
+    dense run)."""
     keyed = {k: v for k, v in _without_defaults(config).items() if k not in NOT_IN_KEY}
     if isinstance(keyed.get("model"), dict):
         keyed["model"] = {k: v for k, v in keyed["model"].items() if k != "label"}  # a display name
     if keyed.get("sparsity") == 0 and isinstance(keyed.get("strategy"), dict):
         keyed["strategy"] = {"name": "dense"}
+    if keyed.get("sparsity") == 0 and "sparsifier" in keyed:
+        keyed["sparsifier"] = _dense_sparsifier(keyed["sparsifier"])
     blob = json.dumps(keyed, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

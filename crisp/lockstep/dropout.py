@@ -11,7 +11,9 @@ separate multiplies took five passes). On a CPU each run's block is drawn from a
 seeded with the key. The two give different (equally random) masks.
 
 Each run has its own probability at each site (:class:`RunProbabilities`): runs whose dropout
-differs train in one group.
+differs train in one group. The same object is the runs' stream for a sparsifier that draws keys
+(``random``): a :class:`crisp.sparsity.streams.RunStreams` with the same seeds and step, whose draws are
+keyed by their own call sites (layer by layer), so a run draws the same keys in a group as alone.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import hashlib
 import os
 
 import torch
+
+from crisp.sparsity.streams import RunStreams
 
 try:
     import triton
@@ -87,20 +91,17 @@ def run_probabilities(p: float | RunProbabilities, runs: int,
             torch.full((runs,), 1.0 / (1.0 - p), dtype=torch.float32, device=device))
 
 
-class RunRandom:
-    """The dropout streams of a group's runs. ``next_step()`` starts a training step's forward."""
+class RunRandom(RunStreams):
+    """The random streams of a group's runs: dropout's (here) and the sparsifier's draws (:class:`RunStreams`:
+    its seeds, its step on the device, ``keep_runs``). ``next_step()`` starts a training step's forward."""
 
     def __init__(self, seeds: list[int], device: torch.device | str):
-        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
-        self.step = torch.zeros((), dtype=torch.int64, device=device)
-        self.site = 0
+        super().__init__(seeds, device)
+        self.site = 0  # dropout's call sites; the sparsifier's draws count theirs per layer
 
     def next_step(self) -> None:
-        self.step.add_(1)  # on the device: a CUDA graph's replay advances it too
+        super().next_step()
         self.site = 0
-
-    def keep_runs(self, keep: list[int]) -> None:
-        self.seeds = self.seeds[torch.tensor(keep, device=self.seeds.device)]
 
     def _site_key(self) -> int:
         site, self.site = self.site, self.site + 1

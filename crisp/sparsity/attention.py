@@ -5,11 +5,13 @@ RoBERTa, ...) runs it with ``attn_implementation="crisp"``: no modeling code is 
 whose attention is computed inline reaches it through its family's adapter
 (:mod:`crisp.sparsity.families`).
 
-Per attention module it reads three attributes (set by :mod:`crisp.sparsity.layers`):
-``crisp_sparsity`` (a float in [0, 1), or one per run), ``crisp_apply_in_eval`` and
-``crisp_track_stats``. The top-k semantics are :mod:`crisp.sparsity.topk`'s. A batch may hold
-several runs at once (lockstep training): inside :func:`batch_of_runs` the batch's rows are one equal
-block per run and each row takes k from its own run's sparsity; statistics are kept per run.
+Per attention module it reads these attributes (set by :mod:`crisp.sparsity.layers`):
+``crisp_sparsity`` (a float in [0, 1), or one per run), ``crisp_apply_in_eval``,
+``crisp_track_stats``, and ``crisp_sparsifier`` with ``crisp_sparsifier_params`` (which sparsifier of
+:mod:`crisp.sparsity.registry` turns the scores into probabilities, and its own keys; top-k, with
+:mod:`crisp.sparsity.topk`'s semantics, when unset). A batch may hold several runs at once (lockstep
+training): inside :func:`batch_of_runs` the batch's rows are one equal block per run and each row takes
+its parameter (k from its sparsity) from its own run; statistics are kept per run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from crisp.sparsity import kernels, topk
+from crisp.sparsity import registry, topk
+from crisp.sparsity.sparsifiers import SparsifierCall
 
 NAME = "crisp"
 
@@ -69,14 +72,20 @@ def probe_reached() -> Iterator[set[int]]:
         _PROBE.reset(token)
 
 
-def _active_sparsity(module: nn.Module) -> float | tuple[float, ...]:
-    """The layer's sparsity now: 0.0 (dense) when it does not apply, else a float or one per run."""
-    sparsity = getattr(module, "crisp_sparsity", 0.0)
+def _active_parameter(module: nn.Module, sparsifier: registry.Sparsifier) -> tuple[bool, object]:
+    """Whether the layer's sparsifier applies now (else: dense), and its parameter: the layer's sparsity
+    or the sparsifier's own (see :mod:`crisp.sparsity.registry`), a float or one per run."""
     if not module.training and not getattr(module, "crisp_apply_in_eval", True):
-        return 0.0
-    if isinstance(sparsity, tuple) and not any(sparsity):
-        return 0.0
-    return sparsity
+        return False, None
+    if sparsifier.uses_sparsity:
+        sparsity = getattr(module, "crisp_sparsity", 0.0)
+        return bool(any(sparsity) if isinstance(sparsity, tuple) else sparsity), sparsity
+    return True, None if sparsifier.parameter is None else _params(module, sparsifier)[sparsifier.parameter]
+
+
+def _params(module: nn.Module, sparsifier: registry.Sparsifier) -> dict:
+    """The sparsifier's own keys on this layer (its registered defaults where none were set)."""
+    return getattr(module, "crisp_sparsifier_params", None) or sparsifier.defaults()
 
 
 @torch.no_grad()
@@ -120,7 +129,7 @@ def crisp_attention_forward(
     crisp_runs: RunRows | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention with a top-k sparsifier; at sparsity 0 it computes exactly what eager does."""
+    """Eager attention with the layer's sparsifier; where it does not apply (sparsity 0) exactly what eager does."""
     crisp_runs = crisp_runs if crisp_runs is not None else _RUNS.get()
     probe = _PROBE.get()
     if probe is not None:
@@ -129,17 +138,15 @@ def crisp_attention_forward(
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3))
     valid = topk.valid_key_mask(attention_mask)
-    sparsity = _active_sparsity(module)
+    sparsifier = registry.SPARSIFIERS[getattr(module, "crisp_sparsifier", registry.DEFAULT)]
+    active, parameter = _active_parameter(module, sparsifier)
     runs = 1 if crisp_runs is None else crisp_runs.count
-    if isinstance(sparsity, tuple) and len(sparsity) != runs:
-        raise ValueError(f"crisp_sparsity has {len(sparsity)} values for a batch of {runs} run(s)")
-    if sparsity and kernels.available(scores):
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            scores, scaling = scores * scaling + attention_mask, 1.0  # an additive mask may hold more than padding
-        # scale, mask, top-k and softmax in one launch on GPU
-        table = topk.k_table(scores.size(-1), sparsity, scores.device)
-        probs = kernels.topk_softmax(scores, valid, table, scaling, runs=runs)
-    else:
+    if isinstance(parameter, tuple) and len(parameter) != runs:
+        raise ValueError(f"{sparsifier.parameter_name()} has {len(parameter)} values for a batch of {runs} run(s)")
+    probs = None
+    if active and sparsifier.run_fused is not None:  # topk: scale, mask, top-k and softmax in one launch on GPU
+        probs = sparsifier.run_fused(scores, attention_mask, valid, scaling, parameter, runs)
+    if probs is None:
         scores = scores * scaling
         info = topk.mask_info(valid, scores, runs)
         if attention_mask is not None:
@@ -148,9 +155,11 @@ def crisp_attention_forward(
                 scores = scores.masked_fill(info.invalid, torch.finfo(scores.dtype).min)
             else:
                 scores = scores + attention_mask
-        if sparsity:
-            scores = scores.masked_fill(topk.drop_mask(scores.detach(), info, sparsity), float("-inf"))
-        probs = nn.functional.softmax(scores, dim=-1)
+        if active:
+            call = SparsifierCall(runs, info, module, _params(module, sparsifier))
+            probs = sparsifier.run(scores, valid, parameter, call)
+        else:
+            probs = nn.functional.softmax(scores, dim=-1)
     if getattr(module, "crisp_track_stats", True):
         _record_stats(module, probs, valid, crisp_runs)
     if crisp_runs is not None and crisp_runs.dropout is not None and module.training and dropout > 0:

@@ -1,9 +1,10 @@
-"""The model-level API: per-layer sparsity, switches and statistics of a model's attention layers.
+"""The model-level API: per-layer sparsity, the sparsifier, switches and statistics of a model's attention layers.
 
-``crisp.set_sparsity(model, 0.8)`` (or one value per layer), ``crisp.configure(model, apply_in_eval=...,
-track_stats=...)``, ``crisp.attention_stats(model)`` after a forward, and ``crisp.prepare(model)``,
-which training calls before its first step. The layers are found through the model's family
-(:mod:`crisp.sparsity.families`).
+``crisp.set_sparsity(model, 0.8)`` (or one value per layer), ``crisp.set_sparsifier(model, "random")``
+(or ``crisp.configure(model, sparsifier="entmax", alpha=2.0)``), ``crisp.configure(model,
+apply_in_eval=..., track_stats=...)``, ``crisp.attention_stats(model)`` after a forward, and
+``crisp.prepare(model)``, which training calls before its first step. The layers are found through
+the model's family (:mod:`crisp.sparsity.families`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from crisp.sparsity import registry
 from crisp.sparsity.attention import NAME
 from crisp.sparsity.families import attention_modules, check_reached, supported
 
@@ -62,8 +64,42 @@ def set_sparsity(model: nn.Module, sparsity: float | Sequence[float]) -> list[fl
     return values
 
 
-def configure(model: nn.Module, *, apply_in_eval: bool | None = None, track_stats: bool | None = None) -> None:
-    """Switch sparsity in eval mode and per-forward statistics on or off for every layer."""
+def _check_param(name: str, key: str, spec: registry.Key, value: object) -> float | tuple[float, ...]:
+    """A sparsifier's own key as a float, or a tuple of floats (one per lockstep run); ValueError names it."""
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not spec.check(float(v)):
+            raise ValueError(f"sparsifier.{key}={value!r} is not allowed: sparsifier {name} takes {spec.allowed}")
+    return tuple(float(v) for v in value) if isinstance(value, tuple) else float(value)
+
+
+def set_sparsifier(model: nn.Module, name: str, **params: float | tuple[float, ...]) -> dict[str, object]:
+    """Make ``name`` (see :mod:`crisp.sparsity.registry`) every layer's sparsifier, with its own keys
+    (``alpha=2.0``; a tuple: one value per lockstep run) over its defaults; its default ``apply_in_eval``
+    comes with it (``configure`` changes it). Returns the keys it set."""
+    entry = registry.SPARSIFIERS.get(name)
+    if entry is None:
+        raise ValueError(f"sparsifier={name!r} is not allowed: choose one of {sorted(registry.SPARSIFIERS)}")
+    unknown = sorted(set(params) - set(entry.keys))
+    if unknown:
+        raise ValueError(f"sparsifier.{unknown[0]}={params[unknown[0]]!r} is not allowed: sparsifier {name} "
+                         f"has the keys {sorted(entry.keys) or 'none of its own'}")
+    values = {key: _check_param(name, key, spec, params.get(key, spec.default)) for key, spec in entry.keys.items()}
+    for layer, module in enumerate(_require_crisp(model)):
+        module.crisp_sparsifier, module.crisp_sparsifier_params = name, dict(values)
+        module.crisp_apply_in_eval, module.crisp_layer = entry.apply_in_eval, layer
+    return values
+
+
+def configure(model: nn.Module, *, sparsifier: str | None = None, apply_in_eval: bool | None = None,
+              track_stats: bool | None = None, **params: float | tuple[float, ...]) -> None:
+    """Set the sparsifier (with its own keys, see :func:`set_sparsifier`), then switch sparsity in eval
+    mode and per-forward statistics on or off for every layer."""
+    if params and sparsifier is None:
+        raise ValueError(f"{', '.join(sorted(params))}: a sparsifier's own keys come with it: "
+                         "configure(model, sparsifier=..., ...)")
+    if sparsifier is not None:
+        set_sparsifier(model, sparsifier, **params)
     for module in _require_crisp(model):
         if apply_in_eval is not None:
             module.crisp_apply_in_eval = bool(apply_in_eval)
