@@ -21,7 +21,7 @@ from crisp.lockstep.fused import FusedEmbedding, FusedProjections, follow_weight
 from crisp.lockstep.packing import attention_mask, pack, pack_rows
 from crisp.lockstep.run_adamw import RunAdamW, RunOptim
 from crisp.sparsity.families import family_of
-from crisp.sweep.lockstep_launcher import plan, recipe
+from crisp.sweep.lockstep_launcher import fusion_key, plan
 from tests.conftest import ROOT, run_crisp, smoke_overrides, tiny_model
 from tests.test_sweep import records, wait_for, workers_of
 
@@ -215,21 +215,23 @@ def _job(tmp_path, *overrides):
     return Job(0, list(overrides), cfg, tmp_path, {"name": "-".join(overrides)}, tmp_path)
 
 
-def test_jobs_that_differ_in_seed_sparsity_or_strategy_share_a_recipe(tmp_path):
+def test_jobs_that_differ_in_seed_sparsity_or_strategy_fuse(tmp_path):
     jobs = [_job(tmp_path, "seed=1"), _job(tmp_path, "seed=2", "sparsity=0.8"), _job(tmp_path, "strategy=adaptive"),
             _job(tmp_path, "data.num_train=64"), _job(tmp_path, "optim.betas=[0.9,0.98]")]
-    assert recipe(jobs[0]) == recipe(jobs[1]) == recipe(jobs[2])  # data_seed: ${seed} is one recipe
-    assert len({recipe(job) for job in jobs}) == 3
+    assert fusion_key(jobs[0]) == fusion_key(jobs[1]) == fusion_key(jobs[2])  # data_seed: ${seed} is one recipe
+    assert len({fusion_key(job) for job in jobs}) == 3
     assert [len(g) for g in plan(jobs, capacity=None, devices=1)] == [3, 1, 1]
     assert [len(g) for g in plan(jobs[:3], capacity=2, devices=1)] == [2, 1]  # too big for the device
     assert [len(g) for g in plan(jobs[:3], capacity=None, devices=2)] == [2, 1]  # one group per GPU
 
 
-def test_jobs_that_differ_in_lr_weight_decay_warmup_or_dropout_share_a_recipe(tmp_path):
+def test_jobs_that_differ_in_lr_weight_decay_warmup_dropout_or_the_sparsifiers_own_keys_fuse(tmp_path):
     jobs = [_job(tmp_path, "seed=1"), _job(tmp_path, "optim.lr=0.01", "optim.weight_decay=0.1"),
             _job(tmp_path, "optim.warmup_ratio=0.2"), _job(tmp_path, "dropout.hidden=0.3", "dropout.attention=0"),
             _job(tmp_path, "dropout.classifier=0.2")]
-    assert len({recipe(job) for job in jobs}) == 1
+    assert len({fusion_key(job) for job in jobs}) == 1
+    entmax = [_job(tmp_path, "sparsifier=entmax"), _job(tmp_path, "sparsifier=entmax", "sparsifier.alpha=2")]
+    assert fusion_key(entmax[0]) == fusion_key(entmax[1]) != fusion_key(jobs[0])  # alpha per run; one choice a group
 
 
 # ---------------------------------------------------------------------------------------------- as users run it
@@ -334,6 +336,23 @@ def test_mpnet_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
             "trainer.max_epochs=1", *EXACT, *MPNET, "seed=1,2", "sparsity=0.5,0.8"]
     solo, _ = _equal_training(tmp_path, grid, runs=4, steps=3)
     assert all(r["config"]["model"]["from_config"]["model_type"] == "mpnet" for r in solo.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparsifier", [["sparsifier=random", "sparsity=0.5,0.8"],
+                                        ["sparsifier=entmax", "sparsifier.alpha=1.5,2"]], ids=["random", "entmax"])
+def test_random_keys_and_entmax_train_in_lockstep_exactly_like_alone(tmp_path, sparsifier):
+    """random: each run draws its keys from its own stream, the same alone and packed in a group; entmax: one
+    alpha per run of one group."""
+    grid = ["experiment=smoke", "data.num_train=96", "data.num_val=48", "data.eval_batch_size=16",
+            "trainer.max_epochs=2", *EXACT, *NO_DROPOUT, "seed=1,2", *sparsifier]
+    _, fused = _equal_training(tmp_path, grid, runs=4, steps=6)
+    assert {r["timing"]["lockstep"]["runs"] for r in fused.values()} == {4}  # one group
+    achieved = {name: r["layers"]["achieved"] for name, r in fused.items()}
+    if "random" in sparsifier[0]:  # every layer dropped its count of keys in training
+        assert all(min(a) > 0.2 for a in achieved.values()), achieved
+    else:  # sparsemax zeroes keys even on a random-init model's flat scores (entmax15 may not)
+        assert all(max(a) > 0 for name, a in achieved.items() if "alpha2" in name), achieved
 
 
 @pytest.mark.slow

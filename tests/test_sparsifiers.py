@@ -438,3 +438,23 @@ def test_the_registry_and_the_config_checks_load_without_torch():
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch loaded'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_grid_over_topk_and_random_trains_dense_once_per_seed_and_reports_both_against_it(tmp_path):
+    from crisp.core import results
+    from tests.conftest import run_crisp
+
+    proc = run_crisp("-m", "experiment=smoke", "sparsifier=topk,random", "sparsity=0,0.8", "seed=1,2",
+                     "data.num_train=256", "data.num_val=128", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {p.parent.name: results.read(p) for p in results.find_all(tmp_path)}
+    assert sorted(found) == ["dense_seed1", "dense_seed2", "random_uniform_s0.8_seed1", "random_uniform_s0.8_seed2",
+                             "uniform_s0.8_seed1", "uniform_s0.8_seed2"]
+    assert all(r["status"] == "completed" for r in found.values())
+    assert found["random_uniform_s0.8_seed1"]["sparsifier"] == "random"
+    report = (tmp_path / "report.md").read_text()
+    for row in ("| – | dense | 0 | 2 |", "| topk | uniform | 0.8 | 2 |", "| random | uniform | 0.8 | 2 |"):
+        assert row in report, report
+    # both sparsifiers paired against the one dense row, over both seeds
+    assert report.count(" | 2 | – | 0 |") == 2

@@ -24,8 +24,10 @@ COMPLETED, FAILED = "completed", "failed"
 NOT_IN_KEY = ("hydra", "logger", "paths", "report", "sweep")
 
 
-def effective_strategy(strategy: str, sparsity: float) -> str:
-    """``sparsity=0`` is dense whatever the strategy."""
+def effective_strategy(strategy: str, sparsity: float, sparsifier: dict[str, Any] | None = None) -> str:
+    """``sparsity=0`` is dense whatever the strategy; a sparsifier that takes no sparsity (entmax) has none."""
+    if not uses_sparsity(sparsifier):
+        return "none"
     return "dense" if sparsity == 0 else strategy
 
 
@@ -66,16 +68,49 @@ def run_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# What a run varies within a study: runs of one recipe differ in these alone (the report pools them).
-PER_RUN = ("seed", "sparsity", "strategy", "name", "tags")
+# What a run varies within a study: runs of one recipe differ in these alone, and the report pools them into
+# one table, a row per configuration. The sparsifier and the dropout probabilities are part of a row's
+# configuration too (a control beside top-k, attention dropout beside sparsity): recipe_key sets them aside.
+VARIES_WITHIN_STUDY = ("seed", "sparsity", "strategy", "name", "tags")
+
+
+def _recipe_sparsifier(sparsifier: Any) -> Any:
+    """The part of the sparsifier a recipe holds: how often statistics are taken. ``apply_in_eval: true``
+    stays in it, so that topk runs recorded before sparsifiers had a group keep their recipe."""
+    if not isinstance(sparsifier, dict):
+        return sparsifier
+    return {"apply_in_eval": True, "stats_every_n_steps": sparsifier.get("stats_every_n_steps", 50)}
 
 
 def recipe_key(unresolved: dict[str, Any]) -> str:
     """Hash of the config as written, before interpolation, without what a run varies or how it is watched:
-    runs of one recipe differ in seed, sparsity and strategy alone (a value derived from the seed, such as
-    ``data_seed: ${seed}``, stays one recipe; a folder found through an environment variable is one folder)."""
-    kept = {k: v for k, v in _without_defaults(unresolved).items() if k not in (*NOT_IN_KEY, *PER_RUN)}
+    runs of one recipe differ in seed, sparsity, strategy, sparsifier and dropout alone (a value derived from
+    the seed, such as ``data_seed: ${seed}``, stays one recipe; a folder found through an environment variable
+    is one folder)."""
+    kept = {k: v for k, v in _without_defaults(unresolved).items()
+            if k not in (*NOT_IN_KEY, *VARIES_WITHIN_STUDY, "dropout")}
+    if "sparsifier" in kept:
+        kept["sparsifier"] = _recipe_sparsifier(kept["sparsifier"])
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sparsifier_label(sparsifier: dict[str, Any] | None) -> str:
+    """How tables name a run's sparsifier: ``topk``, ``random``, ``entmax alpha=1.5``, with
+    ``apply_in_eval`` named where it is not the choice's default (results before sparsifiers had a group: topk)."""
+    sparsifier = sparsifier or {}
+    name = sparsifier.get("name", registry.DEFAULT)
+    entry = registry.SPARSIFIERS.get(name)
+    parts = [name]
+    if entry is not None:
+        parts += [f"{key}={sparsifier.get(key, spec.default):g}" for key, spec in entry.keys.items()]
+        if sparsifier.get("apply_in_eval", entry.apply_in_eval) != entry.apply_in_eval:
+            parts.append(f"apply_in_eval={str(sparsifier['apply_in_eval']).lower()}")
+    return " ".join(parts)
+
+
+def uses_sparsity(sparsifier: dict[str, Any] | None) -> bool:
+    entry = registry.SPARSIFIERS.get((sparsifier or {}).get("name", registry.DEFAULT))
+    return entry is None or entry.uses_sparsity
 
 
 def model_label(model: dict[str, Any]) -> str:
@@ -130,7 +165,9 @@ def run_record(config: dict[str, Any], output_dir: Path, overrides: list[str], b
         "run_key": run_key(config),
         "recipe": recipe_key(unresolved if unresolved is not None else config),
         "name": config["name"],
-        "strategy": effective_strategy(config["strategy"]["name"], config["sparsity"]),
+        "strategy": effective_strategy(config["strategy"]["name"], config["sparsity"], config.get("sparsifier")),
+        "sparsifier": sparsifier_label(config.get("sparsifier")),
+        "dropout": {k: v for k, v in (config.get("dropout") or {}).items() if v is not None},
         "sparsity": config["sparsity"],
         "seed": config["seed"],
         "model": model_label(config["model"]),

@@ -30,6 +30,7 @@ from crisp.lockstep.packing import attention_mask
 from crisp.lockstep.run_adamw import RunAdamW, RunOptim
 from crisp.sparsity.attention import RunRows, batch_of_runs
 from crisp.sparsity.families import attention_modules, family_of
+from crisp.sparsity.streams import TokenPlaces, random_stream
 from crisp.training import tasks
 from crisp.training.classifier import (
     ValidationOutputs,
@@ -49,6 +50,7 @@ class FusedRun:
     name: str
     layer_sparsity: list[float]
     optim: RunOptim
+    sparsifier_params: dict[str, float] = field(default_factory=dict)  # its own keys (entmax's alpha)
     logger: Any = None  # a Lightning logger of its own, or None
     history: list[dict] = field(default_factory=list)
     layers: dict[str, list[float]] = field(default_factory=dict)
@@ -77,8 +79,12 @@ class LockstepClassifier(pl.LightningModule):
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _set_sparsity(self) -> None:
+        """Each layer's sparsity and the sparsifier's own keys: one value per run, in the runs' order."""
+        keys = self.runs[0].sparsifier_params
         for layer, module in enumerate(self.attention):
             module.crisp_sparsity = tuple(run.layer_sparsity[layer] for run in self.runs)
+            if keys:
+                module.crisp_sparsifier_params = {k: tuple(run.sparsifier_params[k] for run in self.runs) for k in keys}
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         self._sums[name] = value if name not in self._sums else self._sums[name] + value
@@ -101,7 +107,8 @@ class LockstepClassifier(pl.LightningModule):
         runs = RunRows(len(self.runs), query_valid=segments >= 0, dropout=self.random.dropout if training else None)
         extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
         positions = batch["position_ids"] + self.first_position if self.first_position else batch["position_ids"]
-        with batch_of_runs(runs), sentences_start_at(batch["first"]):
+        places = TokenPlaces(batch["examples"], batch["position_ids"])  # where each run's draws find a token
+        with batch_of_runs(runs), sentences_start_at(batch["first"]), random_stream(self.random, places):
             logits = self.encoder(input_ids=batch["input_ids"], attention_mask=attention_mask(segments),
                                   position_ids=positions, **extra).logits
         losses = tasks.loss(self.task, logits, batch["labels"], reduction="none").view(len(self.runs), -1).mean(1)

@@ -88,7 +88,7 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
         if family_of(m.built.encoder) is REGISTRY:
             raise ConfigError(f"{type(m.built.encoder).__name__} cannot train in lockstep, which fuses the encoder "
                               f"families {', '.join(sorted(FAMILIES))}: train it with hydra/launcher=parallel")
-        m.fused = FusedRun(m.run.name, m.built.layer_sparsity, run_optim(m.cfg))
+        m.fused = FusedRun(m.run.name, m.built.layer_sparsity, run_optim(m.cfg), m.built.sparsifier_params or {})
     trains = [m.built.train for m in members]
     longest = max(int(s.lengths.max()) for m in members for s in (m.built.train, *m.built.vals))
     width = max(options.get("row_width", 64), round_up(longest, 16))

@@ -9,6 +9,8 @@ needs), and each token records its sentence's slot in the row (``segments``, -1 
   padding tokens to themselves only), so a sentence's output does not depend on its neighbours;
 - ``position_ids`` that restart at every sentence;
 - ``first``: each sentence's first-token position, for the classification head;
+- ``examples``: each token's example, counted within its run's batch (-1 for padding), with
+  ``position_ids`` where a sparsifier that draws keys finds the token (:class:`crisp.sparsity.streams.TokenPlaces`);
 - ``token_type_ids`` of pairs, for encoders that read them: a pair is one example, packed whole, and
   never sees another example's tokens (the mask above).
 
@@ -56,6 +58,7 @@ def pack(batches: Sequence[tuple[TokenizedSplit, Sequence[int]]], width: int) ->
     input_ids = torch.zeros(total_rows * width, dtype=torch.long)
     positions = torch.zeros(total_rows * width, dtype=torch.long)
     segments = torch.full((total_rows * width,), -1, dtype=torch.long)
+    examples = torch.full((total_rows * width,), -1, dtype=torch.long)
     types = torch.zeros(total_rows * width, dtype=torch.long) if batches[0][0].token_type_ids is not None else None
     first, labels = [], []
     for run, (split, indices) in enumerate(batches):
@@ -72,11 +75,13 @@ def pack(batches: Sequence[tuple[TokenizedSplit, Sequence[int]]], width: int) ->
             types[where] = split.token_type_ids[index[sentence], position]
         positions[where] = position
         segments[where] = torch.as_tensor(offset)[sentence]  # unique per sentence within its row
+        examples[where] = sentence
         first.append(start)
         labels.append(split.labels[index])
     shape = (total_rows, width)
     batch = {"input_ids": input_ids.view(shape), "position_ids": positions.view(shape),
-             "segments": segments.view(shape), "first": torch.cat(first), "labels": torch.cat(labels)}
+             "segments": segments.view(shape), "examples": examples.view(shape), "first": torch.cat(first),
+             "labels": torch.cat(labels)}
     return batch if types is None else {**batch, "token_type_ids": types.view(shape)}
 
 

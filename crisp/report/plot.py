@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from crisp.report.render import DASH, METRIC_NAMES, pct  # noqa: F401
-from crisp.report.statistics import DENSE, PAPER_VAL_ACC, title
+from crisp.report.statistics import DENSE, DENSE_CELL, PAPER_VAL_ACC, configuration, in_cell, title
 
 
 def _canvas(panels: int, width: float = 7, height: float = 4.5) -> tuple[Figure, list]:
@@ -37,21 +37,36 @@ def plot(summary: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+def _curve(row) -> tuple[str, float]:
+    """A row's curve (its legend: the configuration without its sparsity, ``random uniform``) and its x: the
+    sparsity, or for dense with attention dropout alone the dropout's rate (the matched control of a
+    sparsity that drops that share)."""
+    if row.strategy == "dense" and row.dropout.startswith("attention=") and "," not in row.dropout:
+        return "dense + attention dropout (x: its rate)", float(row.dropout.removeprefix("attention="))
+    label = configuration(row)
+    return (label if row.strategy in ("none", "dense") else label.replace(f" {row.sparsity:g}", "", 1)), row.sparsity
+
+
 def _plot_table(ax, rows: pd.DataFrame, title: str) -> None:
+    """One curve per (sparsifier, strategy, dropout) over sparsity; dense as a band; a configuration without
+    sparsity (entmax, dense with dropout) as one point at sparsity 0."""
     done = rows[rows["n"] > 0]
-    is_dense = (done["strategy"] == DENSE[0]) & (done["sparsity"] == DENSE[1])
+    is_dense = in_cell(done, DENSE_CELL)
     colors = {DENSE[0]: "0.35"}
-    for strategy, line_rows in done[~is_dense].groupby("strategy", sort=True):
-        line_rows = line_rows.sort_values("sparsity")
-        line = ax.errorbar(line_rows["sparsity"], line_rows["final_mean"], yerr=line_rows["final_std"].fillna(0),
-                           marker="o", capsize=3, label=strategy)
-        colors[strategy] = line.lines[0].get_color()
+    placed = [_curve(r) for r in done[~is_dense].itertuples(index=False)]
+    curves = done[~is_dense].assign(curve=[c for c, _ in placed], x=[x for _, x in placed])
+    for label, line_rows in curves.groupby("curve", sort=True):
+        line_rows = line_rows.sort_values("x")
+        alone = len(line_rows) == 1 and line_rows["x"].iloc[0] == 0
+        line = ax.errorbar(line_rows["x"], line_rows["final_mean"], yerr=line_rows["final_std"].fillna(0),
+                           marker="D" if alone else "o", linestyle="none" if alone else "-", capsize=3, label=label)
+        colors[label] = line.lines[0].get_color()
     if is_dense.any():
         mean, std = done.loc[is_dense, ["final_mean", "final_std"]].iloc[0]
         ax.axhline(mean, linestyle="--", color=colors["dense"], label=f"dense ({mean:.2f}%)")
         if pd.notna(std):
             ax.axhspan(mean - std, mean + std, color=colors["dense"], alpha=0.12, linewidth=0, label="dense ± std")
-    if len(rows) and rows["task"].iloc[0] == "sst2":
+    if len(rows) and rows["task"].iloc[0] == "sst2" and rows["data"].iloc[0] in ("sst2", "sst2_local"):
         paper = list(PAPER_VAL_ACC.items())
         ax.scatter([s for (_, s), _ in paper], [v for _, v in paper], marker="*", s=180, zorder=5,
                    c=[colors.get(strategy, "black") for (strategy, _), _ in paper], edgecolors="black",
@@ -71,10 +86,11 @@ def plot_cross_task(groups: Mapping[tuple[str, str], pd.DataFrame]) -> bytes:
     fig, axes = _canvas(len(groups), width=9)
     for ax, ((model, setup), rows) in zip(axes, groups.items(), strict=True):
         tasks = list(dict.fromkeys(rows["task"]))
-        configs = sorted(set(zip(rows["strategy"], rows["sparsity"], strict=True)))
+        labelled = rows.assign(configuration=[configuration(r) for r in rows.itertuples(index=False)])
+        configs = sorted(set(labelled["configuration"]))
         width = 0.8 / max(1, len(configs))
-        for i, (strategy, sparsity) in enumerate(configs):
-            mine = rows[(rows["strategy"] == strategy) & (rows["sparsity"] == sparsity)].set_index("task")
+        for i, label in enumerate(configs):
+            mine = labelled[labelled["configuration"] == label].set_index("task")
             xs = [t + (i - (len(configs) - 1) / 2) * width for t in range(len(tasks))]
             found = [mine.loc[t] if t in mine.index else None for t in tasks]
             ys = [math.nan if f is None else f["diff_vs_dense_mean"] for f in found]
@@ -82,7 +98,7 @@ def plot_cross_task(groups: Mapping[tuple[str, str], pd.DataFrame]) -> bytes:
                    for f in found]
             high = [0 if f is None or pd.isna(f["diff_ci_high"]) else f["diff_ci_high"] - f["diff_vs_dense_mean"]
                     for f in found]
-            ax.errorbar(xs, ys, yerr=[low, high], fmt="o", capsize=3, label=f"{strategy} {sparsity:g}")
+            ax.errorbar(xs, ys, yerr=[low, high], fmt="o", capsize=3, label=label)
         ax.axhline(0, color="0.3", linewidth=1)
         ax.set_xticks(range(len(tasks)), tasks)
         ax.set_ylabel("Δ vs dense, primary metric (pp)")

@@ -11,7 +11,7 @@ import pandas as pd
 
 from crisp.core.results import COMPLETED
 from crisp.report.collect import portable_model
-from crisp.report.statistics import cross_task, title
+from crisp.report.statistics import configuration, cross_task, title
 
 PNG, TASKS_PNG = "report.png", "report-tasks.png"
 DASH = "–"
@@ -25,16 +25,19 @@ def pct(metric: str) -> str:
 
 
 def format_table(summary: pd.DataFrame, heading: str = "") -> str:
-    """Each table of the summary in markdown, as printed and as in report.md."""
+    """Each table of the summary in markdown, as printed and as in report.md. The sparsifier and dropout
+    columns show where a table has a row other than top-k with the model's own dropout."""
     parts = []
     for (task, data, model, setup), rows in summary.groupby(["task", "data", "model", "setup"], sort=False):
         metric = rows["metric"].iloc[0]
-        header = ["strategy", "sparsity", "n", f"{pct(metric)} final", f"{pct(metric)} best", "val loss final",
-                  "Δ vs dense (pp) [95% CI]", "pairs", "paper (%)", "failed"]
+        extra = [c for c in ("sparsifier", "dropout") if any(rows[c].fillna("").map(_beyond_topk(c)))]
+        header = [*extra, "strategy", "sparsity", "n", f"{pct(metric)} final", f"{pct(metric)} best",
+                  "val loss final", "Δ vs dense (pp) [95% CI]", "pairs", "paper (%)", "failed"]
         lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
         for row in rows.itertuples(index=False):
             cells = [
-                row.strategy, f"{row.sparsity:g}", str(row.n),
+                *(getattr(row, c) or DASH for c in extra),
+                row.strategy, DASH if row.strategy == "none" else f"{row.sparsity:g}", str(row.n),
                 _mean_std(row.final_mean, row.final_std), _mean_std(row.best_mean, row.best_std),
                 _fmt(row.val_loss_final_mean, ".4f"), _diff(row.diff_vs_dense_mean, row.diff_ci_low, row.diff_ci_high),
                 _fmt(row.n_pairs, "d"), _fmt(row.paper, ".2f"), str(row.failed),
@@ -44,14 +47,20 @@ def format_table(summary: pd.DataFrame, heading: str = "") -> str:
     return "\n\n".join(parts)
 
 
+def _beyond_topk(column: str):
+    """Whether a value of ``column`` says more than a top-k table always says (top-k, the model's own dropout)."""
+    return (lambda v: v not in ("", "topk")) if column == "sparsifier" else bool
+
+
 def format_cross_task(rows: pd.DataFrame) -> str:
     """Configurations × tasks: each cell the paired Δ against dense [95% CI], ✱ where it excludes 0."""
     tasks = list(dict.fromkeys(rows["task"]))
     metrics = {task: rows[rows["task"] == task]["metric"].iloc[0] for task in tasks}
     header = ["configuration", *(f"{t} ({METRIC_NAMES.get(metrics[t], metrics[t])})" for t in tasks)]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(tasks)]
-    for (strategy, sparsity), config in rows.groupby(["strategy", "sparsity"], sort=True):
-        cells = [f"{strategy} {sparsity:g}"]
+    labelled = rows.assign(configuration=[configuration(r) for r in rows.itertuples(index=False)])
+    for label, config in labelled.groupby("configuration", sort=True):
+        cells = [label]
         for task in tasks:
             found = config[config["task"] == task]
             if found.empty:

@@ -26,13 +26,17 @@ from crisp.core.results import COMPLETED
 from crisp.report.collect import field_of, is_number, metric_of, number, portable_model, timestamp
 
 DENSE = ("dense", 0.0)
+# the reference row of every table: dense, the model's own dropout (any sparsifier at sparsity 0 is dense)
+DENSE_CELL = ("", "", *DENSE)
 # Validation accuracy (%) the paper reports on SST-2, by (strategy, sparsity).
 PAPER_VAL_ACC: dict[tuple[str, float], float] = {("dense", 0.0): 90.62, ("uniform", 0.8): 91.59}
 TASK_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 # what a run varies within a table, and what says how it was launched or watched: no part of a recipe
-NOT_A_RECIPE = (*results.PER_RUN, *results.NOT_IN_KEY)
+NOT_A_RECIPE = (*results.VARIES_WITHIN_STUDY, *results.NOT_IN_KEY, "sparsifier", "dropout")
+# what tells a table's rows apart: its configuration (see _cells)
+CELL = ["sparsifier", "dropout", "strategy", "sparsity"]
 COLUMNS = [
-    "task", "data", "model", "setup", "metric", "strategy", "sparsity", "n", "failed",
+    "task", "data", "model", "setup", "metric", "sparsifier", "dropout", "strategy", "sparsity", "n", "failed",
     "final_mean", "final_std", "best_mean", "best_std", "val_loss_final_mean",
     "diff_vs_dense_mean", "diff_ci_low", "diff_ci_high", "n_pairs", "paper",
 ]
@@ -114,15 +118,17 @@ def summarize(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
 def _summarize(table: Table) -> pd.DataFrame:
     runs = _runs_frame(table.records, table.metric)
     done = _one_per_seed(runs[runs["completed"]], title(table.task, table.data, table.model, table.setup))
-    dense = _by_seed(done, *DENSE)
+    dense = _by_seed(done, DENSE_CELL)
     rows = []
-    for strategy, sparsity in sorted(set(zip(runs["strategy"], runs["sparsity"], strict=True)), key=_row_order):
-        group = runs[(runs["strategy"] == strategy) & (runs["sparsity"] == sparsity)]
-        completed = done[(done["strategy"] == strategy) & (done["sparsity"] == sparsity)]
-        is_dense = (strategy, sparsity) == DENSE
+    for cell in sorted(set(runs[CELL].itertuples(index=False, name=None)), key=_row_order):
+        group = runs[in_cell(runs, cell)]
+        completed = done[in_cell(done, cell)]
+        sparsifier, dropout, strategy, sparsity = cell
         rows.append({
             "task": table.task, "data": table.data, "model": portable_model(table.model), "setup": table.setup,
             "metric": table.metric,
+            "sparsifier": sparsifier,
+            "dropout": dropout,
             "strategy": strategy,
             "sparsity": sparsity,
             "n": len(completed),
@@ -133,10 +139,42 @@ def _summarize(table: Table) -> pd.DataFrame:
             "best_std": completed["best"].std(ddof=1),
             "val_loss_final_mean": completed["loss_final"].mean(),
             # The dense row is the reference: no difference with itself.
-            **(_no_pairs() if is_dense else _paired(_by_seed(done, strategy, sparsity), dense)),
-            "paper": PAPER_VAL_ACC.get((strategy, sparsity), math.nan) if table.task == "sst2" else math.nan,
+            **(_no_pairs() if cell == DENSE_CELL else _paired(_by_seed(done, cell), dense)),
+            "paper": _paper(table, cell),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _paper(table: Table, cell: tuple) -> float:
+    """The paper's figure for this row (SST-2's own data, top-k or dense, the model's own dropout)."""
+    sparsifier, dropout, strategy, sparsity = cell
+    if table.task != "sst2" or table.data not in ("sst2", "sst2_local") or dropout or sparsifier not in ("", "topk"):
+        return math.nan
+    return PAPER_VAL_ACC.get((strategy, sparsity), math.nan)
+
+
+def _sparsifier(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    config = record.get("config") if isinstance(record.get("config"), Mapping) else {}
+    return config.get("sparsifier")
+
+
+def _dropout_label(record: Mapping[str, Any]) -> str:
+    """``attention=0.8``: the dropout probabilities a run set (results before that key: from its config)."""
+    dropout = record.get("dropout")
+    if not isinstance(dropout, Mapping):
+        config = record.get("config") if isinstance(record.get("config"), Mapping) else {}
+        dropout = {k: v for k, v in (config.get("dropout") or {}).items() if v is not None}
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(dropout.items()))
+
+
+def _cells(record: Mapping[str, Any], sparsity: float) -> dict[str, Any]:
+    """A run's configuration: its sparsifier (none for a dense run: every sparsifier at sparsity 0 is the
+    same run), the dropout it set, its strategy and sparsity."""
+    sparsifier = _sparsifier(record)
+    strategy = results.effective_strategy(record["strategy"], sparsity, sparsifier)
+    label = record.get("sparsifier") or results.sparsifier_label(sparsifier)
+    return {"sparsifier": "" if strategy == "dense" else label, "dropout": _dropout_label(record),
+            "strategy": strategy, "sparsity": sparsity}
 
 
 def _runs_frame(records: Iterable[dict[str, Any]], metric: str) -> pd.DataFrame:
@@ -144,8 +182,7 @@ def _runs_frame(records: Iterable[dict[str, Any]], metric: str) -> pd.DataFrame:
     for record in records:
         sparsity = round(float(record["sparsity"]), 6)  # 0.6 and 0.6000000001 are one row
         rows.append({
-            "strategy": results.effective_strategy(record["strategy"], sparsity),
-            "sparsity": sparsity,
+            **_cells(record, sparsity),
             "seed": record.get("seed"),
             "completed": record.get("status") == COMPLETED,
             "final": 100 * number(field_of(record, "final", metric)),
@@ -153,25 +190,31 @@ def _runs_frame(records: Iterable[dict[str, Any]], metric: str) -> pd.DataFrame:
             "loss_final": number(field_of(record, "final", "val_loss")),
             "finished": timestamp(record.get("finished_at")),
         })
-    columns = ["strategy", "sparsity", "seed", "completed", "final", "best", "loss_final", "finished"]
+    columns = [*CELL, "seed", "completed", "final", "best", "loss_final", "finished"]
     return pd.DataFrame(rows, columns=columns).astype({"completed": bool})
 
 
 def _one_per_seed(done: pd.DataFrame, title: str) -> pd.DataFrame:
-    """Completed runs, one per (strategy, sparsity, seed): pairing and std assume one value per seed."""
-    cell = ["strategy", "sparsity", "seed"]
+    """Completed runs, one per (configuration, seed): pairing and std assume one value per seed."""
+    cell = [*CELL, "seed"]
     repeated = done[done.duplicated(cell, keep=False)]
     if not repeated.empty:
         # Different run_keys of one recipe and cell: a key outside the recipe (how it ran) changed: keep the latest.
-        cells = sorted({tuple(r) for r in repeated[cell].itertuples(index=False)})
+        cells = sorted({tuple(r) for r in repeated[["strategy", "sparsity", "seed"]].itertuples(index=False)})
         print(f"crisp.report: {title}: several completed runs for (strategy, sparsity, seed) {cells}; "
               "keeping the latest", file=sys.stderr)
     return done.sort_values("finished", kind="stable").drop_duplicates(cell, keep="last")
 
 
-def _by_seed(done: pd.DataFrame, strategy: str, sparsity: float) -> pd.Series:
-    rows = done[(done["strategy"] == strategy) & (done["sparsity"] == sparsity)]
-    return rows.set_index("seed")["final"]
+def in_cell(frame: pd.DataFrame, cell: tuple) -> pd.Series:
+    inside = pd.Series(True, index=frame.index)
+    for column, value in zip(CELL, cell, strict=True):
+        inside &= frame[column] == value
+    return inside
+
+
+def _by_seed(done: pd.DataFrame, cell: tuple) -> pd.Series:
+    return done[in_cell(done, cell)].set_index("seed")["final"]
 
 
 def _paired(score: pd.Series, dense: pd.Series) -> dict[str, float]:
@@ -189,8 +232,20 @@ def _no_pairs() -> dict[str, float]:
     return {"diff_vs_dense_mean": math.nan, "diff_ci_low": math.nan, "diff_ci_high": math.nan, "n_pairs": math.nan}
 
 
-def _row_order(cell: tuple[str, float]) -> tuple:
-    return cell != DENSE, cell[0], cell[1]
+def _row_order(cell: tuple) -> tuple:
+    """Dense first, then top-k's rows by strategy and sparsity (as before sparsifiers had a choice), then the others."""
+    sparsifier, dropout, strategy, sparsity = cell
+    return cell != DENSE_CELL, dropout, sparsifier not in ("", "topk"), sparsifier, strategy, sparsity
+
+
+def configuration(row: Any) -> str:
+    """A row's configuration in words: ``uniform 0.8``, ``random uniform 0.8``, ``entmax alpha=1.5``,
+    ``dense + dropout attention=0.8``."""
+    parts = [] if row.sparsifier in ("", "topk") else [row.sparsifier]
+    if row.strategy != "none":
+        parts.append(row.strategy if row.strategy == "dense" else f"{row.strategy} {row.sparsity:g}")
+    label = " ".join(parts)
+    return f"{label} + dropout {row.dropout}" if row.dropout else label
 
 
 def cross_task(summary: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
@@ -198,5 +253,5 @@ def cross_task(summary: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
     found = {}
     for (model, setup), rows in summary.groupby(["model", "setup"], sort=False):
         if rows["task"].nunique() > 1:
-            found[(model, setup)] = rows[~((rows["strategy"] == DENSE[0]) & (rows["sparsity"] == DENSE[1]))]
+            found[(model, setup)] = rows[~in_cell(rows, DENSE_CELL)]
     return found

@@ -33,16 +33,25 @@ from crisp.sweep.jobs import Job, job_return
 from crisp.sweep.pool import visible_gpus
 
 log = logging.getLogger("crisp")
-PER_RUN = ("hydra", "dropout", *results.PER_RUN)  # a group's runs differ in these alone
-PER_RUN_OPTIM = ("lr", "weight_decay", "warmup_ratio")  # and in these of optim (crisp.lockstep.run_adamw)
+# a group's runs differ in these alone: each run keeps its own inside the fused model
+VARIES_WITHIN_GROUP = ("hydra", "dropout", *results.VARIES_WITHIN_STUDY)
+VARIES_WITHIN_GROUP_OPTIM = ("lr", "weight_decay", "warmup_ratio")  # of optim (crisp.lockstep.run_adamw)
 BYTES_PER_PARAMETER = 20
 ACTIVATIONS_PER_RUN = 150 * 2**20
 
 
-def recipe(job: Job) -> str:
+def fusion_key(job: Job) -> str:
+    """Jobs of one fusion key train as one fused model: their configs as written are equal but for what a
+    group's runs vary (above, and the sparsifier's own keys, such as entmax's alpha)."""
     config = OmegaConf.to_container(job.config, resolve=False)
-    kept = {k: v for k, v in config.items() if k not in PER_RUN}
-    kept["optim"] = {k: v for k, v in kept.get("optim", {}).items() if k not in PER_RUN_OPTIM}
+    kept = {k: v for k, v in config.items() if k not in VARIES_WITHIN_GROUP}
+    kept["optim"] = {k: v for k, v in kept.get("optim", {}).items() if k not in VARIES_WITHIN_GROUP_OPTIM}
+    if isinstance(kept.get("sparsifier"), dict):
+        from crisp.sparsity import registry
+
+        entry = registry.SPARSIFIERS.get(kept["sparsifier"].get("name", registry.DEFAULT))
+        own = entry.keys if entry is not None else {}
+        kept["sparsifier"] = {k: v for k, v in kept["sparsifier"].items() if k not in own}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -52,7 +61,7 @@ def plan(jobs: Sequence[Job], capacity: int | None, devices: int,
     possible (the costliest split in two, until each GPU has one); with several devices, costliest first."""
     by_recipe: dict[str, list[Job]] = {}
     for job in jobs:
-        by_recipe.setdefault(recipe(job), []).append(job)
+        by_recipe.setdefault(fusion_key(job), []).append(job)
     groups = []
     for group in by_recipe.values():
         parts = math.ceil(len(group) / capacity) if capacity else 1

@@ -31,8 +31,16 @@ from crisp.core.errors import ConfigError
 from crisp.sweep.jobs import Job, load_jobs, task_overrides
 
 log = logging.getLogger("crisp")
-IN_THE_NAME = ("strategy", "sparsity", "seed", "name")
-RUN_NAME = "${crisp.run_name:${strategy.name},${sparsity},${seed}}"  # what ${name} is by default
+IN_THE_NAME = ("strategy", "sparsity", "seed", "name", "sparsifier")
+RUN_NAME = "${crisp.run_name:${strategy.name},${sparsity},${seed},${sparsifier}}"  # what ${name} is by default
+
+
+def _in_the_name(key: str) -> bool:
+    """Whether a run's name tells the values of ``key`` apart (a sparsifier's own keys: ``entmax_alpha2_seed1``)."""
+    from crisp.sparsity import registry
+
+    own = {f"sparsifier.{k}" for entry in registry.SPARSIFIERS.values() for k in entry.keys}
+    return key in IN_THE_NAME or key in own
 # what says how a run is launched or watched, not what it computes: never a folder of its own
 NOT_A_FOLDER = ("hydra", "logger", "report", "sweep", "tags")
 
@@ -55,7 +63,7 @@ def with_run_dirs(jobs: Sequence[Sequence[str]]) -> list[list[str]]:
         return tuple(o for o in job if _key(o) == key)
 
     keys = list(dict.fromkeys(_key(o) for job in jobs for o in job))
-    varying = [key for key in keys if len({of(job, key) for job in jobs}) > 1 and key not in IN_THE_NAME
+    varying = [key for key in keys if len({of(job, key) for job in jobs}) > 1 and not _in_the_name(key)
                and key.split(".")[0].split("/")[0] not in NOT_A_FOLDER]
     # a name the command gives every job is the runs' label, not their folder: each run keeps its own
     leaf = RUN_NAME if "name" in keys else "${name}"
@@ -100,9 +108,18 @@ def compose_and_check(sweeper, job_overrides: Sequence[Sequence[str]], initial_j
 
 
 def expand(sweeper, arguments: list[str]) -> list[list[list[str]]]:
-    """The grid's batches of jobs (Hydra's basic sweeper's expansion), each job with its run directory."""
-    params = [f"{k}={v}" for k, v in sweeper.params.items()] + list(arguments)
-    overrides = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader).parse_overrides(params)
-    batches = sweeper.split_arguments(overrides, sweeper.max_batch_size)
-    named = iter(with_run_dirs([job for batch in batches for job in batch]))
-    return [[next(named) for _ in batch] for batch in batches]
+    """The grid's batches of jobs (Hydra's basic sweeper's expansion), each job with its run directory.
+
+    ``hydra.sweeper.grids`` (crisp's sweeper) makes the sweep a union of grids: each grid's keys with
+    ``hydra.sweeper.params`` and the command's overrides (which win), expanded one by one and joined, a job
+    that two grids share once. A study whose configurations are no product of keys is such a union
+    (``experiment=controls``: top-k and random keys over sparsity, entmax, which takes none, and dropout)."""
+    parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
+    jobs: dict[tuple[str, ...], None] = {}
+    for grid in getattr(sweeper, "grids", None) or [{}]:
+        params = [f"{k}={v}" for k, v in {**sweeper.params, **grid}.items()] + list(arguments)
+        for job in sweeper.split_arguments(parser.parse_overrides(params), None)[0]:
+            jobs.setdefault(tuple(job), None)
+    named = with_run_dirs([list(job) for job in jobs])
+    size = sweeper.max_batch_size or len(named) or 1
+    return [named[i : i + size] for i in range(0, len(named), size)] or [[]]

@@ -10,7 +10,7 @@ would start alone:
    attention in every layer and the dropout probabilities the config sets;
 4. each split tokenized (cached on disk);
 5. the strategy's per-layer sparsity, calibrated on the dense model where the strategy asks for it,
-   and the sparsifier's switches.
+   and the sparsifier (its choice, its own keys, whether it applies in evaluation).
 
 Runs built by one :class:`RunBuilder` share what they have in common instead of making it again: the
 data of equal data configs, the tokenizer, the tokenized splits, and the initial model of a seed (runs of
@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import crisp
 from crisp.core import heartbeat
+from crisp.sparsity import registry
 from crisp.sparsity.calibration import measure_entropy
 from crisp.sparsity.families import family_of
 from crisp.sparsity.strategies import load_strategy
@@ -51,6 +52,7 @@ class BuiltRun:
     vals: list[TokenizedSplit]  # the task's validation splits, in its order
     layer_sparsity: list[float]
     calibration_entropy: list[float] | None = None
+    sparsifier_params: dict[str, float] | None = None  # the sparsifier's own keys (entmax's alpha)
 
 
 def _key(value: Any) -> str:
@@ -110,9 +112,21 @@ class RunBuilder:
                 self._entropies[calibration] = measure_entropy(encoder, batches)
             entropy = self._entropies[calibration]
         layer_sparsity = crisp.apply_strategy(encoder, strategy.pop("name"), cfg.sparsity, entropy=entropy, **strategy)
-        crisp.configure(encoder, apply_in_eval=cfg.sparsifier.apply_in_eval, track_stats=False)
+        params = use_sparsifier(encoder, cfg.sparsifier)
         allocation = ", ".join(f"{s:.3f}" for s in layer_sparsity)
         print(f"crisp: {name}: strategy={cfg.strategy.name} sparsity={cfg.sparsity:g} -> per-layer sparsity "
               f"[{allocation}]")
         heartbeat.beat(force=True)
-        return BuiltRun(cfg, task, tokenizer, encoder, train, vals, layer_sparsity, entropy)
+        return BuiltRun(cfg, task, tokenizer, encoder, train, vals, layer_sparsity, entropy, params)
+
+
+def use_sparsifier(encoder: torch.nn.Module, node: DictConfig) -> dict[str, float]:
+    """Make ``node``'s sparsifier (``conf/sparsifier/``) every layer's, statistics off until a step asks for
+    them; returns its own keys as set."""
+    spec = OmegaConf.to_container(node, resolve=True)
+    name = spec.get("name", registry.DEFAULT)
+    entry = registry.lookup(name, spec.get("module"))
+    params = {key: spec[key] for key in entry.keys if key in spec}
+    crisp.configure(encoder, sparsifier=name, apply_in_eval=spec.get("apply_in_eval", entry.apply_in_eval),
+                    track_stats=False, **params)
+    return {**entry.defaults(), **params}

@@ -13,6 +13,7 @@ from transformers import get_linear_schedule_with_warmup
 import crisp
 from crisp.sparsity.calibration import MODEL_INPUTS
 from crisp.sparsity.families import attention_modules
+from crisp.sparsity.streams import RunStreams, random_stream
 from crisp.training import tasks
 from crisp.training.cuda_graphs import GraphedTrainStep
 
@@ -130,6 +131,9 @@ class SparseClassifier(pl.LightningModule):
         self.optim = cfg.optim
         self.stats_every = max(1, cfg.sparsifier.stats_every_n_steps)
         self.attention = attention_modules(encoder)
+        # the run's own random stream, for a sparsifier that draws (random): by its seed, advanced per step
+        self.seed = cfg.seed
+        self.streams = RunStreams([cfg.seed], next(encoder.parameters()).device)
         # no input checks: they would wait for the GPU on every step; a NaN loss is caught per epoch
         self.train_loss, self.train_correct = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
         self.train_stats, self.val_stats = LayerStatsMeter(), LayerStatsMeter()
@@ -141,6 +145,9 @@ class SparseClassifier(pl.LightningModule):
         self.last_val: dict = {}
         self.last_layers: dict = {}
 
+    def on_fit_start(self) -> None:
+        self.streams = RunStreams([self.seed], self.device)  # where Lightning put the model (a DDP rank's GPU)
+
     # -- statistics -----------------------------------------------------------------------------
     def _track(self, enabled: bool) -> None:
         track(self.attention, enabled)
@@ -150,9 +157,12 @@ class SparseClassifier(pl.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encoder(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
+        with random_stream(self.streams):
+            return self.encoder(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
 
     def _loss_and_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.encoder.training:
+            self.streams.next_step()  # inside the step a CUDA graph captures: its replays advance it too
         logits = self(batch)
         return tasks.loss(self.task, logits, batch["labels"]), logits
 

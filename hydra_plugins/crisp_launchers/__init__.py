@@ -18,7 +18,12 @@ class ComposeOnceSweeper(BasicSweeper):
     """``hydra/sweeper=crisp`` (crisp's default): Hydra's basic sweeper's grid, each job composed once,
     its run directory named from what varies, and every job checked before anything is written or
     trained (:mod:`crisp.sweep.sweeper`). crisp's launchers take the composed jobs (``launch_jobs``);
-    any other launcher gets the overrides."""
+    any other launcher gets the overrides. ``grids``: a union of grids (:func:`crisp.sweep.sweeper.expand`)."""
+
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
+                 grids: list[dict[str, str]] | None = None) -> None:
+        super().__init__(max_batch_size, params)
+        self.grids = [dict(grid) for grid in grids] if grids else None
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         import sys
