@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
 
-from crisp.sparsity import kernels, topk
+from crisp.sparsity import kernels, saving, topk, visibility
 
-NAME = "crisp"
+NAME = saving.IMPLEMENTATION  # "crisp"
 
 
 @dataclass
@@ -109,6 +109,18 @@ def _record_stats(module: nn.Module, probs: torch.Tensor, valid: torch.Tensor | 
     module.crisp_stats = stats[0] if runs is None else stats
 
 
+def _visible_keys(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, kwargs: dict):
+    """The mask of the keys each row may see (causality made explicit where it came as ``is_causal``, a
+    position bias folded in as part of an additive mask) and one key/value head per query head."""
+    visibility.refuse_unsupported(module, kwargs)
+    if visibility.is_causal(module, query, attention_mask, kwargs):
+        attention_mask = visibility.causal_mask(query.size(2), key.size(2), query.device)
+    if kwargs.get("position_bias") is not None:
+        attention_mask = visibility.with_position_bias(attention_mask, kwargs["position_bias"])
+    return (attention_mask, *visibility.shared_heads(query, key, value))
+
+
 def crisp_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -127,21 +139,26 @@ def crisp_attention_forward(
         probe.add(id(module))
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    attention_mask, key, value = _visible_keys(module, query, key, value, attention_mask, kwargs)
     scores = torch.matmul(query, key.transpose(2, 3))
+    if kwargs.get("softcap") is not None:  # Gemma-2's cap on the scaled scores, before the mask (as eager)
+        scores, scaling = torch.tanh(scores * (scaling / kwargs["softcap"])) * kwargs["softcap"], 1.0
     valid = topk.valid_key_mask(attention_mask)
     sparsity = _active_sparsity(module)
     runs = 1 if crisp_runs is None else crisp_runs.count
     if isinstance(sparsity, tuple) and len(sparsity) != runs:
         raise ValueError(f"crisp_sparsity has {len(sparsity)} values for a batch of {runs} run(s)")
+    # the keys top-k chooses from; statistics keep to the keys a row may see (`valid`)
+    selectable = visibility.selectable(valid) if sparsity else valid
     if sparsity and kernels.available(scores):
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             scores, scaling = scores * scaling + attention_mask, 1.0  # an additive mask may hold more than padding
         # scale, mask, top-k and softmax in one launch on GPU
         table = topk.k_table(scores.size(-1), sparsity, scores.device)
-        probs = kernels.topk_softmax(scores, valid, table, scaling, runs=runs)
+        probs = kernels.topk_softmax(scores, selectable, table, scaling, runs=runs)
     else:
         scores = scores * scaling
-        info = topk.mask_info(valid, scores, runs)
+        info = topk.mask_info(selectable, scores, runs)
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 # the same number eager's additive mask puts there, so s=0 matches eager bit for bit
@@ -162,10 +179,13 @@ def crisp_attention_forward(
 
 
 def register() -> None:
-    """Register ``"crisp"`` with transformers (attention function and its mask format)."""
+    """Register ``"crisp"`` with transformers (attention function and its mask format), and have a model saved
+    by ``crisp.save_pretrained`` come back with its settings (:mod:`crisp.sparsity.saving`)."""
     AttentionInterface.register(NAME, crisp_attention_forward)
-    # boolean masks (True = attend), materialised only when there is padding
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    # boolean masks (True = attend): causal ones always materialised; see crisp.sparsity.visibility
+    AttentionMaskInterface.register(NAME, visibility.mask_for)
+    if not getattr(PreTrainedModel.post_init, "crisp_restores", False):
+        PreTrainedModel.post_init = saving.restore_on_init(PreTrainedModel.post_init)
 
 
 register()
