@@ -358,6 +358,9 @@ def examine(model_type: str) -> Outcome:
         assert_causal(model)
     if grouped_query(model):
         notes.append("grouped-query")
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if isinstance(layers, int) and len(attention_modules(model)) < layers:
+        notes.append("its layers share one attention module: one sparsity for all")
     family = family_of(model)
     if family.install is not None:
         notes.append(f"adapter {family.name}")
