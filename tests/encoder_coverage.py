@@ -230,13 +230,14 @@ def _probabilities(output) -> torch.Tensor | None:
                  and torch.allclose(x.sum(-1), torch.ones(()), atol=1e-4)), None)
 
 
-def attention_probabilities(model: nn.Module, modules: list[nn.Module], ids, mask) -> list[torch.Tensor]:
-    """Each module's probabilities in one forward, caught from the modules' outputs (not from crisp)."""
-    caught: dict[int, torch.Tensor] = {}
+def attention_probabilities(model: nn.Module, modules: list[nn.Module], ids, mask) -> list[list[torch.Tensor]]:
+    """Each module's probabilities in one forward, one per call (ALBERT's layers call one module), caught from
+    the modules' outputs (not from crisp)."""
+    caught: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(modules))}
 
     def catch(i: int):
         def hook(module, args, output) -> None:  # returns nothing: the output stays the module's
-            caught.setdefault(i, _probabilities(output))
+            caught[i].append(_probabilities(output))
         return hook
 
     hooks = [m.register_forward_hook(catch(i)) for i, m in enumerate(modules)]
@@ -245,7 +246,8 @@ def attention_probabilities(model: nn.Module, modules: list[nn.Module], ids, mas
     finally:
         for hook in hooks:
             hook.remove()
-    assert all(caught.get(i) is not None for i in range(len(modules))), "an attention module gave no probabilities"
+    assert all(calls and all(p is not None for p in calls) for calls in caught.values()), \
+        "an attention module gave no probabilities"
     return [caught[i] for i in range(len(modules))]
 
 
@@ -276,7 +278,7 @@ def visible_keys(eager_probs: torch.Tensor, other_probs: torch.Tensor, real: tor
 def assert_exact_topk(model: nn.Module, eager: nn.Module) -> list[str]:
     """Exactly n - k zeros among each counted row's visible keys, none elsewhere, stats equal to the count;
     returns what the rows saw: "causal" (every self-attention over the input sees no later key), "local window"
-    (a row sees fewer keys than its causal prefix or its sentence)."""
+    (a row sees fewer keys than its causal prefix or its sentence), and whether layers share a module (ALBERT)."""
     modules = attention_modules(model)
     names = {id(m): name for name, m in model.named_modules()}
     eager_modules = dict(eager.named_modules())
@@ -288,29 +290,40 @@ def assert_exact_topk(model: nn.Module, eager: nn.Module) -> list[str]:
     reference = [eager_modules[names[id(m)]] for m in modules]
     theirs = attention_probabilities(eager, reference, ids, mask)
     others = attention_probabilities(eager, reference, batch(True, seed=1)[0], mask)
-    causal, window = [], False
-    for layer, (p, e, other) in enumerate(zip(ours, theirs, others, strict=True)):
-        assert p.shape == e.shape, f"layer {layer}: probabilities {tuple(p.shape)}, eager's {tuple(e.shape)}"
-        visible, rows = visible_keys(e, other, mask.bool())
-        n = visible.sum(-1)
-        zeros = ((p == 0) & visible).sum(-1)
-        assert rows.any() and (n[rows] > 1).any(), f"layer {layer}: no row to check"
-        wrong = rows & (zeros != n - kept(n))
-        assert not wrong.any(), (f"layer {layer}: {int(wrong.sum())} rows keep other than k of their n visible keys "
-                                 f"(first: n={int(n[wrong][0])}, zeros={int(zeros[wrong][0])})")
-        leaked = (p != 0) & ~visible & rows.unsqueeze(-1)
-        assert not leaked.any(), f"layer {layer}: probability on {int(leaked.sum())} keys the rows may not see"
-        achieved = float(zeros[rows].sum() / n[rows].sum())
-        said = stats[layer].achieved_sparsity
-        assert abs(said - achieved) < 1e-6, f"layer {layer}: attention_stats says {said:.6f}, the probabilities " \
-                                            f"{achieved:.6f}"
-        if e.size(-1) == e.size(-2) == mask.size(1):  # self-attention over the input
-            below = torch.ones(e.shape[-2:], dtype=torch.bool).tril()
-            causal.append(not (visible & ~below).any())
-            reachable = mask.bool()[:, None, None, :] & (below if causal[-1] else True)
-            window |= bool((rows & (n < reachable.sum(-1))).any())
+    causal, window, shared = [], False, False
+    for layer, (p_calls, e_calls, other_calls) in enumerate(zip(ours, theirs, others, strict=True)):
+        shared |= len(p_calls) > 1
+        for call, (p, e, other) in enumerate(zip(p_calls, e_calls, other_calls, strict=True)):
+            where = f"layer {layer}" + (f", call {call}" if len(p_calls) > 1 else "")
+            visible, rows = visible_keys(e, other, mask.bool())
+            n, zeros = _check_rows(p, visible, rows, where)
+            if call == len(p_calls) - 1:  # the statistics are the module's last call's
+                achieved = float(zeros[rows].sum() / n[rows].sum())
+                said = stats[layer].achieved_sparsity
+                assert abs(said - achieved) < 1e-6, f"{where}: attention_stats says {said:.6f}, the probabilities " \
+                                                    f"{achieved:.6f}"
+            if e.size(-1) == e.size(-2) == mask.size(1):  # self-attention over the input
+                below = torch.ones(e.shape[-2:], dtype=torch.bool).tril()
+                causal.append(not (visible & ~below).any())
+                reachable = mask.bool()[:, None, None, :] & (below if causal[-1] else True)
+                window |= bool((rows & (n < reachable.sum(-1))).any())
     crisp.set_sparsity(model, 0.0)
-    return (["causal"] if causal and all(causal) else []) + (["local window"] if window else [])
+    return (["causal"] if causal and all(causal) else []) + (["local window"] if window else []) + \
+        (["its layers share one attention module: one sparsity for all"] if shared else [])
+
+
+def _check_rows(p: torch.Tensor, visible: torch.Tensor, rows: torch.Tensor, where: str):
+    """Exactly n - k zeros among each counted row's n visible keys, and no probability on any other key."""
+    assert p.shape == visible.shape, f"{where}: probabilities {tuple(p.shape)}, eager's {tuple(visible.shape)}"
+    n = visible.sum(-1)
+    zeros = ((p == 0) & visible).sum(-1)
+    assert rows.any() and (n[rows] > 1).any(), f"{where}: no row to check"
+    wrong = rows & (zeros != n - kept(n))
+    assert not wrong.any(), (f"{where}: {int(wrong.sum())} rows keep other than k of their n visible keys "
+                             f"(first: n={int(n[wrong][0])}, zeros={int(zeros[wrong][0])})")
+    leaked = (p != 0) & ~visible & rows.unsqueeze(-1)
+    assert not leaked.any(), f"{where}: probability on {int(leaked.sum())} keys the rows may not see"
+    return n, zeros
 
 
 def assert_causal(model: nn.Module) -> None:
@@ -358,9 +371,6 @@ def examine(model_type: str) -> Outcome:
         assert_causal(model)
     if grouped_query(model):
         notes.append("grouped-query")
-    layers = getattr(model.config, "num_hidden_layers", None)
-    if isinstance(layers, int) and len(attention_modules(model)) < layers:
-        notes.append("its layers share one attention module: one sparsity for all")
     family = family_of(model)
     if family.install is not None:
         notes.append(f"adapter {family.name}")
@@ -385,7 +395,8 @@ def table(outcomes: list[Outcome]) -> str:
         "- **sparse**: exact top-k in every attention layer (k of the n keys each row may see: not padding, not "
         "the future for a causal model, inside the local window where the model has one), dense equals eager;",
         "- **refused**: `crisp.prepare` (and `python -m crisp.run`, exit 2) raises `AttentionNotReached` before "
-        "anything trains; loaded with `attn_implementation=\"crisp\"` it runs its stock attention unchanged;",
+        "anything trains; loaded with `attn_implementation=\"crisp\"` and never prepared it runs its stock "
+        "attention with the mask it expects, or refuses to run;",
         "- **not built**: a tiny model of the type could not be built here, so it is unchecked.",
         "",
         "| model type | class | outcome | notes |",

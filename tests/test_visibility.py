@@ -59,6 +59,11 @@ def test_a_causal_rows_n_is_its_prefix_for_k_and_for_the_statistics():
     assert torch.equal((probs > 0).sum(-1), kept_keys(n, 0.8).expand(2, 4, 10))
     achieved, _ = module.crisp_stats.tolist()
     assert achieved == pytest.approx(float((n - kept_keys(n, 0.8)).sum() / n.sum()))
+    # the entropy the adaptive strategy calibrates on: each row's over log of its own n (rows of n > 1)
+    module.crisp_sparsity = 0.0
+    _, probs = crisp_attention_forward(module, q, k, v, None, scaling=8**-0.5)
+    normalized = -torch.special.xlogy(probs, probs).sum(-1)[..., 1:] / n[1:].log()
+    assert module.crisp_stats[1].item() == pytest.approx(normalized.mean().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "mistral"])

@@ -178,9 +178,10 @@ def _build_runs(members: list[Member], device: torch.device, task: Task) -> None
         if init_key not in initial:
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             model = build_encoder(cfg.model, tokenizer, task, dropout=cfg.dropout)
-            if family_of(model) is REGISTRY:
+            if family_of(model) is REGISTRY or not family_of(model).lockstep:
+                fused = sorted(name for name, family in FAMILIES.items() if family.lockstep)
                 raise ConfigError(f"{type(model).__name__} cannot train in lockstep, which fuses the encoder families "
-                                  f"{', '.join(sorted(FAMILIES))}: train it with hydra/launcher=parallel")
+                                  f"{', '.join(fused)}: train it with hydra/launcher=parallel")
             initial[init_key] = model.to(device).train()
         encoder = initial[init_key]
         token_types = family_of(encoder).token_types

@@ -5,6 +5,8 @@ RoBERTa, ...) runs it with ``attn_implementation="crisp"``: no modeling code is 
 whose attention is computed inline reaches it through its family's adapter
 (:mod:`crisp.sparsity.families`).
 
+What each query row may see (the mask, ``is_causal``, grouped key/value heads) is made explicit first
+(:mod:`crisp.sparsity.visibility`); a row's ``n`` for top-k and the statistics counts those keys.
 Per attention module it reads three attributes (set by :mod:`crisp.sparsity.layers`):
 ``crisp_sparsity`` (a float in [0, 1), or one per run), ``crisp_apply_in_eval`` and
 ``crisp_track_stats``. The top-k semantics are :mod:`crisp.sparsity.topk`'s. A batch may hold

@@ -66,9 +66,12 @@ def set_sparsity(model: nn.Module, sparsity: float | Sequence[float]) -> list[fl
 
 
 def _shared(model: nn.Module, modules: list[nn.Module]) -> str:
-    """Why a model has fewer attention modules than layers, when its layers share one (ALBERT)."""
-    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if isinstance(layers, int) and layers > len(modules):
+    """Why a model has fewer attention modules than layers, when its layers share them in groups (ALBERT's
+    ``num_hidden_groups``; a hybrid model's attention-free layers need no such word)."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(getattr(config, "num_hidden_groups", None), int) and isinstance(layers, int) and \
+            layers > len(modules):
         return (f" ({type(model).__name__}'s {layers} layers share {len(modules)} attention module"
                 f"{'s' if len(modules) > 1 else ''}: give one sparsity per module, it applies to every layer "
                 "that shares it; its statistics are one entry per module too)")

@@ -58,19 +58,24 @@ def is_causal(module: nn.Module, query: torch.Tensor, attention_mask: torch.Tens
     return attention_mask is None and bool(causal) and query.size(2) > 1
 
 
-# one causal mask per shape and device: the same object for every layer of a forward (crisp.sparsity.topk keeps
-# what it derives from a mask by the mask's identity)
-_CAUSAL: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+# per device, one lower-triangular mask at least as large as any asked for (a larger one replaces it: a captured
+# CUDA graph's view keeps its own storage alive), and the last view asked for, so that every layer of a forward
+# gets the same mask object (crisp.sparsity.topk keeps what it derives from a mask by the mask's identity)
+_CAUSAL: dict[torch.device, torch.Tensor] = {}
+_LAST_CAUSAL: list[tuple[int, int, torch.device, torch.Tensor]] = []
 
 
 def causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
     """``[1, 1, queries, keys]``, True where key j <= query i (upper-left aligned, as sdpa's ``is_causal``)."""
-    where = (queries, keys, device)
-    if where not in _CAUSAL:
-        if len(_CAUSAL) > 64:
-            _CAUSAL.clear()
-        _CAUSAL[where] = torch.ones(queries, keys, dtype=torch.bool, device=device).tril().view(1, 1, queries, keys)
-    return _CAUSAL[where]
+    if _LAST_CAUSAL and _LAST_CAUSAL[0][:3] == (queries, keys, device):
+        return _LAST_CAUSAL[0][3]
+    base = _CAUSAL.get(device)
+    if base is None or base.size(0) < max(queries, keys):
+        size = max(128, 1 << (max(queries, keys) - 1).bit_length())
+        base = _CAUSAL[device] = torch.ones(size, size, dtype=torch.bool, device=device).tril()
+    view = base[:queries, :keys].view(1, 1, queries, keys)
+    _LAST_CAUSAL[:] = [(queries, keys, device, view)]
+    return view
 
 
 def with_position_bias(attention_mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:

@@ -163,7 +163,7 @@ def can_fuse(job: Job) -> bool:
     from crisp.sparsity.families import FAMILIES
 
     try:
-        return _model_type(job) in {t for family in FAMILIES.values() for t in family.model_types}
+        return _model_type(job) in {t for family in FAMILIES.values() if family.lockstep for t in family.model_types}
     except Exception:  # the worker meets the same problem and reports it
         return True
 

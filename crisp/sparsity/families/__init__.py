@@ -8,8 +8,9 @@ rest: whether pairs are told apart by ``token_type_ids`` and the position id of 
 token (packed rows restart positions per sentence).
 
 A model of no known family is used as it is when its attention dispatches through the registry;
-:func:`check_reached` makes sure of that before training: an encoder whose attention crisp cannot
-reach would otherwise train dense with no sign of it.
+:func:`check_reached` makes sure of that before training (every attention module found runs crisp's function,
+and no attention runs outside it): a model whose attention crisp cannot reach would otherwise train dense with
+no sign of it. It raises :class:`~crisp.sparsity.errors.AttentionNotReached`, the one refusal.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class Family:
     dropout: dict[str, str] = field(default_factory=dict)
     # the Linears of an attention module that read one input (query, key, value): lockstep fuses them
     projections: tuple[str, ...] = ()
+    # whether lockstep may train several runs of it as one fused model (an adapter checked alone, not yet in a
+    # fused group, says False: such a family trains one process per run)
+    lockstep: bool = True
 
 
 FAMILIES: dict[str, Family] = {}

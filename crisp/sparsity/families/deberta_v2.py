@@ -59,6 +59,7 @@ FAMILY = Family(
     token_types=True,
     attention_modules=lambda model: [m for m in model.modules() if isinstance(m, DisentangledSelfAttention)],
     install=install,
+    lockstep=False,  # its adapter is checked for one run; fusing runs of it is not (crisp.lockstep)
     # its pooler and classifier drop with their own keys (pooler_dropout, cls_dropout) or hidden_dropout_prob
     dropout={"hidden": "hidden_dropout_prob", "attention": "attention_probs_dropout_prob"},
 )

@@ -47,5 +47,6 @@ FAMILY = Family(
     "gpt_neo", ("gpt_neo",),
     attention_modules=lambda model: [m for m in model.modules() if isinstance(m, GPTNeoSelfAttention)],
     install=install,
+    lockstep=False,  # its adapter is checked for one run; fusing runs of it is not (crisp.lockstep)
     dropout={"hidden": "resid_dropout", "attention": "attention_dropout"},
 )
