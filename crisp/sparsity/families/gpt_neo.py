@@ -6,7 +6,8 @@ failed with ``KeyError: 'crisp'`` before crisp could see it. Importing this modu
 GPT-Neo's modeling file loads) adds ``"crisp"`` to that table as the eager class, so the model builds, and the
 adapter replaces its ``_attn`` on each instance: the same scores (GPT-Neo does not scale them), the keys a row
 may see from GPT-Neo's own causal buffer (a local layer's is a window of ``window_size`` keys) and the padding
-mask, then crisp's attention function.
+mask, then crisp's attention function. Stock GPT-Neo casts query and key to fp32 for its scores; the adapter
+keeps their dtype (under autocast, bf16 scores), as crisp's function does for every other family.
 """
 
 from __future__ import annotations
