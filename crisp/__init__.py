@@ -24,7 +24,7 @@ import sys
 
 __version__ = "0.1.0"
 _API = {
-    "AttentionNotReached": "crisp.sparsity.families",
+    "AttentionNotReached": "crisp.sparsity.errors",
     "LayerStats": "crisp.sparsity.layers",
     "attention_stats": "crisp.sparsity.layers",
     "configure": "crisp.sparsity.layers",
@@ -37,9 +37,15 @@ _API = {
     "STRATEGIES": "crisp.sparsity.strategies",
     "apply_strategy": "crisp.sparsity.calibration",
     "register_strategy": "crisp.sparsity.strategies",
+    "save_pretrained": "crisp.sparsity.saving",
 }
 __all__ = sorted(_API)
-_MODELING = "transformers.modeling_utils"
+# crisp modules that register themselves with a transformers module as it loads: the attention function and
+# its mask format with the registry, and the attention class GPT-Neo looks up by implementation name
+_AFTER = {
+    "transformers.modeling_utils": "crisp.sparsity.attention",
+    "transformers.models.gpt_neo.modeling_gpt_neo": "crisp.sparsity.families.gpt_neo",
+}
 
 
 def __getattr__(name: str):
@@ -48,32 +54,39 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'crisp' has no attribute {name!r}")
 
 
-def _register() -> None:
-    # the attention module registers itself as it loads; one that is loading now (its own import of
-    # transformers brought us here) will, as it finishes
-    if "crisp.sparsity.attention" not in sys.modules:
-        importlib.import_module("crisp.sparsity.attention")
+def _register(name: str) -> None:
+    # a crisp module registers itself as it loads; one that is loading now (its own import of transformers
+    # brought us here) will, as it finishes
+    if _AFTER[name] not in sys.modules:
+        importlib.import_module(_AFTER[name])
 
 
 class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
-    """Runs the registration right after ``transformers.modeling_utils`` executes, then leaves."""
+    """Runs a registration right after its transformers module executes (see ``_AFTER``)."""
+
+    def __init__(self):
+        self.waiting = {name for name in _AFTER if name not in sys.modules}
 
     def find_spec(self, name, path, target=None):
-        if name != _MODELING:
+        if name not in self.waiting:
             return None
-        sys.meta_path.remove(self)
+        self.waiting.discard(name)
+        if not self.waiting:
+            sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
         execute = spec.loader.exec_module
 
         def exec_module(module):
             execute(module)
-            _register()
+            _register(name)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-if _MODELING in sys.modules:
-    _register()
-elif not any(isinstance(finder, _RegisterWithTransformers) for finder in sys.meta_path):
+for _name in [name for name in _AFTER if name in sys.modules]:
+    _register(_name)
+if any(name not in sys.modules for name in _AFTER) and not any(
+    isinstance(finder, _RegisterWithTransformers) for finder in sys.meta_path
+):
     sys.meta_path.insert(0, _RegisterWithTransformers())

@@ -210,7 +210,7 @@ def test_every_distinct_run_of_a_grid_gets_its_own_directory_named_from_what_var
     assert with_run_dirs(plain) == plain
     # a name given to every job labels the runs; each keeps its own folder
     named = with_run_dirs([["name=myexp", "sparsity=0"], ["name=myexp", "sparsity=0.8"]])
-    leaf = "hydra.sweep.subdir='${crisp.run_name:${strategy.name},${sparsity},${seed}}'"
+    leaf = "hydra.sweep.subdir='${crisp.run_name:${strategy.name},${sparsity},${seed},${sparsifier}}'"
     assert all(job[-1] == leaf for job in named)
     # folders from a model path or a quoted value stay one folder each
     paths = with_run_dirs([["model.name_or_path=/models/a", "seed=1"], ["model.name_or_path=/models/b", "seed=1"]])

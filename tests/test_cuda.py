@@ -91,10 +91,55 @@ def check_fused_runs_match_each_run_alone(device: str) -> None:
             assert torch.equal(leaf.grad[rows], alone.grad), (runs, run, s)
 
 
+def check_kernel_sees_the_keys_the_sort_sees(device: str) -> None:
+    """crisp's attention function on the fused kernel and on the sort, for the rows that decoders and local
+    windows make: causal rows with no mask passed (is_causal), grouped key/value heads, a causal window with a
+    short sentence whose padding rows see no key. The same kept keys (k of each row's visible n, none outside),
+    probabilities, outputs, statistics and (fp32) gradients, all finite."""
+    from torch import nn
+
+    from crisp.sparsity.attention import crisp_attention_forward
+    from crisp.sparsity.topk import kept_keys
+
+    generator = torch.Generator().manual_seed(2)
+    module = nn.Module().eval()
+    module.is_causal, module.crisp_sparsity, module.num_key_value_groups = True, 0.8, 2
+    i = torch.arange(9, device=device)
+    window = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3)  # itself and two keys back
+    real = i[None, :] < torch.tensor([9, 4], device=device)[:, None]  # the second sentence: 4 tokens
+    for dtype in (torch.float32, torch.bfloat16):
+        for mask in (None, (window[None] & real[:, None, :])[:, None]):
+            q = torch.randn(2, 4, 9, 8, generator=generator).to(device=device, dtype=dtype)
+            k, v = (torch.randn(2, 2, 9, 8, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
+            visible = (window[None] & real[:, None, :])[:, None] if mask is not None else (i[None, :] <= i[:, None])
+            seen = {}
+            for fused in ("1", "0"):
+                os.environ["CRISP_FUSED_TOPK"] = fused
+                leaf = q.clone().requires_grad_()
+                out, probs = crisp_attention_forward(module, leaf, k, v, mask, scaling=8**-0.5)
+                out.float().square().sum().backward()
+                seen[fused] = (probs.detach(), out.detach(), leaf.grad, module.crisp_stats.clone())
+            os.environ.pop("CRISP_FUSED_TOPK")
+            (probs, out, grad, stats), (s_probs, s_out, s_grad, s_stats) = seen["1"], seen["0"]
+            where = (dtype, mask is not None)
+            assert all(torch.isfinite(x.float()).all() for x in (probs, out, grad)), where
+            assert torch.equal(probs == 0, s_probs == 0), where
+            counted = visible.expand_as(probs).diagonal(dim1=-2, dim2=-1)  # rows that see their own key
+            n = visible.expand_as(probs).sum(-1)
+            assert torch.equal(((probs > 0) & visible).sum(-1)[counted], kept_keys(n, 0.8)[counted]), where
+            assert not (probs > 0)[visible.expand_as(probs).logical_not() & counted[..., None]].any(), where
+            tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-2}
+            pairs = [(probs, s_probs), (out, s_out), (stats, s_stats)]
+            pairs += [(grad, s_grad)] if dtype == torch.float32 else []  # the sort's bf16 softmax rounds its own way
+            for a, b in pairs:
+                torch.testing.assert_close(a.float(), b.float(), **tolerance, msg=str(where))
+
+
 @cuda
 def test_fused_kernel_matches_the_sort_on_the_gpu():
     check_fused_matches_sort("cuda")
     check_fused_runs_match_each_run_alone("cuda")
+    check_kernel_sees_the_keys_the_sort_sees("cuda")
 
 
 def check_under_the_triton_interpreter(*checks: str) -> None:
@@ -109,6 +154,10 @@ def check_under_the_triton_interpreter(*checks: str) -> None:
 
 def test_fused_kernel_matches_the_sort_under_the_triton_interpreter():
     check_under_the_triton_interpreter("check_fused_matches_sort", "check_fused_runs_match_each_run_alone")
+
+
+def test_fused_kernel_sees_causal_windowed_and_grouped_rows_as_the_sort_under_the_triton_interpreter():
+    check_under_the_triton_interpreter("check_kernel_sees_the_keys_the_sort_sees")
 
 
 @cuda
@@ -130,6 +179,34 @@ def test_crisp_attention_uses_the_kernel_on_the_gpu_and_matches_the_sort(monkeyp
     sorted_ = model(input_ids=ids, attention_mask=mask).logits
     assert len(calls) == 3
     torch.testing.assert_close(fused, sorted_, rtol=0, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["llama", "mistral", "modernbert"])
+def test_decoders_and_local_windows_use_the_kernel_on_the_gpu_stay_causal_and_match_the_sort(arch, monkeypatch):
+    from tests.encoder_coverage import batch, build
+
+    model = build(arch)[0].cuda()
+    crisp.prepare(model)
+    crisp.set_sparsity(model, 0.8)
+    calls = []
+    kernel = kernels.topk_softmax
+    monkeypatch.setattr(kernels, "topk_softmax", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    for padded in (False, True):
+        ids, mask = (x.cuda() for x in batch(padded))
+        changed = ids.clone()
+        changed[0, 9] = 5 if ids[0, 9] != 5 else 6
+        with torch.no_grad():
+            fused = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            moved = model(input_ids=changed, attention_mask=mask, output_hidden_states=True)
+            monkeypatch.setenv("CRISP_FUSED_TOPK", "0")
+            sorted_ = model(input_ids=ids, attention_mask=mask).logits
+            monkeypatch.delenv("CRISP_FUSED_TOPK")
+        assert calls and all(torch.isfinite(h).all() for h in fused.hidden_states)
+        if arch != "modernbert":  # the decoders: no earlier position moves
+            for a, b in zip(fused.hidden_states, moved.hidden_states, strict=True):
+                assert (a[:, :9] - b[:, :9]).abs().max() <= 1e-6
+        torch.testing.assert_close(fused.logits, sorted_, rtol=0, atol=1e-5)
 
 
 def check_kernel_dropout_applies_each_runs_own_mask(device: str) -> None:

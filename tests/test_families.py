@@ -3,6 +3,8 @@ whose attention crisp cannot reach fails before it trains, instead of training d
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 
 import pytest
@@ -12,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, MPNetConfig
 import crisp
 from crisp.sparsity.families import AttentionNotReached, attention_modules, family_of
 from crisp.sparsity.topk import kept_keys
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import ROOT, VOCAB, tiny_model
 
 
 def tiny_mpnet(attn: str = "crisp", seed: int = 0):
@@ -74,8 +76,48 @@ def test_an_encoder_whose_attention_bypasses_the_registry_fails_before_training(
         crisp.prepare(model)
     message = str(err.value)
     assert "BertForSequenceClassification" in message and "layers [0, 1, 2] of 3 bypass it" in message
-    assert "bert, distilbert, mpnet" in message and "train dense" in message
+    assert "bert, deberta-v2, distilbert, gpt_neo, mpnet" in message and "train dense" in message
 
 
 def test_stock_encoders_reach_crisps_attention_in_every_layer(arch):
     crisp.prepare(tiny_model(arch))  # no error: BERT and DistilBERT dispatch through the registry
+
+
+@pytest.mark.parametrize(("share_att_key", "buckets"), [(True, 8), (False, -1)])  # DeBERTa-v3's and v2's
+def test_deberta_v2_keeps_its_position_terms_exact_at_sparsity_0_and_exact_k_above(share_att_key, buckets):
+    from transformers import DebertaV2Config
+
+    from tests.encoder_coverage import VOCAB as BATCH_VOCAB
+    from tests.encoder_coverage import assert_exact_topk, assert_same
+
+    def config():
+        return DebertaV2Config(vocab_size=BATCH_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=64, relative_attention=True,
+                               pos_att_type=["p2c", "c2p"], position_buckets=buckets, max_relative_positions=-1,
+                               share_att_key=share_att_key, position_biased_input=False, norm_rel_ebd="layer_norm",
+                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=1)
+
+    torch.manual_seed(0)
+    eager = AutoModelForSequenceClassification.from_config(config(), attn_implementation="eager").eval()
+    model = AutoModelForSequenceClassification.from_config(config(), attn_implementation="crisp").eval()
+    model.load_state_dict(eager.state_dict())
+    crisp.prepare(model)
+    assert family_of(model).name == "deberta-v2"
+    assert_same(model, eager, "DeBERTa-v2 at sparsity 0")  # logits and hidden states within 1e-5, padded or not
+    assert_exact_topk(model, eager)  # k of each row's n keys at 0.8; a padded query row sees no key
+
+
+@pytest.mark.parametrize("first", ["crisp", "gpt_neo"])
+def test_gpt_neo_builds_with_crisp_attention_whichever_is_imported_first(first):
+    """GPT-Neo looks its attention class up in its own table: crisp adds itself there as GPT-Neo's modeling file
+    loads (or at once, if it loaded first); before, it failed with KeyError: 'crisp'."""
+    imports = ["import crisp", "import transformers.models.gpt_neo.modeling_gpt_neo"]
+    code = "; ".join([*(imports if first == "crisp" else imports[::-1]), (
+        "from transformers import AutoModelForSequenceClassification, GPTNeoConfig; "
+        "c = GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[['global', "
+        "'local'], 1]], window_size=4, max_position_embeddings=32, pad_token_id=0); "
+        "m = AutoModelForSequenceClassification.from_config(c, attn_implementation='crisp'); crisp.prepare(m); "
+        "print(crisp.set_sparsity(m, 0.5))")])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[0.5, 0.5]"

@@ -1,5 +1,7 @@
 """The errors a user can act on: their message says everything (no traceback), and a run exits 2."""
 
+from crisp.sparsity.errors import AttentionNotReached
+
 
 class ConfigError(ValueError):
     """A config value that is not allowed: the message names the key, the value and what is allowed."""
@@ -17,4 +19,5 @@ class OutOfSpace(RuntimeError):
     """The disk is full: which directory, and how much room the runs need there."""
 
 
-USER_ERRORS = (ConfigError, DataError, HubUnreachableError, OutOfSpace)
+# AttentionNotReached: a model whose attention crisp cannot make sparse (crisp.sparsity.errors)
+USER_ERRORS = (ConfigError, DataError, HubUnreachableError, OutOfSpace, AttentionNotReached)

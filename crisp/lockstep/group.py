@@ -85,9 +85,11 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     builder = RunBuilder(device)
     for m in members:
         m.built = builder.build(m.cfg, m.run.name)
-        if family_of(m.built.encoder) is REGISTRY:
+        family = family_of(m.built.encoder)
+        if family is REGISTRY or not family.lockstep:
+            fused = sorted(name for name, f in FAMILIES.items() if f.lockstep)
             raise ConfigError(f"{type(m.built.encoder).__name__} cannot train in lockstep, which fuses the encoder "
-                              f"families {', '.join(sorted(FAMILIES))}: train it with hydra/launcher=parallel")
+                              f"families {', '.join(fused)}: train it with hydra/launcher=parallel")
         m.fused = FusedRun(m.run.name, m.built.layer_sparsity, run_optim(m.cfg), m.built.sparsifier_params or {})
     trains = [m.built.train for m in members]
     longest = max(int(s.lengths.max()) for m in members for s in (m.built.train, *m.built.vals))

@@ -5,6 +5,8 @@ RoBERTa, ...) runs it with ``attn_implementation="crisp"``: no modeling code is 
 whose attention is computed inline reaches it through its family's adapter
 (:mod:`crisp.sparsity.families`).
 
+What each query row may see (the mask, ``is_causal``, grouped key/value heads) is made explicit first
+(:mod:`crisp.sparsity.visibility`); a row's ``n`` for top-k and the statistics counts those keys.
 Per attention module it reads these attributes (set by :mod:`crisp.sparsity.layers`):
 ``crisp_sparsity`` (a float in [0, 1), or one per run), ``crisp_apply_in_eval``,
 ``crisp_track_stats``, and ``crisp_sparsifier`` with ``crisp_sparsifier_params`` (which sparsifier of
@@ -23,13 +25,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
 
-from crisp.sparsity import registry, topk
+from crisp.sparsity import registry, saving, topk, visibility
 from crisp.sparsity.sparsifiers import SparsifierCall
 
-NAME = "crisp"
+NAME = saving.IMPLEMENTATION  # "crisp"
 
 
 @dataclass
@@ -118,6 +120,18 @@ def _record_stats(module: nn.Module, probs: torch.Tensor, valid: torch.Tensor | 
     module.crisp_stats = stats[0] if runs is None else stats
 
 
+def _visible_keys(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, kwargs: dict):
+    """The mask of the keys each row may see (causality made explicit where it came as ``is_causal``, a
+    position bias folded in as part of an additive mask) and one key/value head per query head."""
+    visibility.refuse_unsupported(module, kwargs)
+    if visibility.is_causal(module, query, attention_mask, kwargs):
+        attention_mask = visibility.causal_mask(query.size(2), key.size(2), query.device)
+    if kwargs.get("position_bias") is not None:
+        attention_mask = visibility.with_position_bias(attention_mask, kwargs["position_bias"])
+    return (attention_mask, *visibility.shared_heads(query, key, value))
+
+
 def crisp_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -136,19 +150,24 @@ def crisp_attention_forward(
         probe.add(id(module))
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    attention_mask, key, value = _visible_keys(module, query, key, value, attention_mask, kwargs)
     scores = torch.matmul(query, key.transpose(2, 3))
+    if kwargs.get("softcap") is not None:  # Gemma-2's cap on the scaled scores, before the mask (as eager)
+        scores, scaling = torch.tanh(scores * (scaling / kwargs["softcap"])) * kwargs["softcap"], 1.0
     valid = topk.valid_key_mask(attention_mask)
     sparsifier = registry.SPARSIFIERS[getattr(module, "crisp_sparsifier", registry.DEFAULT)]
     active, parameter = _active_parameter(module, sparsifier)
     runs = 1 if crisp_runs is None else crisp_runs.count
     if isinstance(parameter, tuple) and len(parameter) != runs:
         raise ValueError(f"{sparsifier.parameter_name()} has {len(parameter)} values for a batch of {runs} run(s)")
+    # the keys a sparsifier chooses from; statistics keep to the keys a row may see (`valid`)
+    selectable = visibility.selectable(valid) if active else valid
     probs = None
     if active and sparsifier.run_fused is not None:  # topk: scale, mask, top-k and softmax in one launch on GPU
-        probs = sparsifier.run_fused(scores, attention_mask, valid, scaling, parameter, runs)
+        probs = sparsifier.run_fused(scores, attention_mask, selectable, scaling, parameter, runs)
     if probs is None:
         scores = scores * scaling
-        info = topk.mask_info(valid, scores, runs)
+        info = topk.mask_info(selectable, scores, runs)
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 # the same number eager's additive mask puts there, so s=0 matches eager bit for bit
@@ -171,10 +190,13 @@ def crisp_attention_forward(
 
 
 def register() -> None:
-    """Register ``"crisp"`` with transformers (attention function and its mask format)."""
+    """Register ``"crisp"`` with transformers (attention function and its mask format), and have a model saved
+    by ``crisp.save_pretrained`` come back with its settings (:mod:`crisp.sparsity.saving`)."""
     AttentionInterface.register(NAME, crisp_attention_forward)
-    # boolean masks (True = attend), materialised only when there is padding
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    # boolean masks (True = attend): causal ones always materialised; see crisp.sparsity.visibility
+    AttentionMaskInterface.register(NAME, visibility.mask_for)
+    if not getattr(PreTrainedModel.post_init, "crisp_restores", False):
+        PreTrainedModel.post_init = saving.restore_on_init(PreTrainedModel.post_init)
 
 
 register()

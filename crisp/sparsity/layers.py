@@ -18,10 +18,11 @@ from torch import nn
 
 from crisp.sparsity import registry
 from crisp.sparsity.attention import NAME
-from crisp.sparsity.families import attention_modules, check_reached, supported
+from crisp.sparsity.families import attention_modules, check_reached, not_reached
 
 
-def _require_crisp(model: nn.Module) -> list[nn.Module]:
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The attention modules that carry crisp's settings, of a model loaded with ``attn_implementation="crisp"``."""
     config = getattr(model, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
     if config is not None and implementation != NAME:
@@ -31,14 +32,15 @@ def _require_crisp(model: nn.Module) -> list[nn.Module]:
         )
     modules = attention_modules(model)
     if not modules:
-        raise ValueError(f"no attention modules found in {type(model).__name__}: crisp supports {supported()}")
+        raise not_reached(model, "no attention layer was found that dispatches through transformers' attention "
+                                 "registry or a crisp adapter")
     return modules
 
 
 def prepare(model: nn.Module) -> list[nn.Module]:
     """Make ``model``'s attention crisp's in every layer and prove it with a dry forward (training
     calls this before the first step: an encoder crisp cannot reach must not train dense unnoticed)."""
-    modules = _require_crisp(model)
+    modules = attention_layers(model)
     check_reached(model)
     return modules
 
@@ -52,16 +54,30 @@ def check_sparsity(value: object, key: str = "sparsity") -> float:
 
 def set_sparsity(model: nn.Module, sparsity: float | Sequence[float]) -> list[float]:
     """Set every attention layer's sparsity from one float or a per-layer list; returns the values."""
-    modules = _require_crisp(model)
+    modules = attention_layers(model)
     if isinstance(sparsity, Sequence) and not isinstance(sparsity, str):
         if len(sparsity) != len(modules):
-            raise ValueError(f"sparsity has {len(sparsity)} values but the model has {len(modules)} attention layers")
+            raise ValueError(f"sparsity has {len(sparsity)} values but the model has {len(modules)} attention layers"
+                             f"{_shared(model, modules)}")
         values = [check_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(sparsity)]
     else:
         values = [check_sparsity(sparsity)] * len(modules)
     for module, value in zip(modules, values, strict=True):
         module.crisp_sparsity = value
     return values
+
+
+def _shared(model: nn.Module, modules: list[nn.Module]) -> str:
+    """Why a model has fewer attention modules than layers, when its layers share them in groups (ALBERT's
+    ``num_hidden_groups``; a hybrid model's attention-free layers need no such word)."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(getattr(config, "num_hidden_groups", None), int) and isinstance(layers, int) and \
+            layers > len(modules):
+        return (f" ({type(model).__name__}'s {layers} layers share {len(modules)} attention module"
+                f"{'s' if len(modules) > 1 else ''}: give one sparsity per module, it applies to every layer "
+                "that shares it; its statistics are one entry per module too)")
+    return ""
 
 
 def _check_param(name: str, key: str, spec: registry.Key, value: object) -> float | tuple[float, ...]:
@@ -85,7 +101,7 @@ def set_sparsifier(model: nn.Module, name: str, **params: float | tuple[float, .
         raise ValueError(f"sparsifier.{unknown[0]}={params[unknown[0]]!r} is not allowed: sparsifier {name} "
                          f"has the keys {sorted(entry.keys) or 'none of its own'}")
     values = {key: _check_param(name, key, spec, params.get(key, spec.default)) for key, spec in entry.keys.items()}
-    for layer, module in enumerate(_require_crisp(model)):
+    for layer, module in enumerate(attention_layers(model)):
         module.crisp_sparsifier, module.crisp_sparsifier_params = name, dict(values)
         module.crisp_apply_in_eval, module.crisp_layer = entry.apply_in_eval, layer
     return values
@@ -100,7 +116,7 @@ def configure(model: nn.Module, *, sparsifier: str | None = None, apply_in_eval:
                          "configure(model, sparsifier=..., ...)")
     if sparsifier is not None:
         set_sparsifier(model, sparsifier, **params)
-    for module in _require_crisp(model):
+    for module in attention_layers(model):
         if apply_in_eval is not None:
             module.crisp_apply_in_eval = bool(apply_in_eval)
         if track_stats is not None:
@@ -108,7 +124,7 @@ def configure(model: nn.Module, *, sparsifier: str | None = None, apply_in_eval:
 
 
 def get_sparsity(model: nn.Module) -> list[float]:
-    return [getattr(m, "crisp_sparsity", 0.0) for m in _require_crisp(model)]
+    return [getattr(m, "crisp_sparsity", 0.0) for m in attention_layers(model)]
 
 
 @dataclass(frozen=True)
@@ -119,7 +135,7 @@ class LayerStats:
 
 def attention_stats(model: nn.Module) -> list[LayerStats]:
     """Per layer: achieved sparsity and mean normalized entropy of the last forward that tracked stats."""
-    modules = _require_crisp(model)
+    modules = attention_layers(model)
     missing = [i for i, m in enumerate(modules) if getattr(m, "crisp_stats", None) is None]
     if missing:
         raise RuntimeError(f"no attention statistics yet for layers {missing}: run a forward pass with stats tracked")

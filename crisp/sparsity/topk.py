@@ -47,13 +47,18 @@ def k_table(max_n: int, sparsity: float | tuple[float, ...], device: torch.devic
     return table
 
 
+# an additive mask at or below this removes a key: exp(-1e4) is 0 in every float format. Older modeling code
+# masks with -10000 rather than the dtype's minimum; a position bias never comes near it.
+_MASKED = -1e4
+
+
 def valid_key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """Boolean mask (True = key may be attended) from a boolean or additive float mask."""
     if attention_mask is None:
         return None
     if attention_mask.dtype == torch.bool:
         return attention_mask
-    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return attention_mask > _MASKED
 
 
 class MaskInfo:

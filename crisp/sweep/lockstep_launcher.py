@@ -175,7 +175,7 @@ def can_fuse(job: Job) -> bool:
     if not_in_lockstep(job.config):
         return False
     try:
-        return _model_type(job) in {t for family in FAMILIES.values() for t in family.model_types}
+        return _model_type(job) in {t for family in FAMILIES.values() if family.lockstep for t in family.model_types}
     except Exception:  # the worker meets the same problem and reports it
         return True
 

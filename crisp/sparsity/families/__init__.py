@@ -8,8 +8,9 @@ rest: whether pairs are told apart by ``token_type_ids`` and the position id of 
 token (packed rows restart positions per sentence).
 
 A model of no known family is used as it is when its attention dispatches through the registry;
-:func:`check_reached` makes sure of that before training: an encoder whose attention crisp cannot
-reach would otherwise train dense with no sign of it.
+:func:`check_reached` makes sure of that before training (every attention module found runs crisp's function,
+and no attention runs outside it): a model whose attention crisp cannot reach would otherwise train dense with
+no sign of it. It raises :class:`~crisp.sparsity.errors.AttentionNotReached`, the one refusal.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from crisp.sparsity.attention import probe_reached
-
-
-class AttentionNotReached(RuntimeError):
-    """crisp's attention function does not run in every attention layer of a model."""
+from crisp.sparsity import visibility
+from crisp.sparsity.attention import crisp_attention_forward, probe_reached
+from crisp.sparsity.errors import AttentionNotReached  # noqa: F401 (re-exported: crisp.AttentionNotReached)
+from crisp.sparsity.inline import InlineAttention
 
 
 def registry_attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -60,6 +60,9 @@ class Family:
     dropout: dict[str, str] = field(default_factory=dict)
     # the Linears of an attention module that read one input (query, key, value): lockstep fuses them
     projections: tuple[str, ...] = ()
+    # whether lockstep may train several runs of it as one fused model (an adapter checked alone, not yet in a
+    # fused group, says False: such a family trains one process per run)
+    lockstep: bool = True
 
 
 FAMILIES: dict[str, Family] = {}
@@ -100,30 +103,52 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return family_of(model).attention_modules(model)
 
 
+# the dry forward's sentence length: unlikely to be the size of anything else a softmax runs over (experts)
+_PROBE_LENGTH = 11
+
+
 @torch.no_grad()
 def check_reached(model: nn.Module) -> None:
-    """A dry forward of two short sentences (one padded): every attention layer must run crisp's
-    function, or :class:`AttentionNotReached` names the model class and what is supported."""
+    """A dry forward of two short sentences (one padded): every attention layer must run crisp's function and
+    no attention may run outside it (:mod:`crisp.sparsity.inline`), or :class:`AttentionNotReached` names the
+    model class, what was not reached and what is supported. A model that passes reads crisp's boolean masks
+    from then on (:func:`crisp.sparsity.visibility.mask_for`)."""
     modules = attention_modules(model)
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
-    ids = (torch.arange(12, device=device).view(2, 6) + 5) % vocab
+    length, short = _PROBE_LENGTH, _PROBE_LENGTH - 4
+    ids = (torch.arange(2 * length, device=device).view(2, length) + 5) % vocab
     mask = torch.ones_like(ids)
-    mask[1, 4:] = 0
+    mask[1, short:] = 0
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    eos, pad = getattr(config, "eos_token_id", None), getattr(config, "pad_token_id", None)
+    if isinstance(eos, int) and eos < vocab:  # encoder-decoder classifiers pool at each sentence's end token
+        ids[0, -1], ids[1, short - 1] = eos, eos
+    if isinstance(pad, int) and pad < vocab:  # decoder classifiers find a sentence's last token by the padding id
+        ids[1, short:] = pad
     was_training = model.training
     model.eval()
     try:
-        with probe_reached() as reached:
+        with probe_reached() as reached, InlineAttention(length, crisp_attention_forward.__code__) as inline:
             model(input_ids=ids, attention_mask=mask)
+    except AttentionNotReached as refused:  # crisp's function met what it does not implement
+        raise not_reached(model, f"{refused}; it would train with the wrong attention") from None
     finally:
         model.train(was_training)
     missed = [i for i, m in enumerate(modules) if id(m) not in reached]
-    if not modules or missed:
-        where = "no attention layer was found" if not modules else f"layers {missed} of {len(modules)} bypass it"
-        raise AttentionNotReached(
-            f"crisp's attention does not run in {type(model).__name__} ({where}): its attention is computed "
-            f"without transformers' attention registry, so it would train dense. crisp supports {supported()}."
-        )
+    if not modules or missed or inline.found:
+        where = ["no attention layer was found"] if not modules else \
+            [f"layers {missed} of {len(modules)} bypass it in a forward of two sentences"] if missed else []
+        where += [f"{inline.found} attention softmax(es) ran outside it"] if inline.found else []
+        raise not_reached(model, f"{' and '.join(where)}: attention computed without transformers' attention "
+                                 "registry (or a tower that text does not reach) would train dense")
+    visibility.reached(model)
+
+
+def not_reached(model: nn.Module, why: str) -> AttentionNotReached:
+    """The refusal, in one line: the model class, what was not reached and why, what crisp supports."""
+    return AttentionNotReached(f"crisp's attention does not run in {type(model).__name__} ({why}). "
+                               f"crisp supports {supported()}.")
 
 
 _load()
