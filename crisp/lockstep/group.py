@@ -35,10 +35,10 @@ from crisp.lockstep.run_adamw import RunOptim
 from crisp.sparsity.families import FAMILIES, REGISTRY, family_of
 from crisp.sparsity.strategies import STRATEGIES, measure_entropy
 from crisp.training import loggers
-from crisp.training.data import TokenizedSplit, calibration_batches, load_splits, round_up, tokenize
+from crisp.training.data import TokenizedSplit, calibration_batches, load, round_up, tokenize
 from crisp.training.encoder import build_encoder, build_tokenizer
 from crisp.training.hub import resolve_model
-from crisp.training.tasks import Task, task_of
+from crisp.training.tasks import Task
 from crisp.training.train import (
     Progress,
     environment,
@@ -48,6 +48,7 @@ from crisp.training.train import (
     timed_fit,
     trainer_settings,
 )
+from crisp.training.truncation import check_truncation
 
 log = logging.getLogger("crisp")
 
@@ -96,8 +97,7 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")  # with its index
     if device.type == "cuda":
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
-    task = task_of(cfg.data)
-    _build_runs(members, device, task)
+    task = _build_runs(members, device)
     longest = max(int(s.lengths.max()) for m in members for s in (m.train, *m.vals))
     width = max(options.get("row_width", 64), round_up(longest, 16))
     random = RunRandom([m.cfg.seed for m in members], device)
@@ -154,8 +154,9 @@ class KeepOnDevice(SingleDeviceStrategy):
         self.checkpoint_io.teardown()
 
 
-def _build_runs(members: list[Member], device: torch.device, task: Task) -> None:
-    """Each run's data, tokenizer, initial model and per-layer sparsity, as crisp.training.train makes them alone.
+def _build_runs(members: list[Member], device: torch.device) -> Task:
+    """Each run's data, tokenizer, initial model and per-layer sparsity, as crisp.training.train makes them alone;
+    returns the group's task (its runs share a recipe, and so their task).
 
     A model's initialisation depends on its config and seed only, so the runs of one seed start from
     one model, built once (fuse stacks a copy for each); the adaptive runs of a seed share its
@@ -167,7 +168,7 @@ def _build_runs(members: list[Member], device: torch.device, task: Task) -> None
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         data_key = _key(OmegaConf.to_container(cfg.data, resolve=True))
         if data_key not in splits:
-            splits[data_key] = load_splits(cfg.data)
+            task, splits[data_key] = load(cfg.data)
         tok_key = _key([OmegaConf.to_container(cfg.model, resolve=True), data_key if cfg.model.tokenizer == "train"
                         else None])
         if tok_key not in tokenizers:
@@ -186,6 +187,7 @@ def _build_runs(members: list[Member], device: torch.device, task: Task) -> None
         token_types = family_of(encoder).token_types
         for split in splits[data_key]:
             if (tok_key, data_key, split) not in tokenized:
+                check_truncation(tokenizer, splits[data_key][split], cfg.data.max_length, split)
                 tokenized[tok_key, data_key, split] = tokenize(tokenizer, splits[data_key][split], cfg.data.max_length,
                                                                token_types=token_types)
         names = [s for s in splits[data_key] if s != "train"]
@@ -204,6 +206,7 @@ def _build_runs(members: list[Member], device: torch.device, task: Task) -> None
         print(f"crisp: {m.run.name}: strategy={name} sparsity={cfg.sparsity:g} -> per-layer sparsity [{allocation}]")
         m.encoder, m.fused = encoder, Run(m.run.name, layer_sparsity, run_optim(cfg))
         heartbeat.beat(force=True)
+    return task
 
 
 def _run_failed(members: list[Member], run: Run) -> None:

@@ -29,11 +29,11 @@ from crisp.core.errors import ConfigError
 from crisp.sparsity.families import family_of
 from crisp.training import loggers
 from crisp.training.classifier import SparseClassifier
-from crisp.training.data import TaskDataModule, load_splits
+from crisp.training.data import TaskDataModule, load
 from crisp.training.ddp import use_crisp_rank_command
 from crisp.training.encoder import build_encoder, build_tokenizer
 from crisp.training.hub import resolve_model
-from crisp.training.tasks import Task, task_of
+from crisp.training.tasks import Task
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,9 +126,8 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
     settings = trainer_settings(cfg)
     if settings["accelerator"] == "gpu":
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
-    task = task_of(cfg.data)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    splits = load_splits(cfg.data)
+    task, splits = load(cfg.data)
     tokenizer = build_tokenizer(cfg.model, splits["train"].texts)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's random init depends on the seed only
     encoder = build_encoder(cfg.model, tokenizer, task, dropout=cfg.dropout)
@@ -205,6 +204,8 @@ def epochs_summary(history: list[dict], task: Task) -> dict[str, Any]:
     return {
         "metric": task.primary,  # the one the report compares
         "metrics": [f"val_{m}{suffix}" for suffix in task.splits for m in task.recorded],
+        "labels": None if task.regression else list(task.labels),  # class names in id order
+        "regression": list(task.target_range) if task.regression else None,
         "history": history,
         "final": {k: final[k] for k in (*validation, "epoch")},
         "best": {task.primary: best[task.primary], "val_loss": best["val_loss"], "epoch": best["epoch"]},
