@@ -201,10 +201,10 @@ def _check_file(key: str, value: Any) -> Path:
     if not isinstance(value, str) or not value:
         _fail(key, value, f"a {kinds} file")
     path = Path(value).expanduser()
-    if path.suffix.lower() not in FILE_FORMATS:
-        _fail(key, value, f"a file's extension says its format: {kinds}")
     if path.is_dir():
         _fail(key, value, "it is a folder: give a file")
+    if path.suffix.lower() not in FILE_FORMATS:
+        _fail(key, value, f"a file's extension says its format: {kinds}")
     if not path.is_file():
         _fail(key, value, f"there is no such file ({path.resolve()})")
     if path.stat().st_size == 0:
