@@ -357,9 +357,12 @@ def test_a_single_run_on_a_pair_regression_records_its_task(tmp_path):
     assert record["config"]["data"]["train_file"] == ".../train.jsonl"  # no machine's path in results
 
 
+GRIDS = [(kind, launcher) for kind in DATASETS for launcher in ("auto", "basic")]
+GRIDS.append(("jsonl pairs regression", "parallel"))  # a worker process per run
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["auto", "basic"])
-@pytest.mark.parametrize("kind", list(DATASETS))
+@pytest.mark.parametrize(("kind", "launcher"), GRIDS)
 def test_a_grid_on_your_own_data_ends_in_a_report_in_its_metric(kind, launcher, tmp_path):
     _, metric, labels, _ = DATASETS[kind]
     overrides = make_dataset(kind, tmp_path / "data")

@@ -25,7 +25,7 @@ def check_truncation(tokenizer, split: Split, max_length: int, name: str) -> Non
     rows = range(0, len(split.texts), step)[:SAMPLE]
     texts = [split.texts[i] for i in rows]
     args = (texts,) if split.pairs is None else (texts, [split.pairs[i] for i in rows])
-    lengths = sorted(len(ids) for ids in tokenizer(*args, add_special_tokens=False)["input_ids"])
+    lengths = sorted(len(ids) for ids in tokenizer(*args, add_special_tokens=False, verbose=False)["input_ids"])
     if not lengths:
         return
     special = tokenizer.num_special_tokens_to_add(pair=split.pairs is not None)
