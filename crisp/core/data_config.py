@@ -119,8 +119,8 @@ def check(data: DictConfig) -> None:
             _fail(f"data.{key}", _plain(data[key]),
                   f"data={data.get('name')} (source {source}) takes the keys {', '.join(allowed)}")
     _check_task(data)
-    {"glue": _check_glue, "files": _check_files, "hub": _check_hub, "disk": _check_disk,
-     "synthetic": lambda data: None}[source](data)
+    if source != "synthetic":
+        SOURCE_CHECKS[source](data)
 
 
 def _check_task(data: DictConfig) -> None:
@@ -271,6 +271,9 @@ def _check_disk(data: DictConfig) -> None:
         for split in _one_or_more_names(data, key):
             if split not in splits:
                 _fail(f"data.{key}", _plain(data.get(key)), f"the folder's splits are {', '.join(splits)}")
+
+
+SOURCE_CHECKS = {"glue": _check_glue, "files": _check_files, "hub": _check_hub, "disk": _check_disk}
 
 
 # ----------------------------------------------------------------------------------------------

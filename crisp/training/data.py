@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import logging
 import os
 import signal
 from pathlib import Path
@@ -41,7 +40,6 @@ from crisp.training.truncation import check_truncation
 
 __all__ = ["_POSITIVE", "DataError", "Split", "TaskDataModule", "TokenizedSplit", "generate_synthetic", "load",
            "load_hub", "load_local", "read_glue_tsv", "tokenize"]
-log = logging.getLogger("crisp")
 COLUMNS_HINT = " (data.text_fields and data.label_field name the columns)"
 
 
