@@ -144,6 +144,16 @@ def test_a_glue_folder_and_a_hub_folder_are_looked_for_before_anything_loads(tmp
     validate(make("data=hub", "data.hub_path=stanfordnlp/imdb", "data.validation_split=test"))
 
 
+def test_splits_are_named_one_for_training_and_others_for_validation():
+    hub = ["data=hub", "data.hub_path=stanfordnlp/imdb"]
+    assert "data.train_split=['train', 'extra'] is not allowed: the training split's name" in refused(
+        *hub, "data.train_split=[train,extra]")
+    assert "data.validation_split='train' is not allowed: a split other than 'train'" in refused(
+        *hub, "data.validation_split=train")
+    assert "data.validation_split=['test', 'test'] is not allowed" in refused(*hub, "data.validation_split=[test,test]")
+    validate(make(*hub, "data.validation_split=[test,validation]"))
+
+
 def test_a_missing_file_is_found_at_the_command_before_torch_loads(files):
     """Within a second or two: the config's check refuses it before the heavy imports, writing nothing."""
     out = files / "out"

@@ -174,6 +174,17 @@ def test_integer_labels_sort_as_numbers_and_class_ids_take_declared_names(tmp_pa
     assert splits["train"].labels == [0, 1, 0, 1]
 
 
+def test_scores_read_as_class_names_are_refused_unless_declared(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\na,0.5\nb,3.8\nc,1\n")
+    file = tmp_path / "train.csv"
+    files = ["data=files", f"data.train_file={file}", f"data.validation_file={file}"]
+    with pytest.raises(DataError, match=r"train.csv: the labels \(column 'label'\) are numbers such as '0.5', not "
+                                        r"class names: a score needs data.regression=\[low,high\]"):
+        load(compose_data(*files))
+    task, splits = load(compose_data(*files, "data.regression=[0,5]"))
+    assert task.regression and splits["train"].labels == [0.5, 3.8, 1.0]
+
+
 def test_a_hub_dataset_can_be_a_local_folder_of_data_files(tmp_path):
     three_parquet(tmp_path)
     (tmp_path / "train.parquet").rename(tmp_path / "train-00000.parquet")
@@ -182,6 +193,21 @@ def test_a_hub_dataset_can_be_a_local_folder_of_data_files(tmp_path):
                                      "data.label_field=topic"))
     assert task.name == tmp_path.name and task.labels == ("food", "music", "sport")
     assert len(splits["train"].texts) == 180 and len(splits["validation"].texts) == 60
+
+
+def test_datasets_reads_local_files_without_asking_the_hub(tmp_path, monkeypatch):
+    import datasets
+
+    asked, load_dataset = [], datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        asked.append(datasets.config.HF_HUB_OFFLINE)
+        return load_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    load(compose_data(*pairs_jsonl(tmp_path)))
+    assert asked == [True, True] and datasets.config.HF_HUB_OFFLINE is False  # offline for each file, then as it was
 
 
 def test_lines_of_a_csv_are_counted_through_quoted_line_breaks(tmp_path):

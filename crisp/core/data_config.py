@@ -162,10 +162,19 @@ def _check_task(data: DictConfig) -> None:
                   "the primary first), or null")
 
 
-def _one_or_more_names(data: DictConfig, key: str) -> list[str]:
-    names = as_list(data.get(key))
+def _split_names(data: DictConfig, key: str) -> list[str]:
+    """``data.train_split`` (one split) or ``data.validation_split`` (one, or a list); crisp calls the training
+    split ``train``, which no validation split may be called."""
+    value, names = _plain(data.get(key)), as_list(data.get(key))
+    if key == "train_split":
+        if not isinstance(value, str) or not value:
+            _fail(f"data.{key}", value, "the training split's name")
+        return names
     if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) < len(names):
-        _fail(f"data.{key}", _plain(data.get(key)), "a split's name, or a list of distinct ones")
+        _fail(f"data.{key}", value, "a split's name, or a list of distinct ones")
+    if "train" in names:
+        _fail(f"data.{key}", value, "a split other than 'train' (a dataset with no other: split it, and save its "
+              "splits with DatasetDict.save_to_disk, or write them as files)")
     return names
 
 
@@ -176,7 +185,7 @@ def _check_glue(data: DictConfig) -> None:
     for key in layout:
         if key not in GLUE_LAYOUT_KEYS:
             _fail(f"data.glue.{key}", _plain(layout[key]), f"data.glue takes the keys {', '.join(GLUE_LAYOUT_KEYS)}")
-    splits = _one_or_more_names(data, "validation_split")
+    splits = _split_names(data, "validation_split")
     if len(as_list(layout.get("validation_files"))) != len(splits):
         _fail("data.glue.validation_files", _plain(layout.get("validation_files")),
               f"one file for each of data.validation_split's {len(splits)}")
@@ -242,8 +251,8 @@ def _check_hub(data: DictConfig) -> None:
     config = data.get("hub_config")
     if config is not None and (not isinstance(config, str) or not config):
         _fail("data.hub_config", config, "the dataset's config name, or null")
-    _one_or_more_names(data, "train_split")
-    _one_or_more_names(data, "validation_split")
+    _split_names(data, "train_split")
+    _split_names(data, "validation_split")
 
 
 def disk_splits(folder: Path) -> list[str] | None:
@@ -268,7 +277,7 @@ def _check_disk(data: DictConfig) -> None:
               "DatasetDict(train=..., validation=...).save_to_disk(folder)" if one else
               "it is not a save_to_disk folder of a DatasetDict (it has no dataset_dict.json)")
     for key in ("train_split", "validation_split"):
-        for split in _one_or_more_names(data, key):
+        for split in _split_names(data, key):
             if split not in splits:
                 _fail(f"data.{key}", _plain(data.get(key)), f"the folder's splits are {', '.join(splits)}")
 

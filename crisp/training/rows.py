@@ -62,6 +62,13 @@ def _integer(name: str) -> bool:
     return name.lstrip("-").isdigit()
 
 
+def _number(name: str) -> bool:
+    try:
+        return math.isfinite(float(name))
+    except ValueError:
+        return False
+
+
 def label_names(table: Table) -> tuple[str, ...]:
     """The class names of a training table whose task declares none: a ClassLabel column's own, else its
     values sorted (numerically when all are integers)."""
@@ -78,6 +85,11 @@ def label_names(table: Table) -> tuple[str, ...]:
                             f"(column {table.label_column!r})")
         names.add(name)
     ordered = tuple(sorted(names, key=int) if all(map(_integer, names)) else sorted(names))
+    scores = [n for n in ordered if _number(n) and not _integer(n)]
+    if scores and all(map(_number, ordered)):
+        raise DataError(f"{table.where}: the labels (column {table.label_column!r}) are numbers such as "
+                        f"{scores[0]!r}, not class names: a score needs data.regression=[low,high] (data.labels "
+                        "declares class names)")
     if len(ordered) < 2:
         raise DataError(f"{table.where}: the labels (column {table.label_column!r}) hold one value, {ordered[0]!r}: "
                         "a classification needs two classes or more (a score needs data.regression=[low,high])")

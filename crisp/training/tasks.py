@@ -87,33 +87,30 @@ class Task:
         return replace(self, labels=tuple(names))
 
 
+def _validation_places(data, source: str) -> list[str]:
+    """Where each validation split is: a GLUE folder's file, a file, or the dataset's split (generated: none)."""
+    if source == "glue":
+        return as_list(data.get("glue").get("validation_files"))
+    if source == "files":
+        return as_list(data.get("validation_file"))
+    return [""] if source == "synthetic" else as_list(data.get("validation_split"))
+
+
 def task_of(data) -> Task:
     """The task a data config declares (``data`` checked by :func:`crisp.core.data_config.check`)."""
-    regression = as_list(data.get("regression"))
-    labels = as_list(data.get("labels"))
-    metrics = tuple(as_list(data.get("metric"))) or (("pearson", "spearman") if regression else ("acc",))
-    source = source_of(data)
-    if source == "glue":
-        layout = data.get("glue")
-        places = as_list(layout.get("validation_files"))
-        tsv = Tsv(tuple(as_list(layout.get("text_columns"))), layout.get("label_column"), bool(layout.get("header")))
-        folder = str(layout.get("folder"))
-    else:
-        places = as_list(data.get("validation_file")) if source == "files" else as_list(data.get("validation_split"))
-        tsv, folder = None, ""
-    names = validation_names(data)
-    if source == "synthetic":
-        places = [""]
+    regression, labels, source = as_list(data.get("regression")), as_list(data.get("labels")), source_of(data)
+    layout = data.get("glue") if source == "glue" else None
     return Task(
         name=task_name(data),
         fields=tuple(as_list(data.get("text_fields"))),
         labels=tuple(str(n) for n in labels) if labels else None,
-        metrics=metrics,
-        validation=tuple(zip(names, map(str, places), strict=True)),
+        metrics=tuple(as_list(data.get("metric"))) or (("pearson", "spearman") if regression else ("acc",)),
+        validation=tuple(zip(validation_names(data), map(str, _validation_places(data, source)), strict=True)),
         label_field=str(data.get("label_field")),
         target_range=(float(regression[0]), float(regression[1])) if regression else None,
-        folder=folder,
-        tsv=tsv,
+        folder=str(layout.get("folder")) if layout else "",
+        tsv=Tsv(tuple(as_list(layout.get("text_columns"))), layout.get("label_column"), bool(layout.get("header")))
+        if layout else None,
     )
 
 
