@@ -56,6 +56,8 @@ def run_crisp(*overrides: str, module: str = "crisp.run", timeout: float = 600, 
 
 
 def smoke_overrides(out: Path, *extra: str, sweep: bool = False) -> list[str]:
-    """The smoke experiment, smaller still, writing into ``out``."""
+    """The smoke experiment, smaller still, writing into ``out`` (fewer generated sentences, unless ``extra``
+    chooses other data: only generated data has their keys)."""
     where = f"hydra.sweep.dir={out}" if sweep else f"hydra.run.dir={out}"
-    return ["experiment=smoke", "data.num_train=256", "data.num_val=128", "trainer.max_epochs=1", where, *extra]
+    sizes = [] if any(e.startswith("data=") for e in extra) else ["data.num_train=256", "data.num_val=128"]
+    return ["experiment=smoke", *sizes, "trainer.max_epochs=1", where, *extra]

@@ -56,11 +56,12 @@ def test_bad_input_fails_fast_and_clearly(tmp_path, overrides, needles):
     (tsv / "train.tsv").write_text("sentence\tlabel\ngood \t1\nbad \t2\n")
     (tsv / "dev.tsv").write_text("sentence\tlabel\nfine \t1\n")
     out = tmp_path / "out"
-    base = smoke_overrides(out)
+    overrides = [o.format(tsv=tsv) for o in overrides]
+    command = smoke_overrides(out, *overrides)
     if overrides[0].startswith("model"):  # a model choice of its own instead of the smoke preset's tiny one
-        base = ["data=synthetic", "trainer=cpu", "logger=none", f"hydra.run.dir={out}"]
+        command = ["data=synthetic", "trainer=cpu", "logger=none", f"hydra.run.dir={out}", *overrides]
     start = time.perf_counter()
-    proc = run_crisp(*base, *(o.format(tsv=tsv) for o in overrides), timeout=120)
+    proc = run_crisp(*command, timeout=120)
     assert proc.returncode != 0
     for needle in needles:
         assert needle in proc.stderr, proc.stderr[-2000:]

@@ -53,6 +53,14 @@ def test_a_groups_training_text_is_its_train_files_bytes_else_its_rows_else_equa
     assert placement.text_sizes([_job(tmp_path, "data=sst2", "data.dir=null"), generated[0]]) == [1.0, 1.0]
 
 
+def test_your_own_training_files_bytes_measure_their_groups(tmp_path):
+    short, long = _folder(tmp_path, "short", 100, 10), _folder(tmp_path, "long", 100, 50)
+    jobs = [_job(tmp_path, "data=files", f"data.train_file={folder / 'train.tsv'}",
+                 f"data.validation_file={folder / 'train.tsv'}", "data.text_fields=[sentence]")
+            for folder in (short, long)]
+    assert placement.text_sizes(jobs) == [(folder / "train.tsv").stat().st_size for folder in (short, long)]
+
+
 def test_with_more_gpus_than_groups_the_costliest_group_is_split_and_groups_go_costliest_first(tmp_path):
     # four runs on a little data, two runs on eight times the data: on two GPUs the pair is split
     few = [_job(tmp_path, f"seed={s}", "data.num_train=800") for s in (1, 2)]

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from crisp.core.data_config import check as check_data
 from crisp.core.errors import ConfigError
 from crisp.core.keys import check_keys
 from crisp.core.model_dirs import minilm_dir, mpnet_dir
@@ -236,3 +237,4 @@ def validate(cfg: DictConfig) -> None:
             _fail(key, value, f"it must be a positive integer or null ({null})")
     if cfg.data.name == "sst2_local" and not cfg.data.get("dir"):
         _fail("data.dir", cfg.data.get("dir"), "data=sst2_local needs data.dir=<folder with train.tsv and dev.tsv>")
+    check_data(cfg.data)  # its keys, its task, its files (crisp/core/data_config.py)

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from crisp.core.data_config import task_name, without_preset_declaration
 from crisp.sparsity import registry
 
 FILENAME = "results.json"
@@ -32,14 +33,17 @@ def effective_strategy(strategy: str, sparsity: float, sparsifier: dict[str, Any
 
 
 def _without_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """A config whose dropout is every model's own, or whose sparsifier is topk, hashes as it did before
-    crisp had those keys: runs recorded then still resume and pair with runs recorded now."""
+    """A config whose dropout is every model's own, whose sparsifier is topk, or whose GLUE task is declared
+    as its preset declares it, hashes as it did before crisp had those keys: runs recorded then still resume
+    and pair with runs recorded now."""
     dropout = config.get("dropout")
     if isinstance(dropout, dict) and all(v is None for v in dropout.values()):
         config = {k: v for k, v in config.items() if k != "dropout"}
     sparsifier = config.get("sparsifier")
     if isinstance(sparsifier, dict) and sparsifier.get("name") == registry.DEFAULT:
         config = {**config, "sparsifier": {k: v for k, v in sparsifier.items() if k != "name"}}
+    if isinstance(config.get("data"), dict):
+        config = {**config, "data": without_preset_declaration(config["data"])}
     return config
 
 
@@ -145,11 +149,21 @@ def portable_config(config: dict[str, Any]) -> dict[str, Any]:
     model, data = config.get("model") or {}, config.get("data") or {}
     if model.get("name_or_path") and (model.get("label") or Path(str(model["name_or_path"])).is_absolute()):
         model["name_or_path"] = model_label(model)
-    for section, key in ((model, "tokenizer"), (data, "dir")):
+    for section, key in ((model, "tokenizer"), (data, "dir"), (data, "train_file"), (data, "path"), (data, "hub_path")):
         value = section.get(key)
-        if isinstance(value, str) and value not in ("train",) and ("/" in value or Path(value).expanduser().is_dir()):
+        if isinstance(value, str) and value not in ("train",) and _a_local_path(value, key):
             section[key] = portable_path(value)
+    if isinstance(data.get("validation_file"), list):
+        data["validation_file"] = [portable_path(v) if isinstance(v, str) else v for v in data["validation_file"]]
+    elif isinstance(data.get("validation_file"), str):
+        data["validation_file"] = portable_path(data["validation_file"])
     return config
+
+
+def _a_local_path(value: str, key: str) -> bool:
+    if key == "hub_path":  # a hub name (org/dataset) is no path
+        return value.startswith(("/", ".", "~")) or Path(value).expanduser().is_dir()
+    return "/" in value or Path(value).expanduser().exists()
 
 
 def run_record(config: dict[str, Any], output_dir: Path, overrides: list[str], base: Path | None = None,
@@ -172,7 +186,7 @@ def run_record(config: dict[str, Any], output_dir: Path, overrides: list[str], b
         "seed": config["seed"],
         "model": model_label(config["model"]),
         "data": config["data"]["name"],
-        "task": config["data"].get("hub_config", "sst2"),
+        "task": task_name(config["data"]),
         "config": portable_config(config),
         "overrides": list(overrides),
     }

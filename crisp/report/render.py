@@ -16,8 +16,9 @@ from crisp.report.statistics import configuration, cross_task, title
 PNG, TASKS_PNG = "report.png", "report-tasks.png"
 DASH = "–"
 _MAX_MESSAGE = 500
+# the metrics a task may declare (crisp.core.data_config), as tables name them
 METRIC_NAMES = {"val_acc": "accuracy", "val_mcc": "Matthews corr.", "val_f1": "F1", "val_pearson": "Pearson r",
-                "val_spearman": "Spearman ρ"}
+                "val_spearman": "Spearman ρ", "val_kendall": "Kendall τ", "val_r2": "R²"}
 
 
 def pct(metric: str) -> str:

@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import stats
 
 from crisp.core import results
+from crisp.core.data_config import without_preset_declaration
 from crisp.core.results import COMPLETED
 from crisp.report.collect import field_of, is_number, metric_of, number, portable_model, timestamp
 
@@ -76,6 +77,8 @@ def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def recipe_settings(record: Mapping[str, Any]) -> dict[str, Any]:
     config = record.get("config") if isinstance(record.get("config"), Mapping) else {}
+    if isinstance(config.get("data"), dict):  # a GLUE task's own declaration tells no recipe apart
+        config = {**config, "data": without_preset_declaration(config["data"])}
     recipe = {k: v for k, v in _flat(config).items() if k.split(".")[0] not in NOT_A_RECIPE}
     recipe["model"], recipe["task"] = portable_model(record.get("model")), record.get("task") or "sst2"
     recipe.pop("model.label", None)  # a display name

@@ -1,8 +1,9 @@
 """Lockstep groups over several GPUs: split and ordered by what each costs to train, not by its count.
 
 A group's cost is runs x parameters x epochs x training text. The training text is the bytes of the
-local ``train.tsv`` where every group reads one (bytes follow tokens from task to task: a pair task's
-rows are longer), cut to ``data.train_limit``; else the training rows where every group knows them
+local training file (a GLUE folder's ``train.tsv``, or ``data.train_file``) where every group reads one
+(bytes follow tokens from task to task: a pair task's rows are longer), cut to ``data.train_limit``;
+else the training rows where every group knows them
 (``data.train_limit``, generated data's ``data.num_train``); else the same for every group. One
 sweep's groups are measured in one unit.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from crisp.core.data_config import source_of
 from crisp.sweep.jobs import Job
 
 
@@ -32,12 +34,13 @@ def _lines(path: str) -> int:
 
 
 def _generated(job: Job) -> bool:
-    return job.config.data.name == "synthetic"  # as crisp.training.data.load_splits tells them apart
+    return source_of(job.config.data) == "synthetic"  # as crisp.training.data.load tells them apart
 
 
 def _text_bytes(job: Job) -> float | None:
+    file = None if _generated(job) else OmegaConf.select(job.config, "data.train_file", default=None)
     folder = None if _generated(job) else OmegaConf.select(job.config, "data.dir", default=None)
-    train = Path(str(folder)) / "train.tsv" if folder else None
+    train = Path(str(file)).expanduser() if file else Path(str(folder)) / "train.tsv" if folder else None
     if train is None or not train.is_file():
         return None
     size, limit = train.stat().st_size, OmegaConf.select(job.config, "data.train_limit", default=None)

@@ -34,10 +34,11 @@ from crisp.sparsity import registry
 from crisp.sparsity.calibration import measure_entropy
 from crisp.sparsity.families import family_of
 from crisp.sparsity.strategies import load_strategy
-from crisp.training.data import Split, TokenizedSplit, calibration_batches, load_splits, tokenize
+from crisp.training.data import Split, TokenizedSplit, calibration_batches, load, tokenize
 from crisp.training.encoder import build_encoder, build_tokenizer
 from crisp.training.hub import resolve_model
-from crisp.training.tasks import Task, task_of
+from crisp.training.tasks import Task
+from crisp.training.truncation import check_truncation
 
 
 @dataclass
@@ -71,7 +72,7 @@ class RunBuilder:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._splits: dict[str, dict[str, Split]] = {}
+        self._splits: dict[str, tuple[Task, dict[str, Split]]] = {}
         self._tokenizers: dict[str, Any] = {}
         self._tokenized: dict[tuple[str, str, str], TokenizedSplit] = {}
         self._encoders: dict[tuple, torch.nn.Module] = {}
@@ -79,12 +80,11 @@ class RunBuilder:
 
     def build(self, cfg: DictConfig, name: str) -> BuiltRun:
         """The run of ``cfg``; ``name`` labels its allocation line."""
-        task = task_of(cfg.data)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         data_key = _key(cfg.data)
         if data_key not in self._splits:
-            self._splits[data_key] = load_splits(cfg.data)
-        splits = self._splits[data_key]
+            self._splits[data_key] = load(cfg.data)  # the task (label names read from the data) and its splits
+        task, splits = self._splits[data_key]
         # a tokenizer trained on the training texts depends on the data too
         tok_key = _key([_key(cfg.model), data_key if cfg.model.tokenizer == "train" else None])
         if tok_key not in self._tokenizers:
@@ -99,6 +99,7 @@ class RunBuilder:
         token_types = family_of(encoder).token_types
         for split in splits:
             if (tok_key, data_key, split) not in self._tokenized:
+                check_truncation(tokenizer, splits[split], cfg.data.max_length, split)
                 self._tokenized[tok_key, data_key, split] = tokenize(tokenizer, splits[split], cfg.data.max_length,
                                                                      token_types=token_types)
         train = self._tokenized[tok_key, data_key, "train"]

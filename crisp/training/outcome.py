@@ -54,6 +54,8 @@ def epochs_summary(history: list[dict], task: Task) -> dict[str, Any]:
     return {
         "metric": task.primary,  # the one the report compares
         "metrics": [f"val_{m}{suffix}" for suffix in task.splits for m in task.recorded],
+        "labels": None if task.regression else list(task.labels),  # class names in id order
+        "regression": list(task.target_range) if task.regression else None,
         "history": history,
         "final": {k: final[k] for k in (*validation, "epoch")},
         "best": {task.primary: best[task.primary], "val_loss": best["val_loss"], "epoch": best["epoch"]},

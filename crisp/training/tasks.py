@@ -1,24 +1,32 @@
-"""The GLUE tasks: for each, its text fields, labels (or regression), official metrics and validation splits.
+"""A task as its data config declares it: text fields, labels (or regression), metrics and validation splits.
 
-A task is one :class:`Task` here and one yaml in ``conf/data/`` whose ``hub_config`` names it (the task's
-config name in ``nyu-mll/glue``). Its files come from the hub through ``datasets`` or from a GLUE-format
-folder (``data.dir``): how each file lays out its columns is :class:`Tsv`'s.
+A task is data, not code (:mod:`crisp.core.data_config` checks its keys): ``data.text_fields`` (one, or a
+pair), ``data.label_field``, ``data.labels`` (class names in id order; null: read from the training split
+when it loads, :meth:`Task.with_labels`) or ``data.regression: [low, high]``, and ``data.metric``, the primary
+first. GLUE's nine tasks are nine presets in ``conf/data/`` (:data:`TASKS`), declared with the same keys, each
+with its GLUE folder's layout (:class:`Tsv`).
 
-Metrics are computed on a validation split's predictions all at once (:func:`metrics`): the task's
-official ones (the first is the primary one the report uses), plus accuracy for every classification
-task and F1 for every binary one. A task validated on several splits (MNLI: matched, mismatched) names
-the first split's metrics plainly (``val_acc``) and the others' with the split's name
-(``val_acc_mismatched``).
+Metrics are computed on a validation split's predictions all at once (:func:`metrics`): the declared ones
+(the first is the primary one the report uses), plus accuracy for every classification task and F1 for
+every binary one. A task validated on several splits (MNLI: matched, mismatched) names the first split's
+metrics plainly (``val_acc``) and the others' with the split's name (``val_acc_mismatched``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from omegaconf import OmegaConf
 from torchmetrics import functional as M
 
-from crisp.core.errors import ConfigError
+from crisp.core.config import CONF_DIR
+from crisp.core.data_config import (
+    as_list,
+    source_of,
+    task_name,
+    validation_names,
+)
 
 
 @dataclass(frozen=True)
@@ -33,20 +41,26 @@ class Tsv:
 @dataclass(frozen=True)
 class Task:
     name: str
-    folder: str  # the GLUE folder's name: CoLA, SST-2, ...
-    fields: tuple[str, ...]  # the hub's text columns: one sentence, or a pair
-    labels: tuple[str, ...] | None  # the label values as a GLUE file writes them, in id order; None: regression
-    metrics: tuple[str, ...]  # official, primary first
-    tsv: Tsv
-    validation: tuple[tuple[str, str], ...] = (("validation", "dev.tsv"),)  # (hub split, GLUE file)
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
+    fields: tuple[str, ...]  # the text columns: one sentence, or a pair
+    labels: tuple[str, ...] | None  # class names in id order; None: a regression, or not read yet
+    metrics: tuple[str, ...]  # declared, primary first
+    validation: tuple[tuple[str, str], ...] = (("validation", "dev.tsv"),)  # (split, its file or the hub's split)
+    label_field: str = "label"
+    target_range: tuple[float, float] | None = None  # a regression's
+    folder: str = ""  # a GLUE task's folder name: CoLA, SST-2, ...
+    tsv: Tsv | None = None  # a GLUE task's file layout
 
     @property
     def regression(self) -> bool:
-        return self.labels is None
+        return self.target_range is not None
+
+    @property
+    def num_labels(self) -> int:
+        if self.regression:
+            return 1
+        if self.labels is None:
+            raise ValueError(f"task {self.name}: its label names are read with its training split (with_labels)")
+        return len(self.labels)
 
     @property
     def pair(self) -> bool:
@@ -54,47 +68,64 @@ class Task:
 
     @property
     def recorded(self) -> tuple[str, ...]:
-        """Every metric recorded per validation split: the official ones, accuracy, and F1 when binary."""
+        """Every metric recorded per validation split: the declared ones, accuracy, and F1 when binary."""
         extra = () if self.regression else ("acc",) + (("f1",) if self.num_labels == 2 else ())
         return self.metrics + tuple(m for m in extra if m not in self.metrics)
 
     @property
     def splits(self) -> list[str]:
         """Suffix of each validation split's metric names: '' for the first, then the split's own name."""
-        return [""] + [f"_{hub.removeprefix('validation_')}" for hub, _ in self.validation[1:]]
+        return [""] + [f"_{name.removeprefix('validation_')}" for name, _ in self.validation[1:]]
 
     @property
     def primary(self) -> str:
         """The results key of the metric the report compares: ``val_mcc``, ``val_acc``, ``val_pearson``, ..."""
         return f"val_{self.metrics[0]}"
 
-
-BINARY = ("0", "1")
-NLI2 = ("entailment", "not_entailment")
-TASKS: dict[str, Task] = {task.name: task for task in (
-    Task("cola", "CoLA", ("sentence",), BINARY, ("mcc",), Tsv((3,), 1, header=False)),
-    Task("sst2", "SST-2", ("sentence",), BINARY, ("acc",), Tsv(("sentence",), "label")),
-    Task("mrpc", "MRPC", ("sentence1", "sentence2"), BINARY, ("f1", "acc"),
-         Tsv(("#1 String", "#2 String"), "Quality")),
-    Task("stsb", "STS-B", ("sentence1", "sentence2"), None, ("pearson", "spearman"),
-         Tsv(("sentence1", "sentence2"), "score")),
-    Task("qqp", "QQP", ("question1", "question2"), BINARY, ("f1", "acc"),
-         Tsv(("question1", "question2"), "is_duplicate")),
-    Task("mnli", "MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("acc",),
-         Tsv(("sentence1", "sentence2"), "gold_label"),
-         validation=(("validation_matched", "dev_matched.tsv"), ("validation_mismatched", "dev_mismatched.tsv"))),
-    Task("qnli", "QNLI", ("question", "sentence"), NLI2, ("acc",), Tsv(("question", "sentence"), "label")),
-    Task("rte", "RTE", ("sentence1", "sentence2"), NLI2, ("acc",), Tsv(("sentence1", "sentence2"), "label")),
-    Task("wnli", "WNLI", ("sentence1", "sentence2"), BINARY, ("acc",), Tsv(("sentence1", "sentence2"), "label")),
-)}
+    def with_labels(self, names: tuple[str, ...]) -> Task:
+        """The task with the label names read from its training split."""
+        return replace(self, labels=tuple(names))
 
 
-def task_of(data_cfg) -> Task:
-    """The task of a data config (``data.hub_config``; the synthetic data mimics SST-2)."""
-    name = data_cfg.get("hub_config")
-    if name not in TASKS:
-        raise ConfigError(f"data.hub_config={name!r} is not allowed: choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+def _validation_places(data, source: str) -> list[str]:
+    """Where each validation split is: a GLUE folder's file, a file, or the dataset's split (generated: none)."""
+    if source == "glue":
+        return as_list(data.get("glue").get("validation_files"))
+    if source == "files":
+        return as_list(data.get("validation_file"))
+    return [""] if source == "synthetic" else as_list(data.get("validation_split"))
+
+
+def task_of(data) -> Task:
+    """The task a data config declares (``data`` checked by :func:`crisp.core.data_config.check`)."""
+    regression, labels, source = as_list(data.get("regression")), as_list(data.get("labels")), source_of(data)
+    layout = data.get("glue") if source == "glue" else None
+    return Task(
+        name=task_name(data),
+        fields=tuple(as_list(data.get("text_fields"))),
+        labels=tuple(str(n) for n in labels) if labels else None,
+        metrics=tuple(as_list(data.get("metric"))) or (("pearson", "spearman") if regression else ("acc",)),
+        validation=tuple(zip(validation_names(data), map(str, _validation_places(data, source)), strict=True)),
+        label_field=str(data.get("label_field")),
+        target_range=(float(regression[0]), float(regression[1])) if regression else None,
+        folder=str(layout.get("folder")) if layout else "",
+        tsv=Tsv(tuple(as_list(layout.get("text_columns"))), layout.get("label_column"), bool(layout.get("header")))
+        if layout else None,
+    )
+
+
+def glue_tasks() -> dict[str, Task]:
+    """GLUE's tasks as their presets in ``conf/data/`` declare them, in GLUE's order."""
+    presets = {}
+    for path in (CONF_DIR / "data").glob("*.yaml"):
+        node = OmegaConf.load(path)
+        if node.get("source") == "glue" and node.get("name") == node.get("hub_config"):
+            presets[node.name] = task_of(node)
+    glue = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]  # GLUE's own order
+    return {name: presets[name] for name in [n for n in glue if n in presets] + sorted(set(presets) - set(glue))}
+
+
+TASKS: dict[str, Task] = glue_tasks()
 
 
 def predictions(task: Task, logits: torch.Tensor) -> torch.Tensor:
@@ -103,27 +134,46 @@ def predictions(task: Task, logits: torch.Tensor) -> torch.Tensor:
 
 
 def loss(task: Task, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over the classes, or MSE of the single output (STS-B)."""
+    """Cross-entropy over the classes, or MSE of the single output (a regression)."""
     logits = logits.float()
     if task.regression:
         return torch.nn.functional.mse_loss(logits[..., 0], labels.float(), reduction=reduction)
     return torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
 
 
-def _accuracy(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _accuracy(preds: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
     return (preds == target).float().mean()
 
 
-# each metric from a split's predictions and labels, all at once
+def _f1(preds: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
+    """Binary: the second label's F1; more classes: the mean of the classes' F1 (macro)."""
+    if classes == 2:
+        return M.classification.binary_f1_score(preds, target)
+    return M.classification.multiclass_f1_score(preds, target, classes, average="macro")
+
+
+def _mcc(preds: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
+    if classes == 2:
+        return M.classification.binary_matthews_corrcoef(preds, target)
+    return M.classification.multiclass_matthews_corrcoef(preds, target, classes)
+
+
+def _scores(metric):
+    return lambda preds, target, classes: metric(preds.double(), target.double())
+
+
+# each metric from a split's predictions and labels, all at once (the names crisp.core.data_config allows)
 METRICS = {
     "acc": _accuracy,
-    "f1": M.classification.binary_f1_score,
-    "mcc": M.classification.binary_matthews_corrcoef,
-    "pearson": lambda preds, target: M.pearson_corrcoef(preds.double(), target.double()),
-    "spearman": lambda preds, target: M.spearman_corrcoef(preds.double(), target.double()),
+    "f1": _f1,
+    "mcc": _mcc,
+    "pearson": _scores(M.pearson_corrcoef),
+    "spearman": _scores(M.spearman_corrcoef),
+    "kendall": _scores(M.kendall_rank_corrcoef),
+    "r2": _scores(M.r2_score),
 }
 
 
 def metrics(task: Task, preds: torch.Tensor, target: torch.Tensor, suffix: str = "") -> dict[str, float]:
     """The recorded metrics of one validation split (``suffix``: the split's, see :attr:`Task.splits`)."""
-    return {f"val_{name}{suffix}": METRICS[name](preds, target).item() for name in task.recorded}
+    return {f"val_{name}{suffix}": METRICS[name](preds, target, task.num_labels).item() for name in task.recorded}
