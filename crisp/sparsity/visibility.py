@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.masking_utils import eager_mask, sdpa_mask
+from transformers.masking_utils import sdpa_mask
 
 from crisp.sparsity.errors import AttentionNotReached
 
@@ -103,9 +103,19 @@ def mask_for(*args, config=None, **kwargs) -> torch.Tensor | None:
     model crisp has reached; eager's additive mask for any other, whose attention may be its own inline code
     (crisp's function reads either)."""
     if type(config) not in _REACHED:
-        return eager_mask(*args, **kwargs)
+        return _additive_mask(*args, **kwargs)
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
+
+
+def _additive_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
+    """Eager's additive mask (0 where a key takes part, the dtype's lowest elsewhere), made on the mask's own
+    device: transformers' ``eager_mask`` copies a host scalar, which a CUDA graph's capture refuses."""
+    kwargs["allow_is_causal_skip"] = False
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 # the last mask's selectable keys: every layer of a forward gets the same mask object
