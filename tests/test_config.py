@@ -230,3 +230,24 @@ def test_crisps_sweeper_is_the_default_and_its_launchers_compose_under_another_s
 def test_ddp_trainer_composes():
     cfg = make("trainer=ddp")
     assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.devices) == ("ddp", "gpu", "auto")
+
+
+def test_a_union_of_grids_expands_each_and_the_command_narrows_the_grids_that_set_a_key():
+    from types import SimpleNamespace
+
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    from crisp.sweep.sweeper import expand
+
+    sweeper = SimpleNamespace(params={"seed": "1,2"}, max_batch_size=None, split_arguments=BasicSweeper.split_arguments,
+                              hydra_context=SimpleNamespace(config_loader=None),
+                              grids=[{"sparsifier": "topk,random", "sparsity": "0,0.6,0.8"}, {"sparsifier": "entmax"},
+                                     {"dropout.attention": "0.6,0.8"}])
+    [jobs] = expand(sweeper, [])
+    assert len(jobs) == 2 * (6 + 1 + 2)
+    [narrowed] = expand(sweeper, ["sparsity=0,0.8", "dropout.attention=0.8", "data=rte"])
+    plain = [[o for o in job if not o.startswith("hydra.")] for job in narrowed]
+    assert len(plain) == 2 * (4 + 1 + 1) and all("data=rte" in job for job in plain)
+    assert ["seed=1", "sparsifier=entmax", "data=rte"] in plain  # entmax took no sparsity
+    assert sum("dropout.attention=0.8" in job for job in plain) == 2 and not any("dropout.attention=0.6" in job
+                                                                                 for job in plain)

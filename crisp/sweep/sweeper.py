@@ -111,13 +111,19 @@ def expand(sweeper, arguments: list[str]) -> list[list[list[str]]]:
     """The grid's batches of jobs (Hydra's basic sweeper's expansion), each job with its run directory.
 
     ``hydra.sweeper.grids`` (crisp's sweeper) makes the sweep a union of grids: each grid's keys with
-    ``hydra.sweeper.params`` and the command's overrides (which win), expanded one by one and joined, a job
-    that two grids share once. A study whose configurations are no product of keys is such a union
-    (``experiment=controls``: top-k and random keys over sparsity, entmax, which takes none, and dropout)."""
+    ``hydra.sweeper.params`` and the command's overrides, expanded one by one and joined, a job that two
+    grids share once. A study whose configurations are no product of keys is such a union
+    (``experiment=controls``: top-k and random keys over sparsity, entmax, which takes none, and dropout).
+    The command refines the grids: an override of a key that grids set replaces it in those grids and
+    leaves the others alone (``sparsity=0,0.8`` narrows top-k's and random's sparsities, not entmax's);
+    any other override (``seed=1,2``, ``data=rte``) applies to every grid."""
     parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
+    grids = getattr(sweeper, "grids", None) or [{}]
+    owned = {key for grid in grids for key in grid}
     jobs: dict[tuple[str, ...], None] = {}
-    for grid in getattr(sweeper, "grids", None) or [{}]:
-        params = [f"{k}={v}" for k, v in {**sweeper.params, **grid}.items()] + list(arguments)
+    for grid in grids:
+        mine = [a for a in arguments if _key(a) not in owned or _key(a) in grid]
+        params = [f"{k}={v}" for k, v in {**sweeper.params, **grid}.items()] + mine
         for job in sweeper.split_arguments(parser.parse_overrides(params), None)[0]:
             jobs.setdefault(tuple(job), None)
     named = with_run_dirs([list(job) for job in jobs])
