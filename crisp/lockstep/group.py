@@ -31,6 +31,7 @@ from crisp.lockstep.batches import GroupDataModule
 from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import fuse, run_state_dict
 from crisp.lockstep.fused_classifier import LockstepClassifier, Run
+from crisp.lockstep.options import GroupOptions
 from crisp.lockstep.run_adamw import RunOptim
 from crisp.sparsity.families import FAMILIES, REGISTRY, family_of
 from crisp.sparsity.strategies import STRATEGIES, measure_entropy
@@ -69,7 +70,7 @@ class Member:
         return self.run.output_dir
 
 
-def train_group(runs: list[tuple[lifecycle.Run, DictConfig]], options: dict[str, Any]) -> list[dict[str, Any]]:
+def train_group(runs: list[tuple[lifecycle.Run, DictConfig]], options: GroupOptions) -> list[dict[str, Any]]:
     """Every run of one recipe trained as one fused model; the outcome of each (see the module)."""
     members = [Member(run, cfg) for run, cfg in runs]
     by_run = {id(m.run): m for m in members}
@@ -85,7 +86,7 @@ def run_optim(cfg: DictConfig) -> RunOptim:
     return RunOptim(float(cfg.optim.lr), float(cfg.optim.weight_decay), float(cfg.optim.warmup_ratio))
 
 
-def _train(members: list[Member], options: dict[str, Any]) -> None:
+def _train(members: list[Member], options: GroupOptions) -> None:
     # runs of equal optimizer settings side by side: each set is one slice of the fused parameters (RunAdamW)
     members = sorted(members, key=lambda m: astuple(run_optim(m.cfg)))
     cfg = members[0].cfg  # the group's shared recipe (the launcher groups jobs by it), but for what runs vary
@@ -99,7 +100,7 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     task = task_of(cfg.data)
     _build_runs(members, device, task)
     longest = max(int(s.lengths.max()) for m in members for s in (m.train, *m.vals))
-    width = max(options.get("row_width", 64), round_up(longest, 16))
+    width = max(options.row_width, round_up(longest, 16))
     random = RunRandom([m.cfg.seed for m in members], device)
     # every token id the runs' training batches can hold (0 pads packed rows)
     splits = {id(m.train): m.train for m in members}.values()
@@ -108,7 +109,7 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
                    projections=family_of(members[0].encoder).projections).to(device)
     for m in members:
         m.encoder = None  # fused now: the single models' tensors can go
-    workers = options.get("pack_workers", "auto")
+    workers = options.pack_workers
     vals = [list(split) for split in zip(*(m.vals for m in members), strict=True)]  # per split, each run's
     datamodule = GroupDataModule([m.train for m in members], vals,
                                  [m.cfg.seed for m in members], cfg.data.batch_size, cfg.data.eval_batch_size, width,
@@ -123,7 +124,7 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
         accelerator=settings["accelerator"], devices=1, precision=settings["precision"],
         strategy=KeepOnDevice(device),
         max_epochs=cfg.trainer.max_epochs, logger=False,
-        callbacks=[TQDMProgressBar(refresh_rate=settings["refresh"]), progress, *options.get("callbacks", [])],
+        callbacks=[TQDMProgressBar(refresh_rate=settings["refresh"]), progress, *options.callbacks],
         plugins=[LightningEnvironment()], enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, deterministic=cfg.trainer.deterministic, default_root_dir=str(members[0].output_dir),
     )

@@ -9,8 +9,9 @@ Hydra's basic sweeper expands the grid; this one then, before it writes anything
   and leaves each its own folder);
 - composes every job and checks its values (:func:`crisp.core.config.validate`): one bad value of one
   job stops the whole grid, naming the job, before any run trains;
-- checks the directories: each lies inside the sweep's directory, and jobs share one only when they
-  are the same run (equal run_keys: a dense job of each strategy is one run, trained once).
+- checks the directories: each lies inside the sweep's directory, jobs share one only when they
+  are the same run (equal run_keys: a dense job of each strategy is one run, trained once), and this
+  process can write the sweep's directory and every run's (:mod:`crisp.sweep.folders`).
 
 crisp's launchers then take the composed jobs (``launch_jobs``); Hydra's own launchers get the
 overrides, with the directory names, and compose them again as they always do.
@@ -28,6 +29,7 @@ from omegaconf import OmegaConf
 
 from crisp.core.config import validate
 from crisp.core.errors import ConfigError
+from crisp.sweep.folders import check_writable
 from crisp.sweep.jobs import Job, load_jobs, task_overrides
 
 log = logging.getLogger("crisp")
@@ -74,6 +76,8 @@ def _shown(job: Job) -> str:
 def check(jobs: Sequence[Job]) -> None:
     """Every job's values, and every run's directory (see the module); ConfigError names the job."""
     owner: dict[Path, Job] = {}
+    if jobs:
+        check_writable(jobs[0].sweep_dir, f"hydra.sweep.dir={jobs[0].sweep_dir}")
     for job in jobs:
         root = job.sweep_dir.resolve()
         try:
@@ -85,6 +89,8 @@ def check(jobs: Sequence[Job]) -> None:
             subdir = OmegaConf.select(job.config, "hydra.sweep.subdir")
             raise ConfigError(f"hydra.sweep.subdir={subdir!r} is not allowed: it puts job {job.idx}'s run at {where}, "
                               f"outside the sweep's directory {root}")
+        if where not in owner:
+            check_writable(where, f"the run folder {where} (job {job.idx}: {_shown(job)})")
         first = owner.setdefault(where, job)
         if first.record["run_key"] != job.record["run_key"]:
             raise ConfigError(

@@ -69,11 +69,10 @@ class _ProcessLauncher(Launcher):
 class ParallelLauncher(_ProcessLauncher):
     """``hydra/launcher=parallel``: every run in its own worker process, ``n_jobs`` at once."""
 
-    def __init__(self, n_jobs: int, stall_timeout_s: float = 600, worker_start: str = "auto") -> None:
-        from crisp.sweep.pool import check_worker_start
+    def __init__(self, **settings) -> None:
+        from crisp.sweep.options import ParallelOptions, build
 
-        self.n_jobs, self.stall_timeout_s = n_jobs, stall_timeout_s
-        self.worker_start = check_worker_start(worker_start)  # before Hydra writes anything
+        self.options = build(ParallelOptions, settings)  # checked before Hydra writes anything
 
     def launch_jobs(self, jobs) -> Sequence[JobReturn]:
         from crisp.sweep.parallel import launch_jobs
@@ -84,16 +83,10 @@ class ParallelLauncher(_ProcessLauncher):
 class LockstepLauncher(_ProcessLauncher):
     """``hydra/launcher=lockstep``: runs that share a recipe trained as one fused model per group."""
 
-    def __init__(self, max_runs_per_group: int | str | None = "auto", row_width: int = 64,
-                 pack_workers: int | str = "auto", stall_timeout_s: float = 600, worker_start: str = "auto") -> None:
-        from crisp.sweep.lockstep_launcher import check_max_runs, check_pack_workers
-        from crisp.sweep.pool import check_worker_start
+    def __init__(self, **settings) -> None:
+        from crisp.sweep.options import LockstepOptions, build
 
-        # checked before Hydra writes anything
-        self.max_runs_per_group, self.row_width, self.stall_timeout_s = check_max_runs(max_runs_per_group), row_width, \
-            stall_timeout_s
-        self.pack_workers = check_pack_workers(pack_workers)
-        self.worker_start = check_worker_start(worker_start)
+        self.options = build(LockstepOptions, settings)  # checked before Hydra writes anything
 
     def launch_jobs(self, jobs) -> Sequence[JobReturn]:
         from crisp.sweep.lockstep_launcher import launch_jobs
