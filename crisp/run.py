@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from crisp.core import lifecycle, results
 from crisp.core.config import CONF_DIR, register_configs, register_resolvers, resolved_config, written_config
 from crisp.core.errors import USER_ERRORS
+from crisp.sweep.jobs import primary_metric
 from crisp.training.ddp import is_child_rank
 
 log = logging.getLogger("crisp")
@@ -49,6 +50,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     config = resolved_config(cfg)
     base = Path(hydra_cfg.sweep.dir) if in_sweep else None
     record = results.run_record(config, output_dir, list(hydra_cfg.overrides.task), base, written_config(cfg))
+    if (metric := primary_metric(config)) is not None:
+        record["metric"] = metric  # a run that fails before it trains still says which metric its table compares
     one = lifecycle.Run.of(record, output_dir)
     try:
         [payload] = lifecycle.attempt([one], lambda todo: todo[0].complete(train(cfg, config, output_dir)))

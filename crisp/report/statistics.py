@@ -23,7 +23,7 @@ from scipy import stats
 
 from crisp.core import results
 from crisp.core.results import COMPLETED
-from crisp.report.collect import field_of, is_number, metric_of, number, portable_model, timestamp
+from crisp.report.collect import field_of, is_number, number, portable_model, timestamp
 
 DENSE = ("dense", 0.0)
 # Validation accuracy (%) the paper reports on SST-2, by (strategy, sparsity).
@@ -51,7 +51,12 @@ class Table:
 
     @property
     def metric(self) -> str:
-        return next((metric_of(r) for r in self.records if r.get("status") == COMPLETED), "val_acc")
+        """The task's primary metric: as its completed runs recorded it, else as any of its runs did from the
+        start (a table of runs that all failed), else accuracy (results written before runs said)."""
+        for records in ([r for r in self.records if r.get("status") == COMPLETED], self.records):
+            if found := next((r["metric"] for r in records if isinstance(r.get("metric"), str)), None):
+                return found
+        return "val_acc"
 
 
 

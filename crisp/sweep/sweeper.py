@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from crisp.core.config import validate
 from crisp.core.errors import ConfigError
 from crisp.sweep.folders import check_writable
-from crisp.sweep.jobs import Job, load_jobs, task_overrides
+from crisp.sweep.jobs import Job, load_jobs, primary_metric, task_overrides
 
 log = logging.getLogger("crisp")
 IN_THE_NAME = ("strategy", "sparsity", "seed", "name")
@@ -102,6 +102,9 @@ def check(jobs: Sequence[Job]) -> None:
 def compose_and_check(sweeper, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Job]:
     jobs = load_jobs(sweeper.hydra_context, sweeper.config, job_overrides, initial_job_idx)
     check(jobs)
+    for job in jobs:  # after the checks: the tasks' module imports torch
+        if (metric := primary_metric(job.record["config"])) is not None:
+            job.record["metric"] = metric
     return jobs
 
 

@@ -39,6 +39,8 @@ class Process:
             return False
         except PermissionError:
             pass  # another user's: alive, but then it is not ours, unless /proc says so below
+        if _zombie(self.pid):  # dead, not yet reaped by its parent
+            return False
         return self.started is None or _start_time(self.pid) == self.started
 
 
@@ -58,7 +60,7 @@ def _start_time(pid: int) -> str | None:
 
 def _zombie(pid: int) -> bool:
     fields = _stat(pid)
-    return bool(fields) and fields[0] == "Z"
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def descendants(pid: int) -> list[int]:

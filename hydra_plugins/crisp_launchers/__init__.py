@@ -18,7 +18,8 @@ class ComposeOnceSweeper(BasicSweeper):
     """``hydra/sweeper=crisp`` (crisp's default): Hydra's basic sweeper's grid, each job composed once,
     its run directory named from what varies, and every job checked before anything is written or
     trained (:mod:`crisp.sweep.sweeper`). crisp's launchers take the composed jobs (``launch_jobs``);
-    any other launcher gets the overrides."""
+    any other launcher gets the overrides. Before the report, it waits for the runs that another sweep's
+    process held (:mod:`crisp.sweep.held`)."""
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         import sys
@@ -28,7 +29,7 @@ class ComposeOnceSweeper(BasicSweeper):
 
         from crisp.core.errors import ConfigError, OutOfSpace
         from crisp.core.lifecycle import check_space
-        from crisp.sweep import sweeper
+        from crisp.sweep import held, sweeper
 
         batches = sweeper.expand(self, arguments)
         try:
@@ -50,6 +51,8 @@ class ComposeOnceSweeper(BasicSweeper):
                 _ = ret.return_value  # as Hydra's sweeper: a job that raised raises here
             start += len(batch)
             returns.append(done)
+        # runs that another sweep's process held were skipped: wait for them (or record them failed) before the report
+        held.settle(jobs, [ret for done in returns for ret in done])
         return returns
 
 
