@@ -19,6 +19,7 @@ This launcher keeps submitit's processes, logs (``<sweep>/.submitit/``) and time
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import OmegaConf, open_dict, read_write
 
 from crisp.core import results
+from crisp.core.claim import RunLock
 from crisp.sweep import launch, watch
 from crisp.sweep.jobs import Job, execute, job_return, record_failure
 from crisp.sweep.pool import SweepInterrupted, signals_raise
@@ -110,8 +112,9 @@ def _run(launcher, sweep_dir: Path, jobs: list[Job]) -> dict[int, JobReturn]:
                     returns[job.idx] = _outcome(job, sub)
                     launch.log_outcome(job, returns[job.idx].return_value, time.monotonic() - start)
     except SweepInterrupted as stop:
-        watch.kill_tree(this.pid, include_self=False)  # controllers and their jobs: all of this sweep's processes
+        killed = watch.kill_tree(this.pid, include_self=False)  # controllers and jobs: all of the sweep's processes
         for job in jobs:
+            _release(job, killed)
             if job.idx not in returns:
                 why = f"the sweep was interrupted ({stop}) before this run finished"
                 value = record_failure(job, "Interrupted", why)
@@ -120,6 +123,15 @@ def _run(launcher, sweep_dir: Path, jobs: list[Job]) -> dict[int, JobReturn]:
                   "run the same command with hydra.sweep.dir=%s to finish it", stop, sweep_dir)
         raise SystemExit(143 if str(stop) == "SIGTERM" else 130) from None
     return returns
+
+
+def _release(job: Job, killed: list[int]) -> None:
+    """Remove the run's claim if a process that was just killed held it: dead, it may not be reaped yet (its
+    parent, a controller, was killed too), and a claim of a process not yet reaped would look alive."""
+    claim = RunLock(job.output_dir)
+    holder = claim.holder()
+    if holder is not None and holder.host == socket.gethostname() and holder.pid in killed:
+        claim.path.unlink(missing_ok=True)
 
 
 def _outcome(job: Job, sub) -> JobReturn:

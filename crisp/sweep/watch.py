@@ -80,8 +80,9 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(pid: int, include_self: bool = True, wait_s: float = 10.0) -> None:
-    """SIGKILL ``pid`` and every process below it (all found first, then killed), and wait until they are gone."""
+def kill_tree(pid: int, include_self: bool = True, wait_s: float = 10.0) -> list[int]:
+    """SIGKILL ``pid`` and every process below it (all found first, then killed), wait until they are gone (or
+    dead and waiting for their parent), and return their pids."""
     targets = descendants(pid) + ([pid] if include_self else [])
     for target in targets:
         with suppress(ProcessLookupError, PermissionError):
@@ -98,6 +99,7 @@ def kill_tree(pid: int, include_self: bool = True, wait_s: float = 10.0) -> None
             if _zombie(target):  # dead; its parent (not us) reaps it
                 break
             time.sleep(0.05)
+    return targets
 
 
 def end_with(sweep: Process, poll_s: float = 1.0) -> threading.Thread:
