@@ -34,7 +34,7 @@ log = logging.getLogger("crisp")
 class LockstepTask(ArrayTask):
     """An array task that trains its jobs as one lockstep group, in the task's process."""
 
-    options: GroupOptions | None = None  # row_width, pack_workers (crisp.sweep.options)
+    options: GroupOptions  # row_width, pack_workers, from the launcher's settings (crisp.sweep.options)
 
     def run(self, jobs: list[Job]) -> list[JobReturn]:
         # the sweep's console logging, into the task's log: a group has no job logging of its own
