@@ -103,7 +103,7 @@ def _run(launcher, sweep_dir: Path, jobs: list[Job]) -> dict[int, JobReturn]:
         with signals_raise():
             submitted = _executor(launcher.params).submit_array(tasks)
             for job, sub in zip(jobs, submitted, strict=True):
-                log.info("started %s (pid %s, log %s)", job.record["output_dir"], sub.job_id, sub.paths.stdout)
+                log.info("started %s (submitit job %s, log %s)", job.record["output_dir"], sub.job_id, sub.paths.stdout)
             running = list(zip(jobs, submitted, strict=True))
             while running:
                 time.sleep(0.5)
