@@ -3,7 +3,8 @@
 Each run goes through the one run lifecycle (:mod:`crisp.core.lifecycle`): claimed, skipped if it
 completed already with the same run_key, trained, and recorded in its results.json, also when it
 fails. In a sweep a failing run is recorded and the sweep goes on; alone, it exits non-zero: 2 with
-one clear line for an error the user can fix, 1 with the traceback for anything else.
+one clear line for an error the user can fix, 1 with the traceback for anything else. Every config error,
+Hydra's own included, is one line and exit code 2 (:func:`main`).
 
 Heavy imports (torch, transformers, Lightning) wait until a run trains: a config error is answered
 within a second or two (crisp's Hydra callback checks a single run's values before anything is
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from omegaconf import DictConfig
 from crisp.core import lifecycle, results
 from crisp.core.config import CONF_DIR, register_configs, register_resolvers, resolved_config, written_config
 from crisp.core.errors import USER_ERRORS
+from crisp.sweep.jobs import primary_metric
 from crisp.training.ddp import is_child_rank
 
 log = logging.getLogger("crisp")
@@ -46,6 +50,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     config = resolved_config(cfg)
     base = Path(hydra_cfg.sweep.dir) if in_sweep else None
     record = results.run_record(config, output_dir, list(hydra_cfg.overrides.task), base, written_config(cfg))
+    if (metric := primary_metric(config)) is not None:
+        record["metric"] = metric  # a run that fails before it trains still says which metric its table compares
     one = lifecycle.Run.of(record, output_dir)
     try:
         [payload] = lifecycle.attempt([one], lambda todo: todo[0].complete(train(cfg, config, output_dir)))
@@ -66,7 +72,22 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    _hydra_main()
+    """Hydra's main, with every config error as crisp says its own: one line, exit code 2. Hydra's own (an
+    unknown key, a choice that does not exist, a value of the wrong type) it would print in several lines
+    and exit 1; with ``HYDRA_FULL_ERROR=1`` it raises them here instead (set by the user: the trace too)."""
+    trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except Exception as err:
+        from crisp.sweep.config_errors import is_user_error, one_line
+
+        if not is_user_error(err):
+            raise  # a bug, not a config: the traceback, exit 1
+        if trace:
+            traceback.print_exc()
+        print(f"crisp: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

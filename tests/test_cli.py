@@ -69,6 +69,85 @@ def test_bad_input_fails_fast_and_clearly(tmp_path, overrides, needles):
     assert completed(out) is None
 
 
+HYDRA_ERRORS = [  # what Hydra itself refuses, and what crisp's one line must say of it
+    (["strategy=unifrom"], "strategy=unifrom is not allowed: choose one of adaptive, ramp, uniform"),
+    (["experiment=nope"], "experiment=nope is not allowed: choose one of"),
+    (["optim.lr=abc"], "optim.lr=abc is not allowed: Value 'abc' of type 'str' could not be converted to Float"),
+    (["seed=1.5"], "seed=1.5 is not allowed"),
+    (["foo=1"], "foo=1 is not allowed: the config has no key foo (a new key is added with +foo=1)"),
+    (["trainer.foo=1"], "trainer.foo=1 is not allowed: the config has no key trainer.foo"),
+    (["seed=[1"], "seed=[1 cannot be parsed"),
+    (["-m", "hydra/launcher=nope", "seed=1,2"], "hydra/launcher=nope is not allowed: choose one of"),
+    (["-m", "hydra.launcher.stall_timeout_s=0", "seed=1,2"], "hydra.launcher.stall_timeout_s=0 is not allowed"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "needle"), HYDRA_ERRORS, ids=[" ".join(o) for o, _ in HYDRA_ERRORS])
+def test_every_config_error_hydras_own_included_is_one_line_and_exit_code_2(tmp_path, overrides, needle):
+    sweep = overrides[0] == "-m"
+    out = tmp_path / "out"
+    proc = run_crisp(*overrides[:1] if sweep else (), *smoke_overrides(out, sweep=sweep),
+                     *(overrides[1:] if sweep else overrides), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    said = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert said == [said[0]] and said[0].startswith("crisp: error: ") and needle in said[0], proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_a_bug_is_not_taken_for_a_config_error():
+    """Anything but a config error keeps its traceback and exit code 1 (crisp.run.main re-raises it)."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ValidationError
+
+    from crisp.sweep.config_errors import is_user_error, one_line
+
+    assert not is_user_error(RuntimeError("a bug")) and not is_user_error(KeyError("x"))
+    assert is_user_error(ValidationError("bad")) and is_user_error(MissingConfigException("m", "strategy/x", ["a"]))
+    assert one_line(MissingConfigException("In 'config': ...", "strategy/x", ["b", "a"])) == \
+        "strategy=x is not allowed: choose one of a, b"
+
+
+@pytest.mark.parametrize(("mode", "code", "needle"), [
+    ("", 0, None),  # set but empty: taken as unset, and W&B logs offline by itself (no key here)
+    ("sideways", 2, "WANDB_MODE='sideways' is not allowed: use one of online, offline, disabled"),
+])
+def test_wandb_mode_empty_is_unset_and_a_wrong_one_is_named(tmp_path, mode, code, needle):
+    proc = run_crisp(*smoke_overrides(tmp_path, "logger=wandb"), env={"WANDB_MODE": mode, "WANDB_API_KEY": None},
+                     timeout=300)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    record = results.read(tmp_path)
+    if needle is None:
+        assert record["status"] == "completed" and record["wandb"]["mode"] == "offline"
+        assert "wandb sync" in proc.stdout
+    else:
+        assert proc.stderr.strip().splitlines()[-1] == f"crisp: error: {needle}, shared, dryrun, run, or leave it unset"
+        assert "pydantic" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_unwritable_run_folder_is_one_line_and_exit_code_2(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder\n")
+    proc = run_crisp(*smoke_overrides(tmp_path / "a-file" / "run"), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"crisp: error: hydra.run.dir={tmp_path}/a-file/run cannot be "
+                                                f"written: {tmp_path}/a-file is a file, not a folder"]
+
+
+def test_a_run_that_fails_before_it_trains_records_its_tasks_metric(tmp_path):
+    """A grid of STS-B runs that all fail (a bad row): its table is headed by Pearson's r, not by accuracy."""
+    folder = tmp_path / "STS-B"
+    folder.mkdir()
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    for file in ("train.tsv", "dev.tsv"):
+        (folder / file).write_text(header + "0\tmain\tx\t2012\t0\tnone\tnone\tA man.\tA man.\tlots\n")
+    proc = run_crisp("-m", *smoke_overrides(tmp_path / "sweep", "data=stsb", f"data.dir={folder}", "logger=none",
+                                            "hydra/launcher=basic", sweep=True), "seed=1,2", timeout=300)
+    assert proc.returncode == 1 and "2 run(s) failed" in proc.stderr, proc.stderr[-3000:]
+    records = [results.read(p) for p in results.find_all(tmp_path / "sweep")]
+    assert [(r["status"], r["metric"]) for r in records] == [("failed", "val_pearson")] * 2
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert "| Pearson r (%) final | Pearson r (%) best |" in report and "accuracy" not in report
+
+
 def test_hub_error_names_offline_alternatives(tmp_path):
     proc = run_crisp("model=distilbert", "data=synthetic", "logger=none", f"hydra.run.dir={tmp_path}", timeout=120)
     assert proc.returncode == 2

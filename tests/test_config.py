@@ -197,6 +197,28 @@ def test_launchers_compose(launcher):
         assert node["n_jobs"] >= 1 and not math.isnan(node["n_jobs"])
 
 
+@pytest.mark.parametrize("launcher", ["auto", "lockstep", "parallel", "local", "slurm", "slurm_lockstep"])
+def test_a_launchers_settings_are_typed_and_their_one_default_is_its_yaml(launcher):
+    """Built once from the launcher's yaml (and overrides) into a dataclass that holds no default of its own."""
+    import dataclasses
+
+    from hydra.utils import instantiate
+
+    from crisp.lockstep.options import GroupOptions
+    from crisp.sweep import options
+
+    node = make(f"hydra/launcher={launcher}", hydra=True).hydra.launcher
+    built = instantiate(node)
+    assert dataclasses.is_dataclass(built.options)
+    for field in dataclasses.fields(built.options):
+        assert field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING, field.name
+        assert getattr(built.options, field.name) == node[field.name]  # the yaml's value, as composed
+    if hasattr(built.options, "group"):  # what a lockstep group trains with
+        assert built.options.group == GroupOptions(node.row_width, node.pack_workers)
+    if launcher == "lockstep":  # and a group trained outside a sweep (crisp.bench) reads the same yaml
+        assert options.from_yaml("lockstep") == built.options
+
+
 def test_every_distinct_run_of_a_grid_gets_its_own_directory_named_from_what_varies():
     from crisp.sweep.sweeper import with_run_dirs
 

@@ -176,6 +176,39 @@ def test_deduplicates_by_run_key(tmp_path):
     assert row(summarize(records), "uniform", 0.8)["failed"] == 0
 
 
+def test_one_run_with_two_different_completed_results_is_said_with_both_folders_and_the_one_kept(tmp_path, capsys):
+    """The same run_key trained in lockstep (folder a) and alone (folder b): dropout draws differ, so do the numbers."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_run(a, "dense_seed1", strategy="dense", sparsity=0.0, acc=0.996, run_key="k" * 16,
+              finished_at="2024-05-01T10:00:00+00:00")
+    write_run(b, "dense_seed1", strategy="dense", sparsity=0.0, acc=0.988, run_key="k" * 16,
+              finished_at="2024-05-02T10:00:00+00:00")
+    assert main([str(a), str(b), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    warning = next(line for line in err.splitlines() if "two different completed results" in line)
+    assert f"{b / 'dense_seed1'} (val_acc 0.9880, finished 2024-05-02T10:00:00+00:00)" in warning
+    assert f"{a / 'dense_seed1'} (val_acc 0.9960, finished 2024-05-01T10:00:00+00:00)" in warning
+    assert warning.endswith(f"the report keeps the one that finished last, {b / 'dense_seed1'}")
+    assert row(summarize(collect([a, b])), "dense", 0.0)["final_mean"] == pytest.approx(98.8)
+    capsys.readouterr()
+    # the same result twice (a copied folder) is one result: nothing to say
+    write_run(tmp_path / "c", "dense_seed1", strategy="dense", sparsity=0.0, acc=0.988, run_key="k" * 16,
+              finished_at="2024-05-02T10:00:00+00:00")
+    collect([b, tmp_path / "c"])
+    assert "two different" not in capsys.readouterr().err
+
+
+def test_a_table_of_runs_that_all_failed_is_headed_by_its_tasks_metric(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path, f"stsb/dense_seed{seed}", strategy="dense", sparsity=0.0, seed=seed, acc=None,
+                  status="failed", task="stsb", metric="val_pearson", error={"type": "DataError", "message": "bad"})
+    summary = write_report([tmp_path])
+    assert summary["metric"].tolist() == ["val_pearson"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| strategy | sparsity | n | Pearson r (%) final | Pearson r (%) best |" in markdown
+    assert "accuracy" not in markdown
+
+
 def test_one_run_per_seed_when_configs_differ(tmp_path, capsys):
     # Two run_keys for one (strategy, sparsity, seed) of one recipe: how they ran changed; the latest counts.
     write_run(tmp_path, "a", acc=0.80, run_key="a" * 16, finished_at="2024-05-02T10:00:00+00:00")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -168,16 +172,29 @@ def test_parallel_runs_each_job_in_a_process_that_ends_with_it(tmp_path, start):
     assert not (tmp_path / ".crisp").exists()  # the workers' specs and results go once collected
 
 
-@pytest.mark.parametrize(("launcher", "setting", "needle"), [
-    ("parallel", "worker_start=spawn", "use one of auto, fork, exec"),
-    ("lockstep", "worker_start=thread", "use one of auto, fork, exec"),
-    ("lockstep", "pack_workers=-1", "use auto or a number of processes >= 0"),
+@pytest.mark.parametrize(("launcher", "setting", "said"), [
+    ("parallel", "worker_start=spawn", "worker_start='spawn' is not allowed: use one of auto, fork, exec"),
+    ("lockstep", "worker_start=thread", "worker_start='thread' is not allowed: use one of auto, fork, exec"),
+    ("lockstep", "pack_workers=-1", "pack_workers=-1 is not allowed: use auto or a number of processes >= 0"),
+    ("auto", "stall_timeout_s=0", "stall_timeout_s=0 is not allowed: a number of seconds > 0"),
+    ("parallel", "stall_timeout_s=-5", "stall_timeout_s=-5 is not allowed: a number of seconds > 0"),
+    ("parallel", "n_jobs=0", "n_jobs=0 is not allowed: a whole number of runs at once >= 1"),
+    ("lockstep", "max_runs_per_group=0", "max_runs_per_group=0 is not allowed: use auto, null"),
+    ("auto", "row_width=0", "row_width=0 is not allowed: a whole number of tokens >= 1"),
+    ("lockstep", "row_width=wide", "row_width='wide' is not allowed: a whole number of tokens >= 1"),
+    ("local", "timeout_min=0", "timeout_min=0 is not allowed: a number of minutes > 0"),
+    ("local", "tasks_per_node=2", "tasks_per_node=2 is not allowed: 1: one process per run"),
+    ("slurm", "poll_s=0", "poll_s=0.0 is not allowed: a number of seconds > 0"),
+    ("slurm", "array_parallelism=0", "array_parallelism=0 is not allowed: a whole number of tasks at once >= 1"),
+    ("slurm_lockstep", "row_width=0", "row_width=0 is not allowed: a whole number of tokens >= 1"),
+    ("parallel", "+hydra.launcher.n_job=2", "n_job=2 is not allowed: it is not a setting of this launcher"),
 ])
-def test_a_bad_launcher_setting_fails_before_anything_is_written(tmp_path, launcher, setting, needle):
-    proc = run_crisp("-m", *smoke_overrides(tmp_path, f"hydra/launcher={launcher}", f"hydra.launcher.{setting}",
-                                            sweep=True), "seed=1,2")
-    assert proc.returncode != 0
-    assert f"hydra.launcher.{setting.split('=')[0]}=" in proc.stderr and needle in proc.stderr, proc.stderr[-2000:]
+def test_a_bad_launcher_setting_fails_before_anything_is_written(tmp_path, launcher, setting, said):
+    override = setting if setting.startswith("+") else f"hydra.launcher.{setting}"
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, f"hydra/launcher={launcher}", override, sweep=True), "seed=1,2")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()  # one line: the key, the value and what is allowed
+    assert len(lines) == 1 and lines[0].startswith(f"crisp: error: hydra.launcher.{said}"), proc.stderr[-2000:]
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
@@ -185,8 +202,8 @@ def test_a_bad_launcher_setting_fails_before_anything_is_written(tmp_path, launc
 def test_a_grid_with_a_job_that_cannot_be_composed_fails_before_any_run_starts(tmp_path, launcher):
     grid = smoke_overrides(tmp_path, f"hydra/launcher={launcher}", sweep=True)
     proc = run_crisp("-m", *grid, "model=tiny,nonexistent")
-    assert proc.returncode != 0
-    assert "Could not find 'model/nonexistent'" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2  # Hydra's own config error, said as crisp's: one line
+    assert "model=nonexistent is not allowed: choose one of " in proc.stderr, proc.stderr[-2000:]
     assert not results.find_all(tmp_path) and not list(tmp_path.glob("*/.hydra"))
 
 
@@ -320,3 +337,182 @@ def test_a_zero_group_size_is_refused_before_anything_is_written(tmp_path):
     assert proc.returncode != 0
     assert "hydra.launcher.max_runs_per_group=0 is not allowed" in proc.stderr, proc.stderr[-2000:]
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------ folders it cannot write
+
+
+def cannot_write(folder) -> list[str]:
+    """A command prefix under which ``folder`` cannot be written: as root (who writes anywhere), a read-only
+    bind mount of it in a mount namespace of its own; as anyone else, its write permission taken away."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return []
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("running as root without unshare(1) and a mount namespace: nothing here is read-only to root")
+    return ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
+            str(folder)]
+
+
+@pytest.mark.parametrize("where", ["sweep folder", "run folder", "file in place of a folder"])
+def test_a_folder_it_cannot_write_is_one_line_and_exit_code_2(tmp_path, where):
+    sweep, prefix = tmp_path / "sweep", []
+    if where == "sweep folder":
+        (tmp_path / "ro").mkdir()
+        sweep, prefix = tmp_path / "ro" / "sweep", cannot_write(tmp_path / "ro")
+    elif where == "run folder":  # a run's folder left read-only by an earlier sweep
+        (sweep / "dense_seed1").mkdir(parents=True)
+        prefix = cannot_write(sweep / "dense_seed1")
+    else:
+        (tmp_path / "a-file").write_text("not a folder\n")
+        sweep = tmp_path / "a-file" / "sweep"
+    argv = [*prefix, sys.executable, "-m", "crisp.run", "-m", *smoke_overrides(sweep, sweep=True), "seed=1,2"]
+    try:
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        for folder in (tmp_path / "ro", sweep / "dense_seed1"):
+            if folder.is_dir():
+                folder.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    said = {"sweep folder": f"hydra.sweep.dir={sweep} cannot be written: {tmp_path / 'ro'} ",
+            "run folder": f"the run folder {sweep / 'dense_seed1'} (job 0: ",
+            "file in place of a folder": f"hydra.sweep.dir={sweep} cannot be written: {tmp_path / 'a-file'} is a "
+                                         "file, not a folder"}[where]
+    assert lines[0].startswith(f"crisp: error: {said}"), lines
+    if where != "file in place of a folder":  # which permission: a read-only file system (root), or the mode
+        assert lines[0].endswith("is on a read-only file system") or "permission denied" in lines[0], lines
+    assert not (sweep / "multirun.yaml").exists() and not results.find_all(tmp_path)
+
+
+# -------------------------------------------------------- hydra/launcher=local: its processes end with the sweep
+
+
+def end_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a sweep started in a session of its own, and every process in its group (a test that failed
+    must not leave it training)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def processes_of(sweep_dir, but: tuple[int, ...] = ()) -> list[str]:
+    """Live processes whose command line names the sweep's folder, as ``ps`` lists them: submitit's controllers
+    and jobs name their folder in <sweep>/.submitit."""
+    listed = subprocess.run(["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True, check=True).stdout
+    return [line for line in listed.splitlines() if str(sweep_dir) in line and int(line.split()[0]) not in but
+            and not line.split()[1].startswith("Z")]
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C", "kill -9"])
+def test_the_local_launchers_processes_end_with_the_sweep(tmp_path, stop):
+    sweep = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "crisp.run", "-m", *smoke_overrides(sweep, "hydra/launcher=local",
+                                                                      "trainer.max_epochs=40", sweep=True), "seed=1,2"]
+    with open(tmp_path / "sweep.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: len(list(sweep.rglob(".crisp.lock"))) == 2, timeout=300)  # both runs are training
+        assert len(processes_of(sweep, but=(proc.pid,))) == 4  # a submitit controller and a job's process per run
+        signalled = time.monotonic()
+        if stop == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        elif stop == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole foreground process group
+        else:
+            proc.kill()
+        proc.wait(timeout=60)
+        while processes_of(sweep, but=(proc.pid,)) and time.monotonic() - signalled < 10:
+            time.sleep(0.2)
+        assert not processes_of(sweep, but=(proc.pid,)), "a process of the sweep is alive 10 s after it was stopped"
+    finally:
+        end_group(proc)
+    output = (tmp_path / "sweep.log").read_text()
+    if stop == "kill -9":
+        assert proc.returncode == -signal.SIGKILL
+        return
+    assert proc.returncode == {"SIGTERM": 143, "Ctrl-C": 130}[stop], output[-3000:]
+    signame = {"SIGTERM": "SIGTERM", "Ctrl-C": "SIGINT"}[stop]
+    assert f"sweep interrupted by {signame}" in output and f"hydra.sweep.dir={sweep} to finish it" in output
+    found = records(sweep)
+    assert sorted(found) == ["dense_seed1", "dense_seed2"]
+    assert {r["error"]["type"] for r in found.values()} == {"Interrupted"}
+    assert not list(sweep.rglob(".crisp.lock"))
+
+
+def test_a_sweep_whose_runs_another_sweep_is_training_waits_for_them_and_reports_them(tmp_path):
+    """The same command run again while the first still trains: it says which process holds each run, waits,
+    and reports them; it never exits 0 with an empty report."""
+    sweep = tmp_path / "sweep"
+    grid = [*smoke_overrides(sweep, "hydra/launcher=local", "trainer.max_epochs=12", sweep=True), "seed=1,2"]
+    first = subprocess.Popen([sys.executable, "-m", "crisp.run", "-m", *grid], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        locks = [sweep / f"dense_seed{seed}" / ".crisp.lock" for seed in (1, 2)]
+        wait_for(lambda: all(lock.exists() for lock in locks), timeout=300)
+        holders = [lock.read_text().split() for lock in locks]
+        second = run_crisp("-m", *grid, timeout=900)
+        first_output, _ = first.communicate(timeout=900)
+    finally:
+        end_group(first)
+    assert first.returncode == 0, first_output[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "2 run(s) of this sweep are being trained by another process" in second.stdout, second.stdout[-3000:]
+    for seed, (host, pid, _) in zip((1, 2), holders, strict=True):
+        assert f"dense_seed{seed}: process {pid} on {host}" in second.stdout
+    assert "| dense | 0 | 2 |" in second.stdout  # its report holds both runs, trained by the first sweep
+    assert all(r["status"] == "completed" for r in records(sweep).values())
+
+
+def test_a_held_run_is_waited_for_and_one_whose_holder_died_without_a_result_is_recorded_failed(tmp_path, caplog):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from crisp.sweep.held import settle
+    from crisp.sweep.jobs import Job
+
+    holders, jobs = [], []
+    for name in ("finishes", "dies"):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        holder = subprocess.Popen(["sleep", "60"])
+        (run_dir / ".crisp.lock").write_text(f"{socket.gethostname()} {holder.pid} -")
+        record = {"run_key": f"key-{name}", "name": name, "output_dir": name, "schema": 1}
+        holders.append(holder)
+        jobs.append(Job(len(jobs), [], None, run_dir, record, tmp_path))
+    skipped = [JobReturn(status=JobStatus.COMPLETED, _return_value={**job.record, "status": "skipped"}) for job in jobs]
+
+    def the_other_process() -> None:
+        time.sleep(1)
+        results.write_atomic(jobs[0].output_dir / "results.json", {**jobs[0].record, "status": "completed"})
+        for holder in holders:  # the first let go once its run was recorded; the second was killed
+            holder.kill()
+            holder.wait()
+
+    other = threading.Thread(target=the_other_process)
+    other.start()
+    with caplog.at_level("INFO", logger="crisp"):
+        settle(jobs, skipped, poll_s=0.1)
+    other.join()
+    said = caplog.text
+    assert "2 run(s) of this sweep are being trained by another process" in said
+    assert f"finishes: process {holders[0].pid} on {socket.gethostname()}" in said
+    assert results.read(jobs[0].output_dir)["status"] == "completed"
+    died = results.read(jobs[1].output_dir)
+    assert died["status"] == "failed" and died["error"]["type"] == "NotTrained"
+    assert "ended without recording it" in died["error"]["message"]
+
+
+def test_a_run_whose_results_json_cannot_be_read_is_trained_again_and_says_so(tmp_path):
+    grid = [*smoke_overrides(tmp_path, "logger=none", sweep=True), "seed=1,2"]
+    assert run_crisp("-m", *grid).returncode == 0
+    (tmp_path / "dense_seed1" / "results.json").write_text('{"schema": 1, "status": "compl')
+    untouched = (tmp_path / "dense_seed2" / "results.json").read_bytes()
+    again = run_crisp("-m", *grid)
+    assert again.returncode == 0, again.stderr[-3000:]
+    line = next(line for line in again.stdout.splitlines() if "dense_seed1 completed" in line)
+    assert "(trained again: its previous results.json could not be read (JSONDecodeError" in line
+    record = results.read(tmp_path / "dense_seed1")
+    assert record["status"] == "completed"
+    assert record["retrained"].startswith("its previous results.json could not be read (JSONDecodeError")
+    assert (tmp_path / "dense_seed2" / "results.json").read_bytes() == untouched

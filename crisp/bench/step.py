@@ -176,10 +176,13 @@ def run_configs(overrides: list[str], seeds: int, lrs: list[str]) -> list:
 
 
 def step(args) -> dict:
+    from dataclasses import replace
+
     from omegaconf import OmegaConf
 
     from crisp.core import lifecycle
     from crisp.lockstep.group import train_group
+    from crisp.sweep.options import from_yaml
 
     steps = args.skip + args.timed + args.profiled + 1
     overrides = ["logger=none", "report.after_sweep=false", "trainer.max_epochs=1", "data.val_limit=256",
@@ -194,7 +197,7 @@ def step(args) -> dict:
             record = {"name": f"{cfg.name}-lr{cfg.optim.lr:g}", "run_key": f"bench-step-{k}"}
             runs.append((lifecycle.Run.of(record, out), cfg))
         start = time.perf_counter()
-        train_group(runs, {"callbacks": [timer]})
+        train_group(runs, replace(from_yaml("lockstep").group, callbacks=(timer,)))  # the launcher's settings
         seconds = time.perf_counter() - start
         completed = sum(1 for run, _ in runs if run.result and run.result.get("status") == "completed")
     if timer.profile is None or completed < len(runs):

@@ -5,6 +5,8 @@
 results.json already says completed with the same run_key (checked under the claim: a job that shares
 the run may just have finished it), hands the rest to ``train``, and records every outcome in
 results.json, written atomically: completed with what training returned, or failed with the error.
+A run whose earlier results.json cannot be read is trained again, and its new results.json says why
+(``retrained``).
 A run that fails alone (a NaN loss in a lockstep group) is failed by ``train`` itself; anything that
 ``train`` raises fails every run it had not finished, and no run is left without a record.
 """
@@ -97,6 +99,11 @@ class Run:
         log.error("%s failed: %s: %s", self.name, type(err).__name__, err)
         return self.result
 
+    def retrain(self, why: str) -> None:
+        """Train again a run whose earlier record cannot be read: said here and in its new results.json."""
+        self.record = {**self.record, "retrained": why}
+        log.warning("%s: %s: training it again", self.name, why)
+
     def skip(self, why: str) -> dict[str, Any]:
         self.result = {**self.record, "status": SKIPPED}
         log.info("%s: %s, skipped", self.name, why)
@@ -121,6 +128,8 @@ def attempt(runs: list[Run], train: Callable[[list[Run]], None]) -> list[dict[st
                 continue
             if results.is_completed(run.output_dir, run.record["run_key"]):
                 run.skip(f"already completed in {run.output_dir}")
+            elif (why := results.unreadable(run.output_dir)) is not None:
+                run.retrain(f"its previous {results.FILENAME} could not be read ({why})")
         todo = [run for run in runs if run.result is None]
         if todo:
             try:

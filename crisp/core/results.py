@@ -239,6 +239,18 @@ def read(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def unreadable(run_dir: Path) -> str | None:
+    """Why the results.json in ``run_dir`` cannot be read, or None when it reads (or there is none)."""
+    path = Path(run_dir) / FILENAME
+    if not path.exists():
+        return None
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None if isinstance(found, dict) else "it is not a JSON object"
+
+
 def is_completed(run_dir: Path, key: str) -> bool:
     """True when ``run_dir`` already holds a completed run with this run_key (so a resumed sweep skips it)."""
     found = read(run_dir)

@@ -26,6 +26,7 @@ from crisp.lockstep.batches import GroupDataModule
 from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import fuse, run_state_dict
 from crisp.lockstep.fused_classifier import FusedRun, LockstepClassifier
+from crisp.lockstep.options import GroupOptions
 from crisp.lockstep.run_adamw import RunOptim
 from crisp.sparsity.families import FAMILIES, REGISTRY, family_of
 from crisp.training import loggers
@@ -59,7 +60,7 @@ class Member:
         return self.run.output_dir
 
 
-def train_group(runs: list[tuple[lifecycle.Run, DictConfig]], options: dict[str, Any]) -> list[dict[str, Any]]:
+def train_group(runs: list[tuple[lifecycle.Run, DictConfig]], options: GroupOptions) -> list[dict[str, Any]]:
     """Every run of one recipe trained as one fused model; the outcome of each (see the module)."""
     members = [Member(run, cfg) for run, cfg in runs]
     by_run = {id(m.run): m for m in members}
@@ -71,7 +72,7 @@ def run_optim(cfg: DictConfig) -> RunOptim:
     return RunOptim(float(cfg.optim.lr), float(cfg.optim.weight_decay), float(cfg.optim.warmup_ratio))
 
 
-def _train(members: list[Member], options: dict[str, Any]) -> None:
+def _train(members: list[Member], options: GroupOptions) -> None:
     # runs of equal optimizer settings side by side: each set is one slice of the fused parameters (RunAdamW)
     members = sorted(members, key=lambda m: astuple(run_optim(m.cfg)))
     cfg = members[0].cfg  # the group's shared recipe (the launcher groups jobs by it), but for what runs vary
@@ -93,7 +94,7 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
         m.fused = FusedRun(m.run.name, m.built.layer_sparsity, run_optim(m.cfg), m.built.sparsifier_params or {})
     trains = [m.built.train for m in members]
     longest = max(int(s.lengths.max()) for m in members for s in (m.built.train, *m.built.vals))
-    width = max(options.get("row_width", 64), round_up(longest, 16))
+    width = max(options.row_width, round_up(longest, 16))
     random = RunRandom([m.cfg.seed for m in members], device)
     # every token id the runs' training batches can hold (0 pads packed rows)
     distinct = {id(s): s for s in trains}.values()
@@ -102,7 +103,7 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
                    projections=family_of(members[0].built.encoder).projections).to(device)
     for m in members:
         m.built.encoder = None  # fused now: the single models' tensors can go
-    workers = options.get("pack_workers", "auto")
+    workers = options.pack_workers
     vals = [list(split) for split in zip(*(m.built.vals for m in members), strict=True)]  # per split, each run's
     datamodule = GroupDataModule(trains, vals, [m.cfg.seed for m in members], cfg.data.batch_size,
                                  cfg.data.eval_batch_size, width, pin_memory=device.type == "cuda",
@@ -113,7 +114,7 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     module = LockstepClassifier(encoder, [m.fused for m in members], random, cfg, task,
                                 cuda_graphs=settings["cuda_graphs"], on_failure=lambda run: _run_failed(members, run))
     progress = Progress()
-    trainer = make_trainer(cfg, settings, members[0].output_dir, progress, callbacks=options.get("callbacks", []),
+    trainer = make_trainer(cfg, settings, members[0].output_dir, progress, callbacks=list(options.callbacks),
                            strategy=KeepOnDevice(device), devices=1, checkpointing=False)
     log.info("lockstep: training %d runs as one model (rows of %d tokens)", len(members), width)
     fit_seconds = timed_fit(trainer, module, datamodule)

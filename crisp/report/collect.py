@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -24,9 +25,10 @@ class ReportError(Exception):
 def collect(dirs: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     """One record per run_key from every results.json below ``dirs``.
 
-    A completed record beats a failed one; among equals the latest ``finished_at`` wins. A file that
-    cannot be used becomes a failed record named by its directory (``unusable``). Each record gets
-    ``results_path``.
+    A completed record beats a failed one; among equals the latest ``finished_at`` wins. Two completed
+    records of one run_key whose numbers differ (the run trained twice: in lockstep and alone, say, where
+    dropout draws differ) are said on the terminal, with both files and the one kept. A file that cannot
+    be used becomes a failed record named by its directory (``unusable``). Each record gets ``results_path``.
     """
     dirs = [Path(d) for d in dirs]
     if not dirs:
@@ -39,9 +41,30 @@ def collect(dirs: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
         record = _load(path)
         # Unusable files have no run_key: each stands for itself (resolved, so overlapping dirs count once).
         key = record.get("run_key") or f"file:{path.resolve()}"
+        if key in kept and _differ(record, kept[key]):
+            _warn_two_results(record, kept[key])
         if key not in kept or _preference(record) > _preference(kept[key]):
             kept[key] = record
     return sorted(kept.values(), key=lambda r: r["results_path"])
+
+
+def _differ(one: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Two completed results of one run whose numbers differ."""
+    completed = one.get("status") == other.get("status") == COMPLETED
+    return completed and any(one.get(k) != other.get(k) for k in ("final", "best", "history"))
+
+
+def _warn_two_results(one: dict[str, Any], other: dict[str, Any]) -> None:
+    kept, dropped = sorted((one, other), key=_preference, reverse=True)
+
+    def said(record: dict[str, Any]) -> str:
+        score = field_of(record, "final", metric_of(record))
+        number = f"{metric_of(record)} {score:.4f}" if is_number(score) else "no final score"
+        return f"{Path(record['results_path']).parent} ({number}, finished {record.get('finished_at')})"
+
+    print(f"crisp.report: warning: run {kept.get('name')} (run_key {kept.get('run_key')}) has two different "
+          f"completed results: {said(kept)} and {said(dropped)}; the report keeps the one that finished last, "
+          f"{Path(kept['results_path']).parent}", file=sys.stderr)
 
 
 def _load(path: Path) -> dict[str, Any]:

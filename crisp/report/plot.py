@@ -78,7 +78,8 @@ def _plot_table(ax, rows: pd.DataFrame, title: str) -> None:
     ax.set_ylabel(f"validation {pct(metric)}, final epoch")
     ax.set_title(f"{title}\n(error bars: std over seeds)", fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    if ax.get_legend_handles_labels()[0]:  # nothing to name when no run completed
+        ax.legend(fontsize="small", loc="best")
 
 
 def plot_cross_task(groups: Mapping[tuple[str, str], pd.DataFrame]) -> bytes:

@@ -24,7 +24,7 @@ from scipy import stats
 from crisp.core import results
 from crisp.core.data_config import without_preset_declaration
 from crisp.core.results import COMPLETED
-from crisp.report.collect import field_of, is_number, metric_of, number, portable_model, timestamp
+from crisp.report.collect import field_of, is_number, number, portable_model, timestamp
 
 DENSE = ("dense", 0.0)
 # the reference row of every table: dense, the model's own dropout (any sparsifier at sparsity 0 is dense)
@@ -56,7 +56,12 @@ class Table:
 
     @property
     def metric(self) -> str:
-        return next((metric_of(r) for r in self.records if r.get("status") == COMPLETED), "val_acc")
+        """The task's primary metric: as its completed runs recorded it, else as any of its runs did from the
+        start (a table of runs that all failed), else accuracy (results written before runs said)."""
+        for records in ([r for r in self.records if r.get("status") == COMPLETED], self.records):
+            if found := next((r["metric"] for r in records if isinstance(r.get("metric"), str)), None):
+                return found
+        return "val_acc"
 
 
 

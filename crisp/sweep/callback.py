@@ -13,46 +13,53 @@ reverse order and skips the rest when one raises.
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from crisp.core import results
 from crisp.core.config import validate
-from crisp.core.errors import ConfigError, OutOfSpace
+from crisp.core.errors import ConfigError
 from crisp.core.lifecycle import check_space
 from crisp.sweep import nvidia_mps as mps
+from crisp.sweep.config_errors import is_user_error, one_line
+from crisp.sweep.folders import check_writable
 
 log = logging.getLogger("crisp")
 
 # launchers that run each job in a process of its own: MPS serves those processes, and a job run in
 # the sweep's own process would make the sweep an MPS client that the daemon's quit waits for
 PROCESS_LAUNCHERS = ("crisp_launchers.", "hydra_plugins.hydra_submitit_launcher.")
+CRISP_LAUNCHERS = "hydra_plugins.crisp_launchers."
 
 
 class SweepCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        import sys
-
-        try:
+        with _config_errors_exit_2():
             validate(config)
+            check_writable(config.hydra.run.dir, f"hydra.run.dir={config.hydra.run.dir}")
             check_space(Path(config.hydra.run.dir))
-        except (ConfigError, OutOfSpace) as err:
-            print(f"crisp: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        with _config_errors_exit_2():
+            launcher = str(config.hydra.launcher.get("_target_", ""))
+            if launcher.startswith(CRISP_LAUNCHERS):
+                # crisp's launchers check their settings as they are built (crisp.sweep.options): built here once
+                # first, so that a setting that is not allowed stops the sweep before anything starts (MPS too)
+                instantiate(config.hydra.launcher)
+            if config.sweep.mps and not any(name in launcher for name in PROCESS_LAUNCHERS):
+                raise ConfigError(f"sweep.mps=true is not allowed with the launcher {launcher}: MPS shares one GPU "
+                                  "among runs in separate processes; use hydra/launcher=lockstep or "
+                                  "hydra/launcher=parallel")
         log.info("sweep directory: %s (to resume, run the same command with hydra.sweep.dir=%s)", sweep_dir, sweep_dir)
         if config.sweep.mps:
-            launcher = str(config.hydra.launcher.get("_target_", ""))
-            if not any(name in launcher for name in PROCESS_LAUNCHERS):
-                raise SystemExit(
-                    f"crisp: sweep.mps=true is not allowed with the launcher {launcher}: MPS shares one GPU among "
-                    "runs in separate processes; use hydra/launcher=lockstep or hydra/launcher=parallel"
-                )
             try:
                 mps.start()
             except mps.MPSError as error:
@@ -93,3 +100,16 @@ def _wandb_target(config: DictConfig) -> dict[str, Any] | None:
     mode, _ = wandb_mode(config.logger.mode)
     return {"project": config.logger.project, "entity": config.logger.entity, "mode": mode,
             "group": Path(config.hydra.sweep.dir).name, "dir": str(config.hydra.sweep.dir)}
+
+
+@contextmanager
+def _config_errors_exit_2() -> Iterator[None]:
+    """A config error (crisp's, Hydra's or OmegaConf's) as one line and exit code 2: Hydra would turn a
+    callback's exception into a warning and go on."""
+    try:
+        yield
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(f"crisp: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -8,8 +8,6 @@ forked processes for a big group: pure Python, 0.05-0.2 s a job), each job's val
 
 from __future__ import annotations
 
-from typing import Any
-
 from hydra.core.utils import JobReturn, run_job
 from hydra.types import HydraContext
 
@@ -17,6 +15,7 @@ from crisp.core import lifecycle
 from crisp.core.config import validate
 from crisp.core.errors import ConfigError
 from crisp.lockstep.group import train_group
+from crisp.lockstep.options import GroupOptions
 from crisp.sweep.jobs import Job, job_return, map_forked
 
 
@@ -27,7 +26,7 @@ def _job_setup(hydra_context: HydraContext, job: Job):
                    configure_logging=False).return_value
 
 
-def run_group(hydra_context: HydraContext, jobs: list[Job], options: dict[str, Any]) -> list[JobReturn]:
+def run_group(hydra_context: HydraContext, jobs: list[Job], options: GroupOptions) -> list[JobReturn]:
     configs = map_forked(lambda job: _job_setup(hydra_context, job), jobs)
     runs = []
     for job, cfg in zip(jobs, configs, strict=True):

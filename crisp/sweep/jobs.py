@@ -102,6 +102,15 @@ def load_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Se
     return jobs
 
 
+def primary_metric(config: dict[str, Any]) -> str | None:
+    """The results key of the metric the report compares for this config's task (``val_pearson`` for STS-B),
+    recorded from a run's start: a table of runs that all failed is still headed by its task's metric."""
+    from crisp.training.tasks import TASKS
+
+    task = TASKS.get((config.get("data") or {}).get("hub_config"))
+    return task.primary if task is not None else None
+
+
 def task_overrides(overrides: Sequence[str]) -> list[str]:
     """A job's overrides as its run records them: Hydra's own settings left out (as Hydra's overrides.task)."""
     return [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]

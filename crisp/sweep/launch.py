@@ -75,13 +75,14 @@ def log_outcome(job: Job, value: dict[str, Any], seconds: float, task: str | Non
     """One line for a run that ended: its folder in the sweep, and its primary metric or its error."""
     name = job.record["output_dir"]  # the run's name, after the keys that vary
     status, also = value.get("status"), f" (task {task})" if task else ""
+    again = f" (trained again: {value['retrained']})" if value.get("retrained") else ""
     if status == results.COMPLETED:
         metric = value.get("metric", "val_acc")
         score = (value.get("final") or {}).get(metric)
-        log.info("%s completed: %s %s (%s%.0f s)", name, metric, "?" if score is None else f"{score:.4f}",
-                 f"task {task}, " if task else "", seconds)
+        log.info("%s completed: %s %s (%s%.0f s)%s", name, metric, "?" if score is None else f"{score:.4f}",
+                 f"task {task}, " if task else "", seconds, again)
     elif status == results.FAILED:
         error = value.get("error") or {}
-        log.error("%s failed: %s: %s%s", name, error.get("type"), error.get("message"), also)
+        log.error("%s failed: %s: %s%s%s", name, error.get("type"), error.get("message"), also, again)
     else:
         log.info("%s %s%s", name, status, also)

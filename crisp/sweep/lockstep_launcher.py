@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from hydra.core.utils import JobReturn
 from omegaconf import OmegaConf
@@ -79,15 +78,6 @@ def _split(group: list[Job], parts: int) -> list[list[Job]]:
     return [group[i : i + size] for i in range(0, len(group), size)]
 
 
-def check_max_runs(value: int | str | None) -> int | str | None:
-    """``hydra.launcher.max_runs_per_group``: auto, null (one group per recipe) or a count >= 1, checked before
-    anything runs."""
-    if value in ("auto", None) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        return value
-    raise SystemExit(f"crisp: hydra.launcher.max_runs_per_group={value!r} is not allowed: use auto, null (one group "
-                     "per recipe) or a number of runs >= 1")
-
-
 def capacity(job: Job, max_runs: int | str | None, memory: int | None = None) -> int | None:
     """How many runs of ``job``'s recipe one device holds: ``max_runs``, or estimated for ``auto`` from
     ``memory`` bytes (by default this machine's smallest GPU, or its memory without one)."""
@@ -125,13 +115,6 @@ def _parameters(job: Job) -> int:
         return sum(p.numel() for p in AutoModelForSequenceClassification.from_config(_model_config(job)).parameters())
 
 
-def check_pack_workers(value: int | str) -> int | str:
-    """``hydra.launcher.pack_workers``: "auto" or a count of processes, checked before anything runs."""
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return value
-    raise SystemExit(f"crisp: hydra.launcher.pack_workers={value!r}: use auto or a number of processes >= 0")
-
-
 def _device_memory() -> int:
     """Bytes of the smallest visible GPU (nvidia-smi: no CUDA context here), or of this machine's memory."""
     if visible_gpus() and shutil.which("nvidia-smi"):
@@ -147,7 +130,8 @@ def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobR
     group of one run, or of runs that lockstep cannot train, runs each in a worker process of its own."""
     sweep_dir = launch.prepare(launcher)
     gpus = visible_gpus()
-    returns, groups = group_jobs(jobs, launcher.max_runs_per_group, len(gpus))
+    options = launcher.options  # crisp.sweep.options.LockstepOptions
+    returns, groups = group_jobs(jobs, options.max_runs_per_group, len(gpus))
     tasks = []
     for k, group in enumerate(groups):
         if alone == "process" and (len(group) == 1 or not can_fuse(group[0])):
@@ -155,11 +139,11 @@ def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobR
                       for job in group]
         else:
             log_path = sweep_dir / f"lockstep-group{k}-{launch.ATTEMPT}.log"
-            tasks.append(launch.task(launcher, f"group{k}", "lockstep", group, log_path, options=options(launcher)))
+            tasks.append(launch.task(launcher, f"group{k}", "lockstep", group, log_path, options=options.group))
     if tasks:
         pending = [job for task in tasks for job in task.spec["jobs"]]
-        ran = launch.run_tasks(sweep_dir, tasks, pending, max(1, len(gpus)), launcher.stall_timeout_s,
-                               launcher.worker_start)
+        ran = launch.run_tasks(sweep_dir, tasks, pending, max(1, len(gpus)), options.stall_timeout_s,
+                               options.worker_start)
         returns.update({job.idx: ret for job, ret in zip(pending, ran, strict=True)})
     return [returns[job.idx] for job in jobs]
 
@@ -212,7 +196,3 @@ def group_jobs(jobs: Sequence[Job], max_runs: int | str | None, devices: int,
                      100 * sum(costs[k] for k in tasks) / sum(costs))
     return returns, groups
 
-
-def options(launcher) -> dict[str, Any]:
-    """What :func:`crisp.lockstep.group.train_group` takes from the launcher's settings."""
-    return {"row_width": launcher.row_width, "pack_workers": launcher.pack_workers}

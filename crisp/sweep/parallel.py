@@ -16,4 +16,5 @@ def launch_jobs(launcher, jobs: list[Job]) -> list[JobReturn]:
     sweep_dir = launch.prepare(launcher)
     tasks = [launch.task(launcher, f"job{job.idx}-{job.name}", "jobs", [job], job.output_dir / "worker.log")
              for job in jobs]
-    return launch.run_tasks(sweep_dir, tasks, jobs, launcher.n_jobs, launcher.stall_timeout_s, launcher.worker_start)
+    options = launcher.options
+    return launch.run_tasks(sweep_dir, tasks, jobs, options.n_jobs, options.stall_timeout_s, options.worker_start)

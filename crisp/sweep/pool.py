@@ -179,18 +179,9 @@ class WorkerPool:
                        seconds=time.monotonic() - task.started if task.started else 0.0)
 
 
-WORKER_START = ("auto", "fork", "exec")
-
-
-def check_worker_start(value: str) -> str:
-    """``hydra.launcher.worker_start``, checked before anything runs."""
-    if value not in WORKER_START:
-        raise SystemExit(f"crisp: hydra.launcher.worker_start={value!r}: use one of {', '.join(WORKER_START)}")
-    return value
-
-
 def fork_workers(worker_start: str) -> bool:
-    """auto: fork where it is safe (:func:`can_fork`); fork; exec: a fresh interpreter for every worker."""
+    """auto: fork where it is safe (:func:`can_fork`); fork; exec: a fresh interpreter for every worker
+    (``hydra.launcher.worker_start``, checked by :mod:`crisp.sweep.options`)."""
     return can_fork() if worker_start == "auto" else worker_start == "fork"
 
 

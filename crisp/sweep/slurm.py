@@ -181,7 +181,7 @@ def _follow(tracked: list[Tracked], launcher, sweep_dir: Path) -> dict[int, JobR
                                         strict=True):
                         returns[job.idx] = ret
                 if active:
-                    time.sleep(launcher.poll_s)
+                    time.sleep(launcher.options.poll_s)
     except SweepInterrupted as stop:
         subprocess.run(["scancel", queue.array], capture_output=True, timeout=60)
         for t in active:

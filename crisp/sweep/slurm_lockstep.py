@@ -15,11 +15,12 @@ time limit the runs it had not finished are recorded failed (``SlurmTimeLimit``)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.utils import JobReturn, configure_log
 
+from crisp.lockstep.options import GroupOptions
 from crisp.sweep import lockstep_launcher, slurm
 from crisp.sweep.group_task import run_group
 from crisp.sweep.jobs import Job, job_return, record_failure
@@ -33,7 +34,7 @@ log = logging.getLogger("crisp")
 class LockstepTask(ArrayTask):
     """An array task that trains its jobs as one lockstep group, in the task's process."""
 
-    options: dict[str, Any] = field(default_factory=dict)  # row_width, pack_workers
+    options: GroupOptions  # row_width, pack_workers, from the launcher's settings (crisp.sweep.options)
 
     def run(self, jobs: list[Job]) -> list[JobReturn]:
         # the sweep's console logging, into the task's log: a group has no job logging of its own
@@ -48,11 +49,11 @@ class LockstepTask(ArrayTask):
 
 def launch_jobs(launcher, jobs: list[Job]) -> list[JobReturn]:
     sweep_dir = slurm.prepare(launcher)
-    auto = launcher.max_runs_per_group == "auto"
-    returns, groups = lockstep_launcher.group_jobs(jobs, launcher.max_runs_per_group, devices=1,
-                                          memory=task_memory(launcher.params) if auto else None)
-    options = lockstep_launcher.options(launcher)
-    returns.update(slurm.run_array(launcher, sweep_dir, [LockstepTask.of(launcher, group, options=options)
+    options = launcher.options  # crisp.sweep.options.SlurmLockstepOptions
+    auto = options.max_runs_per_group == "auto"
+    returns, groups = lockstep_launcher.group_jobs(jobs, options.max_runs_per_group, devices=1,
+                                                   memory=task_memory(launcher.params) if auto else None)
+    returns.update(slurm.run_array(launcher, sweep_dir, [LockstepTask.of(launcher, group, options=options.group)
                                                          for group in groups]))
     return [returns[job.idx] for job in jobs]
 

@@ -9,8 +9,9 @@ Hydra's basic sweeper expands the grid; this one then, before it writes anything
   and leaves each its own folder);
 - composes every job and checks its values (:func:`crisp.core.config.validate`): one bad value of one
   job stops the whole grid, naming the job, before any run trains;
-- checks the directories: each lies inside the sweep's directory, and jobs share one only when they
-  are the same run (equal run_keys: a dense job of each strategy is one run, trained once).
+- checks the directories: each lies inside the sweep's directory, jobs share one only when they
+  are the same run (equal run_keys: a dense job of each strategy is one run, trained once), and this
+  process can write the sweep's directory and every run's (:mod:`crisp.sweep.folders`).
 
 crisp's launchers then take the composed jobs (``launch_jobs``); Hydra's own launchers get the
 overrides, with the directory names, and compose them again as they always do.
@@ -28,7 +29,8 @@ from omegaconf import OmegaConf
 
 from crisp.core.config import validate
 from crisp.core.errors import ConfigError
-from crisp.sweep.jobs import Job, load_jobs, task_overrides
+from crisp.sweep.folders import check_writable
+from crisp.sweep.jobs import Job, load_jobs, primary_metric, task_overrides
 
 log = logging.getLogger("crisp")
 IN_THE_NAME = ("strategy", "sparsity", "seed", "name", "sparsifier")
@@ -82,6 +84,8 @@ def _shown(job: Job) -> str:
 def check(jobs: Sequence[Job]) -> None:
     """Every job's values, and every run's directory (see the module); ConfigError names the job."""
     owner: dict[Path, Job] = {}
+    if jobs:
+        check_writable(jobs[0].sweep_dir, f"hydra.sweep.dir={jobs[0].sweep_dir}")
     for job in jobs:
         root = job.sweep_dir.resolve()
         try:
@@ -93,6 +97,8 @@ def check(jobs: Sequence[Job]) -> None:
             subdir = OmegaConf.select(job.config, "hydra.sweep.subdir")
             raise ConfigError(f"hydra.sweep.subdir={subdir!r} is not allowed: it puts job {job.idx}'s run at {where}, "
                               f"outside the sweep's directory {root}")
+        if where not in owner:
+            check_writable(where, f"the run folder {where} (job {job.idx}: {_shown(job)})")
         first = owner.setdefault(where, job)
         if first.record["run_key"] != job.record["run_key"]:
             raise ConfigError(
@@ -104,6 +110,9 @@ def check(jobs: Sequence[Job]) -> None:
 def compose_and_check(sweeper, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Job]:
     jobs = load_jobs(sweeper.hydra_context, sweeper.config, job_overrides, initial_job_idx)
     check(jobs)
+    for job in jobs:  # after the checks: the tasks' module imports torch
+        if (metric := primary_metric(job.record["config"])) is not None:
+            job.record["metric"] = metric
     return jobs
 
 

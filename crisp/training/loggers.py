@@ -17,10 +17,12 @@ from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
+from crisp.core.errors import ConfigError
 from crisp.core.results import run_key
 from crisp.training.hub import reachable
 
 WANDB_HOST = "api.wandb.ai"
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # what wandb's settings take
 
 
 def group_name(config: dict[str, Any]) -> str:
@@ -40,12 +42,25 @@ def _has_api_key() -> bool:
         return False
 
 
+def _env_mode() -> str | None:
+    """``$WANDB_MODE``, checked: set but empty is taken as unset (wandb itself fails on it with a validation error
+    that never names the variable); a value wandb does not know is a ConfigError that names it."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode == "":
+        del os.environ["WANDB_MODE"]  # so that wandb does not read it either
+        return None
+    if mode is not None and mode not in WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={mode!r} is not allowed: use one of {', '.join(WANDB_MODES)}, or leave it unset")
+    return mode
+
+
 def wandb_mode(requested: str) -> tuple[str, str | None]:
     """(mode, reason when it had to fall back to offline)."""
+    env = _env_mode()
     if requested != "auto":
         return requested, None
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"], None
+    if env:
+        return env, None
     if not _has_api_key():
         return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
     if not reachable(WANDB_HOST):

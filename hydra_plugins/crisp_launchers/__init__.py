@@ -18,7 +18,8 @@ class ComposeOnceSweeper(BasicSweeper):
     """``hydra/sweeper=crisp`` (crisp's default): Hydra's basic sweeper's grid, each job composed once,
     its run directory named from what varies, and every job checked before anything is written or
     trained (:mod:`crisp.sweep.sweeper`). crisp's launchers take the composed jobs (``launch_jobs``);
-    any other launcher gets the overrides. ``grids``: a union of grids (:func:`crisp.sweep.sweeper.expand`)."""
+    any other launcher gets the overrides. ``grids``: a union of grids (:func:`crisp.sweep.sweeper.expand`).
+    Before the report, it waits for the runs that another sweep's process held (:mod:`crisp.sweep.held`)."""
 
     def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
                  grids: list[dict[str, str]] | None = None) -> None:
@@ -33,7 +34,7 @@ class ComposeOnceSweeper(BasicSweeper):
 
         from crisp.core.errors import ConfigError, OutOfSpace
         from crisp.core.lifecycle import check_space
-        from crisp.sweep import sweeper
+        from crisp.sweep import held, sweeper
 
         batches = sweeper.expand(self, arguments)
         try:
@@ -55,6 +56,8 @@ class ComposeOnceSweeper(BasicSweeper):
                 _ = ret.return_value  # as Hydra's sweeper: a job that raised raises here
             start += len(batch)
             returns.append(done)
+        # runs that another sweep's process held were skipped: wait for them (or record them failed) before the report
+        held.settle(jobs, [ret for done in returns for ret in done])
         return returns
 
 
@@ -74,11 +77,10 @@ class _ProcessLauncher(Launcher):
 class ParallelLauncher(_ProcessLauncher):
     """``hydra/launcher=parallel``: every run in its own worker process, ``n_jobs`` at once."""
 
-    def __init__(self, n_jobs: int, stall_timeout_s: float = 600, worker_start: str = "auto") -> None:
-        from crisp.sweep.pool import check_worker_start
+    def __init__(self, **settings) -> None:
+        from crisp.sweep.options import ParallelOptions, build
 
-        self.n_jobs, self.stall_timeout_s = n_jobs, stall_timeout_s
-        self.worker_start = check_worker_start(worker_start)  # before Hydra writes anything
+        self.options = build(ParallelOptions, settings)  # checked before Hydra writes anything
 
     def launch_jobs(self, jobs) -> Sequence[JobReturn]:
         from crisp.sweep.parallel import launch_jobs
@@ -89,16 +91,10 @@ class ParallelLauncher(_ProcessLauncher):
 class LockstepLauncher(_ProcessLauncher):
     """``hydra/launcher=lockstep``: runs that share a recipe trained as one fused model per group."""
 
-    def __init__(self, max_runs_per_group: int | str | None = "auto", row_width: int = 64,
-                 pack_workers: int | str = "auto", stall_timeout_s: float = 600, worker_start: str = "auto") -> None:
-        from crisp.sweep.lockstep_launcher import check_max_runs, check_pack_workers
-        from crisp.sweep.pool import check_worker_start
+    def __init__(self, **settings) -> None:
+        from crisp.sweep.options import LockstepOptions, build
 
-        # checked before Hydra writes anything
-        self.max_runs_per_group, self.row_width, self.stall_timeout_s = check_max_runs(max_runs_per_group), row_width, \
-            stall_timeout_s
-        self.pack_workers = check_pack_workers(pack_workers)
-        self.worker_start = check_worker_start(worker_start)
+        self.options = build(LockstepOptions, settings)  # checked before Hydra writes anything
 
     def launch_jobs(self, jobs) -> Sequence[JobReturn]:
         from crisp.sweep.lockstep_launcher import launch_jobs

@@ -5,7 +5,8 @@ The classes only change how jobs are launched and followed (:mod:`crisp.sweep.sl
 :mod:`crisp.sweep.slurm_lockstep`); their parameters are submitit's (``conf/hydra/launcher/slurm.yaml``)
 plus ``poll_s``, and for lockstep groups those of ``hydra/launcher=lockstep``, registered here as the
 structured configs ``crisp_slurm`` and ``crisp_slurm_lockstep`` so that a mistyped key or a wrong type
-fails at once.
+fails at once (their values, and the one default of each, are in the yamls); the values are checked when
+the launcher is built (:mod:`crisp.sweep.options`).
 """
 
 # no `from __future__ import annotations`: Hydra's plugin scanner runs this module before it is in
@@ -24,17 +25,17 @@ from omegaconf import MISSING
 @dataclass
 class SlurmArrayConf(submitit_config.SlurmQueueConf):
     _target_: str = "hydra_plugins.crisp_launchers.slurm.SlurmArrayLauncher"
-    # seconds between two looks at the array's tasks (one squeue call for the whole array)
-    poll_s: float = 10.0
+    # seconds between two looks at the array's tasks (one squeue call for the whole array); slurm.yaml sets it
+    poll_s: float = MISSING
 
 
 @dataclass
 class SlurmLockstepConf(SlurmArrayConf):
     _target_: str = "hydra_plugins.crisp_launchers.slurm.SlurmLockstepLauncher"
-    # as hydra/launcher=lockstep (conf/hydra/launcher/lockstep.yaml)
-    max_runs_per_group: Any = "auto"
-    row_width: int = 64
-    pack_workers: Any = "auto"
+    # as hydra/launcher=lockstep; slurm_lockstep.yaml sets them (types here, the one default there)
+    max_runs_per_group: Any = MISSING
+    row_width: int = MISSING
+    pack_workers: Any = MISSING
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="crisp_slurm", node=SlurmArrayConf, provider="crisp")
@@ -48,11 +49,14 @@ ConfigStore.instance().store(
 class SlurmArrayLauncher(submitit_launcher.SlurmLauncher):
     """One SLURM job array per sweep; a task that ends without its results is recorded failed, not raised."""
 
-    def __init__(self, poll_s: float = 10.0, **params: Any) -> None:
-        if not poll_s > 0:
-            raise ValueError(f"hydra.launcher.poll_s={poll_s} is not allowed: it must be a number of seconds > 0")
-        super().__init__(**params)
-        self.poll_s = float(poll_s)
+    OPTIONS = "SlurmOptions"  # its settings that crisp reads or checks (crisp.sweep.options)
+
+    def __init__(self, **params: Any) -> None:
+        from crisp.sweep import options
+
+        kind = getattr(options, self.OPTIONS)
+        self.options = options.build(kind, params, others_allowed=True)  # before anything is submitted
+        super().__init__(**options.submitit_params(kind, params))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from crisp.sweep import sweeper
@@ -68,13 +72,7 @@ class SlurmArrayLauncher(submitit_launcher.SlurmLauncher):
 class SlurmLockstepLauncher(SlurmArrayLauncher):
     """One SLURM job array per sweep whose tasks are lockstep groups: each trains its runs as one fused model."""
 
-    def __init__(self, max_runs_per_group: Any = "auto", row_width: int = 64, pack_workers: Any = "auto",
-                 **params: Any) -> None:
-        from crisp.sweep.lockstep_launcher import check_max_runs, check_pack_workers
-
-        self.pack_workers = check_pack_workers(pack_workers)  # before anything is submitted
-        super().__init__(**params)
-        self.max_runs_per_group, self.row_width = check_max_runs(max_runs_per_group), row_width
+    OPTIONS = "SlurmLockstepOptions"
 
     def launch_jobs(self, jobs) -> Sequence[JobReturn]:
         from crisp.sweep.slurm_lockstep import launch_jobs
