@@ -72,6 +72,8 @@ class CrispConf:
     strategy: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
+    callbacks: Any = field(default_factory=dict)
+    objective: str = "final"
     report: Any = None
     sweep: Any = None
 
@@ -164,6 +166,22 @@ def _check_strategy(cfg: DictConfig) -> None:
                                         f"[0, {MAX_LAYER_SPARSITY}]")
 
 
+OBJECTIVES = ("final", "best")
+
+
+def _check_checkpointing(trainer: DictConfig) -> None:
+    every = {key: trainer.get(key) for key in ("checkpoint_every_n_steps", "checkpoint_every_n_epochs")}
+    for key, value in every.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            _fail(f"trainer.{key}", value, "it must be a positive integer or null (no checkpoint)")
+    if all(v is not None for v in every.values()):
+        _fail("trainer.checkpoint_every_n_epochs", every["checkpoint_every_n_epochs"],
+              f"set it or trainer.checkpoint_every_n_steps (={every['checkpoint_every_n_steps']}), not both")
+    for key in ("keep_checkpoint", "save_checkpoint"):
+        if not isinstance(trainer.get(key, False), bool):
+            _fail(f"trainer.{key}", trainer.get(key), "choose true or false")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value whose range a type cannot express; raise ConfigError on the first bad one."""
     _check_number(cfg, "sparsity", 0, 1, closed_high=False)
@@ -188,6 +206,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             _fail(key, value, "it must be a positive integer")
+    if cfg.get("objective", "final") not in OBJECTIVES:
+        _fail("objective", cfg.objective, f"choose {' or '.join(OBJECTIVES)} (the task's primary metric at the final "
+                                          "epoch, or at its best epoch)")
+    _check_checkpointing(cfg.trainer)
     if not isinstance(cfg.trainer.get("save_weights", False), bool):
         _fail("trainer.save_weights", cfg.trainer.save_weights, "choose true or false")
     if cfg.trainer.cuda_graphs not in ("auto", True, False):

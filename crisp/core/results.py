@@ -19,7 +19,12 @@ SCHEMA_VERSION = 1
 COMPLETED, FAILED = "completed", "failed"
 
 # Keys that say where or how a run is watched, not what it computes: they stay out of the run_key.
-NOT_IN_KEY = ("hydra", "logger", "paths", "report", "sweep")
+NOT_IN_KEY = ("hydra", "logger", "paths", "report", "sweep", "objective")
+# trainer keys added after runs were recorded, at the values that leave a run as it was: out of the key
+TRAINER_DEFAULTS = {"accumulate_grad_batches": 1, "gradient_clip_val": None, "val_check_interval": None}
+# trainer keys that say when a run keeps its checkpoint, never what it computes: a run resumed with another
+# checkpoint interval is the same run
+TRAINER_NOT_IN_KEY = ("checkpoint_every_n_steps", "checkpoint_every_n_epochs", "keep_checkpoint")
 
 
 def effective_strategy(strategy: str, sparsity: float) -> str:
@@ -28,11 +33,19 @@ def effective_strategy(strategy: str, sparsity: float) -> str:
 
 
 def _without_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """A config whose dropout is every model's own hashes as it did before crisp had that key: runs
-    recorded then still resume and pair with runs recorded now."""
+    """A config hashes as it did before crisp had the keys it leaves at their defaults (dropout left to the
+    model, no callbacks, Lightning's own accumulation, clipping and validation interval) or that never
+    change a run (when it checkpoints): runs recorded then still resume and pair with runs recorded now."""
     dropout = config.get("dropout")
     if isinstance(dropout, dict) and all(v is None for v in dropout.values()):
         config = {k: v for k, v in config.items() if k != "dropout"}
+    if "callbacks" in config and not config["callbacks"]:
+        config = {k: v for k, v in config.items() if k != "callbacks"}
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict):
+        trainer = {k: v for k, v in trainer.items() if k not in TRAINER_NOT_IN_KEY
+                   and not (k in TRAINER_DEFAULTS and v == TRAINER_DEFAULTS[k])}
+        config = {**config, "trainer": trainer}
     return config
 
 
