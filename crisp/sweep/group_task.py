@@ -37,4 +37,5 @@ def run_group(hydra_context: HydraContext, jobs: list[Job], options: dict[str, A
         except ConfigError as err:
             run.fail(err)
         runs.append((run, cfg))
+    options = {**options, "sweep_id": jobs[0].sweep_dir.name}  # the W&B runs' sweep
     return [job_return(job, outcome) for job, outcome in zip(jobs, train_group(runs, options), strict=True)]

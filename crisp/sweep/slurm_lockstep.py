@@ -48,6 +48,7 @@ class LockstepTask(ArrayTask):
 
 def launch_jobs(launcher, jobs: list[Job]) -> list[JobReturn]:
     sweep_dir = slurm.prepare(launcher)
+    lockstep_launcher.check_lockstep(jobs)
     auto = launcher.max_runs_per_group == "auto"
     returns, groups = lockstep_launcher.group_jobs(jobs, launcher.max_runs_per_group, devices=1,
                                           memory=task_memory(launcher.params) if auto else None)

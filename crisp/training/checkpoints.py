@@ -84,6 +84,14 @@ def write_info(run_dir: Path, run_key: str, where: dict[str, Any], wandb_id: str
     results.write_atomic(Path(run_dir) / DIR / INFO, {"run_key": run_key, **where, "wandb_id": wandb_id})
 
 
+def save_file(checkpoint: dict[str, Any], path: Path) -> None:
+    """A checkpoint written whole or not at all (a temp file, then a rename), as Lightning writes its own."""
+    from lightning_fabric.utilities.cloud_io import _atomic_save
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(checkpoint, path)
+
+
 def read_info(folder: Path) -> dict[str, Any]:
     """``last.json`` in a run's checkpoint folder: which run, where it was, its W&B run."""
     return results.read(Path(folder) / INFO) or {}

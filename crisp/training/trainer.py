@@ -72,6 +72,10 @@ class Progress(pl.Callback):
     def on_validation_batch_end(self, *args) -> None:
         heartbeat.beat()
 
+    def elapsed(self) -> float:
+        """Seconds since training started (a run that leaves its group early is timed by it)."""
+        return time.perf_counter() - self._start
+
     def on_train_end(self, trainer, module) -> None:
         self.train_seconds = time.perf_counter() - self._start
 
@@ -150,6 +154,13 @@ MANUAL = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorit
 def not_in_lockstep(cfg: DictConfig) -> list[str]:
     """The ``trainer`` settings a fused lockstep group cannot apply per run (those runs train one process each)."""
     return sorted(f"trainer.{k}" for k in user_options(cfg) if k not in PER_RUN_IN_LOCKSTEP)
+
+
+def lockstep_blockers(cfg: DictConfig) -> list[str]:
+    """What a fused lockstep group cannot apply to each of its runs: trainer settings and callbacks, by name."""
+    from crisp.training.callbacks import not_in_lockstep as callbacks_not_in_lockstep
+
+    return not_in_lockstep(cfg) + callbacks_not_in_lockstep(cfg)
 
 
 def manual_settings(cfg: DictConfig) -> dict[str, Any]:
