@@ -24,7 +24,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from crisp.core import lifecycle, results
-from crisp.core.config import CONF_DIR, register_configs, register_resolvers, resolved_config, written_config
+from crisp.core.config import (
+    CONF_DIR,
+    register_configs,
+    register_resolvers,
+    resolved_config,
+    scan_plugins,
+    written_config,
+)
 from crisp.core.errors import USER_ERRORS
 from crisp.core.objective import RunResult, run_result
 from crisp.training.ddp import is_child_rank
@@ -73,6 +80,7 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main() -> None:
+    scan_plugins()  # hydra/sweeper=optuna with crisp's defaults (it maximises the runs' objective)
     _hydra_main()
 
 

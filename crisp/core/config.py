@@ -95,6 +95,30 @@ def written_config(cfg: DictConfig) -> dict[str, Any]:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="crisp_schema", node=CrispConf)
+    register_optuna()
+
+
+def register_optuna() -> None:
+    """``hydra/sweeper=optuna`` with crisp's defaults: it maximises each run's objective (the task's primary
+    metric; :mod:`crisp.core.objective`), two trials at a time (the default launcher trains two trials that
+    share a recipe as one lockstep group), as the study ``crisp``. Stored in place of the plugin's own node once
+    Hydra has scanned its plugins (the scan runs the plugin's module, which stores its node again): the entry
+    point calls this after :func:`scan_plugins`. Without the plugin, nothing."""
+    try:
+        from hydra_plugins.hydra_optuna_sweeper.config import Direction, OptunaSweeperConf
+    except ImportError:
+        return
+    ConfigStore.instance().store(group="hydra/sweeper", name="optuna", provider="optuna_sweeper",
+                                 node=OptunaSweeperConf(direction=Direction.maximize, study_name="crisp", n_jobs=2))
+
+
+def scan_plugins() -> None:
+    """Hydra's plugin scan now (once per process; Hydra would run it when it starts), then crisp's nodes that
+    replace a plugin's (:func:`register_optuna`)."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()
+    register_optuna()
 
 
 def run_name(strategy: str, sparsity: float, seed: int) -> str:

@@ -82,6 +82,10 @@ def write_report(config: DictConfig, sweep_dir: Path) -> list[str]:
         summary = write([sweep_dir], log_wandb=_wandb_target(config))
         print(format_all(summary), flush=True)
         log.info("report: %s (table, plot: report.png, numbers: report.csv)", sweep_dir / "report.md")
+    from crisp.sweep import optimise
+
+    if optimise.optimises(config) and (best := optimise.best_trial(config, sweep_dir)):
+        log.info("%s", best)
     return failed
 
 
