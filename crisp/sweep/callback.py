@@ -94,6 +94,10 @@ def _wandb_target(config: DictConfig) -> dict[str, Any] | None:
         return None
     from crisp.training.loggers import wandb_mode
 
+    from crisp.training.loggers import sweep_tag
+
     mode, _ = wandb_mode(config.logger.mode)
+    sweep_id = Path(config.hydra.sweep.dir).name  # as every run of the sweep carries it (crisp.training.loggers)
     return {"project": config.logger.project, "entity": config.logger.entity, "mode": mode,
-            "group": Path(config.hydra.sweep.dir).name, "dir": str(config.hydra.sweep.dir)}
+            "group": sweep_id, "dir": str(config.hydra.sweep.dir), "tags": [sweep_tag(sweep_id)],
+            "config": {"sweep_id": sweep_id}, "name": f"report-{sweep_id}"}
