@@ -92,9 +92,7 @@ def write_report(config: DictConfig, sweep_dir: Path) -> list[str]:
 def _wandb_target(config: DictConfig) -> dict[str, Any] | None:
     if config.logger.name != "wandb":
         return None
-    from crisp.training.loggers import wandb_mode
-
-    from crisp.training.loggers import sweep_tag
+    from crisp.training.loggers import sweep_tag, wandb_mode
 
     mode, _ = wandb_mode(config.logger.mode)
     sweep_id = Path(config.hydra.sweep.dir).name  # as every run of the sweep carries it (crisp.training.loggers)
