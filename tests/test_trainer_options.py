@@ -114,11 +114,12 @@ class GradNorms(pl.Callback):
     """Records each optimizer step's gradient norm after clipping (the gradients stay until the next step)."""
 
     def __init__(self, path):
-        self.path = path
+        self.path, self.step = path, 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if grads:
+        if grads and trainer.global_step > self.step:  # the optimizer stepped after this batch
+            self.step = trainer.global_step
             norm = float(torch.cat([g.flatten() for g in grads]).norm())
             with open(self.path, "a") as f:
                 f.write(json.dumps([trainer.global_step, norm]) + "\\n")
@@ -148,7 +149,7 @@ def test_accumulation_clipping_and_validation_interval_reach_a_single_run(tmp_pa
     validations = [r for r in rows if r.get("val/acc")]
     assert len(validations) == 4  # twice an epoch
     norms = [json.loads(line)[1] for line in (tmp_path / "norms.jsonl").read_text().splitlines()]
-    assert len(norms) == 16 and max(norms) == pytest.approx(0.01, rel=1e-4)  # every step clipped to 0.01
+    assert len(norms) == 8 and norms == pytest.approx([0.01] * 8, rel=1e-4)  # every step's clipped to 0.01
     record = json.loads((out / "results.json").read_text())
     assert record["status"] == "completed" and len(record["history"]) == 2
 
@@ -183,3 +184,19 @@ def test_an_option_lockstep_cannot_apply_per_run_routes_its_jobs_with_one_line_o
                       "process each") == 1
     found = [json.loads(p.read_text()) for p in (tmp_path / "auto").rglob("results.json")]
     assert len(found) == 2 and all(r["status"] == "completed" and "lockstep" not in r["timing"] for r in found)
+
+
+def test_the_cuda_graph_step_sums_accumulated_gradients_as_lightning_scales_them():
+    """In manual optimization (CUDA graphs) crisp accumulates itself: each step's gradient, written afresh by the
+    graph, is added to a sum scaled by 1/accumulate; the last step's gradient becomes the whole sum."""
+    from crisp.training.cuda_graphs import GraphedTrainStep
+
+    step = GraphedTrainStep.__new__(GraphedTrainStep)  # (its graphs need CUDA; the sum does not)
+    param = torch.nn.Parameter(torch.zeros(3))
+    step.params, step._sum = [param], None
+    grads = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 0.0, -1.0]), torch.tensor([2.0, 4.0, 4.0])]
+    for k, grad in enumerate(grads):
+        param.grad = grad.clone()  # as a graph's replay overwrites its gradient buffer
+        step._accumulate(1 / 3, into_grads=k == 2)
+    torch.testing.assert_close(param.grad, sum(grads) / 3)
+    assert torch.equal(step._sum[0], torch.zeros(3))  # the next sum starts from nothing

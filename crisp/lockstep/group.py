@@ -156,8 +156,9 @@ def _train(members: list[Member], options: dict[str, Any], resume: bool = False)
     fit_seconds = timed_fit(trainer, module, datamodule, ckpt_path=first_checkpoint if resume else None)
     if trainer.interrupted:
         raise RuntimeError("training was interrupted")
-    done = [(position, m) for position, m in enumerate(m for m in members if m.fused in module.runs)
-            if m.run.result is None]
+    # each run still in the group, at its place in the fused model, that no early stop completed already
+    done = [(position, m) for position, run in enumerate(module.runs) for m in members
+            if m.fused is run and m.run.result is None]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     group.update({"completed": len(done), "peak_gpu_memory_mb": None if peak is None else round(peak, 1)})
     for position, m in done:

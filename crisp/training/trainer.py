@@ -56,13 +56,18 @@ class Progress(pl.Callback):
     def _batches(trainer) -> int:
         """Training batches done in the whole fit (a resumed fit starts past 0)."""
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return trainer.current_epoch * int(trainer.num_training_batches) + done
+        per_epoch = trainer.num_training_batches
+        return trainer.current_epoch * int(per_epoch) + done if math.isfinite(per_epoch) else done
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.samples += int(batch["labels"].numel()) if isinstance(batch, dict) and "labels" in batch else 0
         elapsed = time.perf_counter() - self._start
-        total = int(trainer.max_epochs) * int(trainer.num_training_batches)
-        step = trainer.current_epoch * int(trainer.num_training_batches) + batch_idx + 1
+        per_epoch = trainer.num_training_batches
+        if not math.isfinite(per_epoch) or not trainer.max_epochs or trainer.max_epochs < 1:
+            heartbeat.beat()  # no length to measure progress against
+            return
+        total = int(trainer.max_epochs) * int(per_epoch)
+        step = trainer.current_epoch * int(per_epoch) + batch_idx + 1
         rate = (step - self._first_batch) / elapsed if elapsed > 0 else 0.0
         heartbeat.report({"runs": len(getattr(module, "runs", [None])), "epoch": trainer.current_epoch + 1,
                           "epochs": int(trainer.max_epochs), "step": step, "steps": total,
