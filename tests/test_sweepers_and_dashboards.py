@@ -59,7 +59,8 @@ def test_optuna_over_sparsity_names_its_best_trial_and_the_report_reads_its_fold
                             capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "report.md").read_text()
-    assert all(f"| uniform | {r['sparsity']:g} | 1 |" in table for r in records.values() if r["sparsity"] > 0)
+    rows = [f"| uniform | {round(r['sparsity'], 6):g} | 1 |" for r in records.values() if r["sparsity"] > 0]
+    assert rows and all(row in table for row in rows), table  # a row for each trial (the report rounds to 6 places)
 
 
 # ---------------------------------------------------------------------------------------------- W&B

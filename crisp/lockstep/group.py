@@ -5,7 +5,9 @@ claim, skip what completed, train, record), as a single run goes through it. Eac
 one run builder (:class:`crisp.training.builder.RunBuilder`), exactly as a single run is; then the runs'
 models are fused (:mod:`crisp.lockstep.fused`) and trained together by a Trainer from the one factory
 (:func:`crisp.training.trainer.make_trainer`), and each run gets its own results.json (same schema and
-run_key as alone), logger and statistics.
+run_key as alone), logger and statistics. A run that early stopping stops completes and leaves the group
+(:mod:`crisp.lockstep.per_run`); with checkpointing on, each run keeps its own checkpoint and an interrupted
+group resumes from them (:mod:`crisp.lockstep.checkpoints`).
 """
 
 from __future__ import annotations

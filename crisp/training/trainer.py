@@ -2,8 +2,10 @@
 
 :func:`trainer_settings` turns the config's ``auto`` values into this machine's (accelerator, precision,
 progress refresh, CUDA graphs, batch padding); :func:`make_trainer` builds the Trainer from them with the
-callbacks every crisp run has (a progress bar, and :class:`Progress`, which keeps the sweep's heartbeat and
-times training) and what the caller adds (a logger, its own callbacks, a device strategy).
+callbacks every crisp run has (a progress bar, and :class:`Progress`, which keeps the sweep's heartbeat, says
+where training is and times it) and what the caller adds (a logger, its callbacks, a device strategy, a
+checkpoint IO). Every Lightning argument a user sets under ``trainer`` reaches it (:func:`lightning_options`);
+:func:`not_in_lockstep` names those a fused lockstep group cannot apply to each of its runs.
 """
 
 from __future__ import annotations
