@@ -38,6 +38,7 @@ def test_hydra_sweeper_optuna_maximises_with_crisps_defaults():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "hydra/sweeper=optuna"], return_hydra_config=True)
     assert cfg.hydra.sweeper.direction.name == "maximize" and cfg.hydra.sweeper.study_name == "crisp"
+    assert cfg.hydra.sweeper.sampler.seed == 1  # the same command asks for the same trials again
     assert make("experiment=smoke").objective == "final"
 
 

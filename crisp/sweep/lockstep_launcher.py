@@ -145,7 +145,7 @@ def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobR
     for k, group in enumerate(groups):
         blocked = lockstep_blocker(group[0]) if len(group) > 1 else None
         if blocked:
-            log.info("crisp: %s cannot apply per run in a fused lockstep group: its %d runs train one process each",
+            log.info("%s cannot apply per run in a fused lockstep group: its %d runs train one process each",
                      blocked, len(group))
         if alone == "process" and (len(group) == 1 or blocked or not can_fuse(group[0])):
             tasks += [launch.task(launcher, f"job{job.idx}-{job.name}", "jobs", [job], job.output_dir / "worker.log")

@@ -28,7 +28,7 @@ def group_name(config: dict[str, Any], written: dict[str, Any] | None = None) ->
     readable name + hash. The hash is of the config as written (``written``), before interpolation, so that
     a value derived from the seed (``data.data_seed: ${seed}``) does not split the seeds apart."""
     source = written if written is not None else config
-    without_seed = {k: v for k, v in source.items() if k not in ("seed", "name", "tags", "callbacks")}
+    without_seed = {k: v for k, v in source.items() if k not in ("seed", "name", "tags")}
     digest = hashlib.sha256(json.dumps(run_key(without_seed)).encode()).hexdigest()[:6]
     name = config["name"].rsplit("_seed", 1)[0]
     return f"{name}-{digest}"
