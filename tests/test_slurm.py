@@ -303,7 +303,7 @@ def test_a_requeued_task_resumes_its_run_from_its_checkpoint_and_ends_as_if_neve
     assert reference.returncode == 0, reference.stderr[-3000:]
     out = tmp_path / "sweep"
     sweep = Sweep(slurm, out, *SMALL, *launcher(slurm), f"hydra.sweep.dir={out}", "trainer.checkpoint_every_n_steps=3",
-                  "seed=1")
+                  "sweep.progress_every_s=1", "seed=1")
     [task] = sweep.tasks(1).values()
     info = out / "dense_seed1" / "checkpoints" / "last.json"
 
@@ -324,3 +324,6 @@ def test_a_requeued_task_resumes_its_run_from_its_checkpoint_and_ends_as_if_neve
         assert (weights[key] - tensor).abs().max() < 1e-6, key
     assert f"task {task} (dense_seed1) was requeued (restart 1)" in sweep.log
     assert "resuming from" in task_log(out, task).split("Starting with JobEnvironment")[-1]
+    # the sweep showed where the task's training was, as it followed the array
+    assert re.search(rf"task {task} \(dense_seed1\): 1 run \| epoch [123]/3 \| step \d+/48", sweep.log)
+    assert not (out / ".crisp").exists()

@@ -102,9 +102,9 @@ def register_optuna() -> None:
     """``hydra/sweeper=optuna`` with crisp's defaults: it maximises each run's objective (the task's primary
     metric; :mod:`crisp.core.objective`), two trials at a time (the default launcher trains two trials that
     share a recipe as one lockstep group), as the study ``crisp``, its TPE sampler seeded (the same command
-    again asks for the same trials: each finds its run completed in its directory). Stored in place of the plugin's own node once
-    Hydra has scanned its plugins (the scan runs the plugin's module, which stores its node again): the entry
-    point calls this after :func:`scan_plugins`. Without the plugin, nothing."""
+    again asks for the same trials: each finds its run completed in its directory). Stored in place of the
+    plugin's own nodes once Hydra has scanned its plugins (the scan runs the plugin's module, which stores its
+    nodes again): the entry point calls this after :func:`scan_plugins`. Without the plugin, nothing."""
     try:
         from hydra_plugins.hydra_optuna_sweeper.config import Direction, OptunaSweeperConf, TPESamplerConfig
     except ImportError:
