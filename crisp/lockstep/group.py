@@ -158,6 +158,10 @@ def _train(members: list[Member], options: dict[str, Any], resume: bool = False)
     fit_seconds = timed_fit(trainer, module, datamodule, ckpt_path=first_checkpoint if resume else None)
     if trainer.interrupted:
         raise RuntimeError("training was interrupted")
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:  # as a run alone says it stopped
+        for run in module.runs:
+            if run.stopped is None and len(run.history) < cfg.trainer.max_epochs:
+                run.stopped = {"epoch": trainer.current_epoch, "step": trainer.global_step, "by": "trainer.max_steps"}
     # each run still in the group, at its place in the fused model, that no early stop completed already
     done = [(position, m) for position, run in enumerate(module.runs) for m in members
             if m.fused is run and m.run.result is None]
