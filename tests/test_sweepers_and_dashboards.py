@@ -152,3 +152,30 @@ def test_progress_lines_say_runs_epoch_step_throughput_and_time_left(tmp_path, c
         shown.show([SimpleNamespace(label="group0", files=tmp_path)])
         shown.show([SimpleNamespace(label="group0", files=tmp_path)])  # unchanged: not repeated
     assert [r.getMessage() for r in caplog.records] == [line("group0", status)]
+
+
+def test_on_a_terminal_the_progress_lines_are_redrawn_in_place(tmp_path, monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    from crisp.sweep.progress import ProgressLines
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    for name, step in (("a", 3), ("b", 7)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "heartbeat").write_text(json.dumps({"runs": 1, "epoch": 1, "epochs": 2, "step": step,
+                                                                "steps": 10, "samples_per_s": 5.0, "eta_s": 9}))
+    screen = Terminal()
+    shown = ProgressLines(stream=screen)
+    tasks = [SimpleNamespace(label=name, files=tmp_path / name) for name in ("a", "b")]
+    shown.show(tasks)
+    shown.show(tasks)  # the two lines again, over the first two: cursor up two lines, erase, write
+    first = ("a: 1 run | epoch 1/2 | step 3/10 | 5 samples/s | ETA 0:09\n"
+             "b: 1 run | epoch 1/2 | step 7/10 | 5 samples/s | ETA 0:09\n")
+    assert screen.getvalue() == first + "\x1b[2F\x1b[J" + first
+    shown.clear()
+    assert screen.getvalue().endswith("\x1b[2F\x1b[J")
