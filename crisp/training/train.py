@@ -25,6 +25,7 @@ from crisp.training.classifier import SparseClassifier
 from crisp.training.data import TaskDataModule
 from crisp.training.ddp import use_crisp_rank_command
 from crisp.training.outcome import run_outcome, save_weights, stopped_early
+from crisp.training.tasks import task_of
 from crisp.training.trainer import (
     Progress,
     device_of,
@@ -42,6 +43,7 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path, *, written:
     """Train one run of a validated config in this process; returns what results.json records of it.
     ``written``: the config as written (its W&B group); ``sweep_id``: the sweep it belongs to."""
     check_hub(cfg)
+    callbacks = user_callbacks.build(cfg, task_of(cfg.data), output_dir)  # a bad one fails before the model loads
     settings = trainer_settings(cfg)
     use_matmul_precision(cfg, settings)
     # DDP ranks move the model to their own GPU: build it on the host
@@ -61,7 +63,6 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path, *, written:
     resume = _resume_info(resume_from)
     if resume_from is not None:
         log.info("%s: resuming from %s (step %d)", cfg.name, resume_from, resume["global_step"])
-    callbacks = user_callbacks.build(cfg, built.task, output_dir)
     plugins = []
     if keeping is not None:
         callbacks.append(checkpoints.ResumeCheckpoint(output_dir / checkpoints.DIR / checkpoints.LAST,
