@@ -56,6 +56,12 @@ def test_optuna_over_sparsity_names_its_best_trial_and_the_report_reads_its_fold
     assert line and line.group(1) == best and float(line.group(2)) == pytest.approx(records[best]["final"]["val_acc"],
                                                                                     abs=1e-4)
     assert "Best value: " in said  # Optuna's own summary: the value crisp handed it
+    # the same command again: its seeded sampler asks for the same trials, each found completed, and the skipped
+    # runs hand Optuna the objectives they completed with
+    again = run_crisp("-m", "experiment=smoke", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4",
+                      "sparsity=interval(0,0.9)", f"hydra.sweep.dir={tmp_path}")
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("already completed") == 4
+    assert line.group(0) in again.stdout + again.stderr
     report = subprocess.run([sys.executable, "-m", "crisp.report", str(tmp_path), "--quiet"], cwd=ROOT,
                             capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
