@@ -112,14 +112,14 @@ def test_a_two_seed_grid_on_wandb_offline_one_group_the_sweep_id_everywhere_and_
     shows progress lines (runs, epoch, step, samples/s, ETA) before its first run completes."""
     sweep = tmp_path / "sweep"
     argv = [sys.executable, "-u", "-m", "crisp.run", "-m",
-            *smoke_overrides(sweep, "logger=wandb", "data.num_train=512", "trainer.max_epochs=2",
+            *smoke_overrides(sweep, "logger=wandb", "data.num_train=2048", "trainer.max_epochs=2",
                              "sweep.progress_every_s=0.5", sweep=True), "seed=1,2", "sparsity=0,0.8"]
     env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = proc.stdout.read().splitlines()
     assert proc.wait(timeout=900) == 0, "\n".join(lines[-40:])
     first_completed = next(i for i, text in enumerate(lines) if re.search(r"\S+ completed: val_acc", text))
-    shape = r"group0: 4 runs \| epoch [12]/2 \| step \d+/32 \| [\d,]+ samples/s \| ETA \d+:\d\d"
+    shape = r"group0: 4 runs \| epoch [12]/2 \| step \d+/128 \| [\d,]+ samples/s \| ETA \d+:\d\d"
     progress = [text for text in lines[:first_completed] if re.search(shape, text)]
     assert progress, "\n".join(lines[:first_completed])
     runs = {name: wandb_records(sweep / name) for name in

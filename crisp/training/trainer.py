@@ -74,7 +74,8 @@ class Progress(pl.Callback):
         heartbeat.report({"runs": len(getattr(module, "runs", [None])), "epoch": trainer.current_epoch + 1,
                           "epochs": int(trainer.max_epochs), "step": step, "steps": total,
                           "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
-                          "eta_s": (total - step) / rate if rate > 0 else None})
+                          "eta_s": (total - step) / rate if rate > 0 else None},
+                         force=step == self._first_batch + 1)  # the first at once, then every few seconds
 
     def on_validation_batch_end(self, *args) -> None:
         heartbeat.beat()
