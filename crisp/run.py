@@ -27,8 +27,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from crisp.core import lifecycle, results
-from crisp.core.config import CONF_DIR, register_configs, register_resolvers, resolved_config, written_config
+from crisp.core.config import (
+    CONF_DIR,
+    register_configs,
+    register_resolvers,
+    resolved_config,
+    scan_plugins,
+    written_config,
+)
 from crisp.core.errors import USER_ERRORS
+from crisp.core.objective import RunResult, run_result
 from crisp.sweep.jobs import primary_metric
 from crisp.training.ddp import is_child_rank
 
@@ -37,8 +45,9 @@ register_configs()
 register_resolvers()
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one configuration; returns what was written to results.json (or the skip record)."""
+def run(cfg: DictConfig) -> RunResult:
+    """Run one configuration; returns what was written to results.json (or the skip record), which is also, as
+    a float, the run's objective for a sweeper that optimises (:mod:`crisp.core.objective`)."""
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -47,14 +56,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if is_child_rank():  # a DDP rank > 0: train alongside rank 0, which writes the results
         train(cfg, resolved_config(cfg), output_dir)
         return {"status": "ddp-rank"}
-    config = resolved_config(cfg)
+    config, written = resolved_config(cfg), written_config(cfg)
     base = Path(hydra_cfg.sweep.dir) if in_sweep else None
-    record = results.run_record(config, output_dir, list(hydra_cfg.overrides.task), base, written_config(cfg))
+    record = results.run_record(config, output_dir, list(hydra_cfg.overrides.task), base, written)
     if (metric := primary_metric(config)) is not None:
         record["metric"] = metric  # a run that fails before it trains still says which metric its table compares
     one = lifecycle.Run.of(record, output_dir)
+    sweep_id = base.name if base is not None else None
+
+    def train_one(todo: list[lifecycle.Run]) -> None:
+        todo[0].complete(train(cfg, config, output_dir, written=written, sweep_id=sweep_id))
+
     try:
-        [payload] = lifecycle.attempt([one], lambda todo: todo[0].complete(train(cfg, config, output_dir)))
+        [payload] = lifecycle.attempt([one], train_one)
     finally:
         gc.collect()
     error = payload.get("error") or {}
@@ -63,7 +77,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print(f"crisp: error: {error['message']}", file=sys.stderr)  # one clear line; details in results.json
             sys.exit(2)
         sys.exit(1)  # its traceback is logged above
-    return payload
+    return run_result(payload, output_dir, cfg.get("objective", "final"))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -78,6 +92,7 @@ def main() -> None:
     trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        scan_plugins()  # hydra/sweeper=optuna with crisp's defaults (it maximises the runs' objective)
         _hydra_main()
     except Exception as err:
         from crisp.sweep.config_errors import is_user_error, one_line

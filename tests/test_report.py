@@ -356,6 +356,9 @@ class FakeWandb(types.ModuleType):
     def Table(self, dataframe):  # noqa: N802 (wandb's name)
         return ("table", dataframe)
 
+    def Image(self, path):  # noqa: N802 (wandb's name)
+        return ("image", path)
+
     def log(self, data):
         if self.fail_on_log:
             raise RuntimeError("network down")
@@ -374,6 +377,9 @@ def test_wandb_logs_the_table(sweep, monkeypatch):
     kind, table = logged["report"]
     assert kind == "table" and list(table.columns) == COLUMNS and len(table) == 4
     assert table["final_std"].tolist()[2] is None  # missing values are None for wandb
+    kind, paired = logged["paired_delta"]  # the paired difference against dense, the rows that have one
+    assert kind == "table" and "diff_vs_dense_mean" in paired.columns and (paired["n_pairs"] > 0).all()
+    assert logged["plot"] == ("image", str(sweep / "report.png"))
     assert finish == ("finish",)
 
 

@@ -290,3 +290,40 @@ def test_a_task_past_its_time_limit_is_requeued_then_recorded_failed(slurm, tmp_
     assert (f"SLURM task {task} reached its time limit (timeout_min=1) and has no requeue left (max_num_timeout=1)"
             in record["error"]["message"])
     assert task_log(out, task).count("Starting with JobEnvironment") == 2
+
+
+def test_a_requeued_task_resumes_its_run_from_its_checkpoint_and_ends_as_if_never_interrupted(slurm, tmp_path):
+    """With checkpointing on, a task requeued (preempted) inside its run's second epoch comes back and trains on
+    from the run's last checkpoint: the same history and weights as the run trained without interruption."""
+    from safetensors.torch import load_file
+
+    from tests.test_resume import SMALL
+
+    reference = run_crisp(*SMALL, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "sweep"
+    sweep = Sweep(slurm, out, *SMALL, *launcher(slurm), f"hydra.sweep.dir={out}", "trainer.checkpoint_every_n_steps=3",
+                  "sweep.progress_every_s=1", "seed=1")
+    [task] = sweep.tasks(1).values()
+    info = out / "dense_seed1" / "checkpoints" / "last.json"
+
+    def inside_second_epoch():
+        where = results.read(info) or {}
+        return where.get("epoch") == 1 and where.get("batches", 0) > 0
+
+    wait_for(inside_second_epoch, 600, "a checkpoint inside the second epoch", sweep.proc)
+    slurm.run("scontrol", "requeue", task)
+    assert sweep.wait(900) == 0, sweep.log[-3000:]
+    found = results.read(out / "dense_seed1")
+    whole = results.read(tmp_path / "whole")
+    assert found["status"] == "completed" and found["resumed_from_step"] > 16
+    assert found["history"] == whole["history"] and found["final"] == whole["final"]
+    weights, expected = load_file(out / "dense_seed1" / "model.safetensors"), load_file(tmp_path / "whole" /
+                                                                                       "model.safetensors")
+    for key, tensor in expected.items():
+        assert (weights[key] - tensor).abs().max() < 1e-6, key
+    assert f"task {task} (dense_seed1) was requeued (restart 1)" in sweep.log
+    assert "resuming from" in task_log(out, task).split("Starting with JobEnvironment")[-1]
+    # the sweep showed where the task's training was, as it followed the array
+    assert re.search(rf"task {task} \(dense_seed1\): 1 run \| epoch [123]/3 \| step \d+/48", sweep.log)
+    assert not (out / ".crisp").exists()

@@ -67,6 +67,8 @@ class CrispConf:
     strategy: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
+    callbacks: Any = field(default_factory=dict)
+    objective: str = "final"
     report: Any = None
     sweep: Any = None
 
@@ -88,6 +90,33 @@ def written_config(cfg: DictConfig) -> dict[str, Any]:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="crisp_schema", node=CrispConf)
+    register_optuna()
+
+
+def register_optuna() -> None:
+    """``hydra/sweeper=optuna`` with crisp's defaults: it maximises each run's objective (the task's primary
+    metric; :mod:`crisp.core.objective`), two trials at a time (the default launcher trains two trials that
+    share a recipe as one lockstep group), as the study ``crisp``, its TPE sampler seeded (the same command
+    again asks for the same trials: each finds its run completed in its directory). Stored in place of the
+    plugin's own nodes once Hydra has scanned its plugins (the scan runs the plugin's module, which stores its
+    nodes again): the entry point calls this after :func:`scan_plugins`. Without the plugin, nothing."""
+    try:
+        from hydra_plugins.hydra_optuna_sweeper.config import Direction, OptunaSweeperConf, TPESamplerConfig
+    except ImportError:
+        return
+    store = ConfigStore.instance().store
+    store(group="hydra/sweeper", name="optuna", provider="optuna_sweeper",
+          node=OptunaSweeperConf(direction=Direction.maximize, study_name="crisp", n_jobs=2))
+    store(group="hydra/sweeper/sampler", name="tpe", provider="optuna_sweeper", node=TPESamplerConfig(seed=1))
+
+
+def scan_plugins() -> None:
+    """Hydra's plugin scan now (once per process; Hydra would run it when it starts), then crisp's nodes that
+    replace a plugin's (:func:`register_optuna`)."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()
+    register_optuna()
 
 
 def run_name(strategy: str, sparsity: float, seed: int, sparsifier: Any = None) -> str:
@@ -199,6 +228,22 @@ def _check_sparsifier(cfg: DictConfig) -> None:
               f"scores{f', set by sparsifier.{entry.parameter}' if entry.parameter else ''}): leave sparsity at 0")
 
 
+OBJECTIVES = ("final", "best")
+
+
+def _check_checkpointing(trainer: DictConfig) -> None:
+    every = {key: trainer.get(key) for key in ("checkpoint_every_n_steps", "checkpoint_every_n_epochs")}
+    for key, value in every.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            _fail(f"trainer.{key}", value, "it must be a positive integer or null (no checkpoint)")
+    if all(v is not None for v in every.values()):
+        _fail("trainer.checkpoint_every_n_epochs", every["checkpoint_every_n_epochs"],
+              f"set it or trainer.checkpoint_every_n_steps (={every['checkpoint_every_n_steps']}), not both")
+    for key in ("keep_checkpoint", "save_checkpoint"):
+        if not isinstance(trainer.get(key, False), bool):
+            _fail(f"trainer.{key}", trainer.get(key), "choose true or false")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value whose range a type cannot express; raise ConfigError on the first bad one."""
     _check_number(cfg, "sparsity", 0, 1, closed_high=False)
@@ -224,6 +269,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             _fail(key, value, "it must be a positive integer")
+    if cfg.get("objective", "final") not in OBJECTIVES:
+        _fail("objective", cfg.objective, f"choose {' or '.join(OBJECTIVES)} (the task's primary metric at the final "
+                                          "epoch, or at its best epoch)")
+    _check_checkpointing(cfg.trainer)
     if not isinstance(cfg.trainer.get("save_weights", False), bool):
         _fail("trainer.save_weights", cfg.trainer.save_weights, "choose true or false")
     if cfg.trainer.cuda_graphs not in ("auto", True, False):

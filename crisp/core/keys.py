@@ -8,6 +8,7 @@ the keys below (``data``'s keys are checked with the data source, ``optim``, ``d
 ``trainer`` takes every argument of ``pytorch_lightning.Trainer`` (read from Lightning's source, so that
 checking a config does not import Lightning) besides crisp's own keys; the few that crisp sets itself
 (the logger, the callbacks, the run's directory) are refused with the key that sets them instead.
+``callbacks`` holds named entries, each a mapping with the class path Hydra instantiates (``_target_``).
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from crisp.core.errors import ConfigError
 
 # the trainer keys that are crisp's, not Lightning's (conf/trainer/auto.yaml says what each does)
 CRISP_TRAINER_KEYS = frozenset({"progress_refresh_rate", "save_checkpoint", "save_weights", "compile", "cuda_graphs",
-                                "matmul_precision"})
+                                "matmul_precision", "checkpoint_every_n_steps", "checkpoint_every_n_epochs",
+                                "keep_checkpoint"})
 # Lightning's Trainer arguments that crisp sets itself, and what sets them instead
 SET_BY_CRISP = {
     "logger": "the logger group (logger=wandb, logger=csv or logger=none)",
     "callbacks": "the callbacks group",
     "plugins": "crisp (its cluster environment)",
     "default_root_dir": "the run's directory (hydra.run.dir, hydra.sweep.dir)",
-    "enable_checkpointing": "trainer.save_checkpoint",
+    "enable_checkpointing": "trainer.checkpoint_every_n_steps or trainer.checkpoint_every_n_epochs (a checkpoint "
+                            "the run resumes from), or callbacks=checkpoint (the best model)",
 }
 MODEL_KEYS = frozenset({"name_or_path", "label", "tokenizer", "tokenizer_vocab_size", "from_config"})
 LOGGER_KEYS = {"wandb": frozenset({"name", "project", "entity", "mode"}), "csv": frozenset({"name"}),
@@ -66,6 +69,7 @@ def check_keys(cfg: Mapping[str, Any]) -> None:
         if key not in lightning and key not in CRISP_TRAINER_KEYS:
             _refuse("trainer", key, value, CRISP_TRAINER_KEYS,
                     also=", and every argument of pytorch_lightning.Trainer")
+    check_callbacks(cfg.get("callbacks") or {})
     logger = cfg.get("logger") or {}
     allowed = LOGGER_KEYS.get(logger.get("name"))
     if allowed is None:
@@ -73,3 +77,16 @@ def check_keys(cfg: Mapping[str, Any]) -> None:
     for key, value in logger.items():
         if key not in allowed:
             _refuse("logger", key, value, allowed)
+
+
+def check_callbacks(callbacks: Mapping[str, Any]) -> None:
+    """Each entry of ``callbacks`` names a class Hydra can instantiate: a ``_target_`` that is a dotted path
+    whose top-level package is installed (the class itself is imported when the run builds its Trainer)."""
+    for name, entry in callbacks.items():
+        target = entry.get("_target_") if isinstance(entry, Mapping) else None
+        if not isinstance(target, str) or "." not in target:
+            raise ConfigError(f"callbacks.{name}={entry!r} is not allowed: a callback is a mapping with a _target_, "
+                              f"the class path of a pytorch_lightning Callback (+callbacks.{name}._target_=pkg.Class)")
+        if importlib.util.find_spec(target.split(".")[0]) is None:
+            raise ConfigError(f"callbacks.{name}._target_={target!r} is not allowed: there is no installed package "
+                              f"{target.split('.')[0]!r}")

@@ -22,7 +22,12 @@ SCHEMA_VERSION = 1
 COMPLETED, FAILED = "completed", "failed"
 
 # Keys that say where or how a run is watched, not what it computes: they stay out of the run_key.
-NOT_IN_KEY = ("hydra", "logger", "paths", "report", "sweep")
+NOT_IN_KEY = ("hydra", "logger", "paths", "report", "sweep", "objective")
+# trainer keys added after runs were recorded, at the values that leave a run as it was: out of the key
+TRAINER_DEFAULTS = {"accumulate_grad_batches": 1, "gradient_clip_val": None, "val_check_interval": None}
+# trainer keys that say when a run keeps its checkpoint, never what it computes: a run resumed with another
+# checkpoint interval is the same run
+TRAINER_NOT_IN_KEY = ("checkpoint_every_n_steps", "checkpoint_every_n_epochs", "keep_checkpoint")
 
 
 def effective_strategy(strategy: str, sparsity: float, sparsifier: dict[str, Any] | None = None) -> str:
@@ -33,9 +38,10 @@ def effective_strategy(strategy: str, sparsity: float, sparsifier: dict[str, Any
 
 
 def _without_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """A config whose dropout is every model's own, whose sparsifier is topk, or whose GLUE task is declared
-    as its preset declares it, hashes as it did before crisp had those keys: runs recorded then still resume
-    and pair with runs recorded now."""
+    """A config hashes as it did before crisp had the keys it leaves at their defaults (dropout left to the
+    model, the topk sparsifier, a GLUE task declared as its preset declares it, no callbacks, Lightning's own
+    accumulation, clipping and validation interval) or that never change a run (when it checkpoints): runs
+    recorded then still resume and pair with runs recorded now."""
     dropout = config.get("dropout")
     if isinstance(dropout, dict) and all(v is None for v in dropout.values()):
         config = {k: v for k, v in config.items() if k != "dropout"}
@@ -44,6 +50,13 @@ def _without_defaults(config: dict[str, Any]) -> dict[str, Any]:
         config = {**config, "sparsifier": {k: v for k, v in sparsifier.items() if k != "name"}}
     if isinstance(config.get("data"), dict):
         config = {**config, "data": without_preset_declaration(config["data"])}
+    if "callbacks" in config and not config["callbacks"]:
+        config = {k: v for k, v in config.items() if k != "callbacks"}
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict):
+        trainer = {k: v for k, v in trainer.items() if k not in TRAINER_NOT_IN_KEY
+                   and not (k in TRAINER_DEFAULTS and v == TRAINER_DEFAULTS[k])}
+        config = {**config, "trainer": trainer}
     return config
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from crisp.lockstep.packing import pack
-from crisp.training.data import TokenizedSplit, loader_worker_init
+from crisp.training.data import ResumableBatches, TokenizedSplit, loader_worker_init
 
 
 class GroupSplits(Dataset):
@@ -36,14 +36,22 @@ class GroupSampler:
 
     def __init__(self, samplers: Sequence[BatchSampler], active: list[int]):
         self.samplers, self.active = list(samplers), active  # ``active`` is shared: runs may leave
+        self._skip = 0
 
     def __len__(self) -> int:
         return len(self.samplers[0])
 
+    def resume_at(self, epoch: int, batches: int, per_epoch: int) -> None:
+        """The next iteration is the ``epoch``-th, less its first ``batches`` (each run's sampler resumes there)."""
+        for run in self.active:
+            self.samplers[run].resume_at(epoch, batches, per_epoch)
+        self._skip = batches
+
     def __iter__(self) -> Iterator[list[tuple[int, list[int]]]]:
         runs = list(self.active)  # fixed for the epoch: runs leave a group between epochs
         iterators = [iter(self.samplers[run]) for run in runs]
-        for _ in range(len(self)):
+        skip, self._skip = self._skip, 0
+        for _ in range(len(self) - skip):
             yield [(run, next(it)) for run, it in zip(runs, iterators, strict=True)]
 
 
@@ -65,11 +73,21 @@ class GroupDataModule(pl.LightningDataModule):
         self.train, self.vals = GroupSplits(train, width), [GroupSplits(runs, width) for runs in vals]
         self.active = list(range(len(seeds)))
         # each run's own sampler, as its DataLoader would make it alone (crisp.training.data.TaskDataModule)
-        self.train_samplers = [BatchSampler(RandomSampler(s, generator=torch.Generator().manual_seed(seed)),
-                                            batch_size, drop_last=False) for s, seed in zip(train, seeds, strict=True)]
+        self.train_samplers = [ResumableBatches(RandomSampler(s, generator=torch.Generator().manual_seed(seed)),
+                                                batch_size, seed) for s, seed in zip(train, seeds, strict=True)]
         self.val_samplers = [[BatchSampler(SequentialSampler(s), eval_batch_size, drop_last=False) for s in runs]
                              for runs in vals]
         self.pin_memory, self.workers = pin_memory, workers
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict:
+        """Where training is in the runs' batch orders (saved with a checkpoint: crisp.lockstep.checkpoints)."""
+        from crisp.training.checkpoints import position
+
+        return position(self.trainer)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state
 
     def keep_runs(self, keep: list[int]) -> None:
         """Only these runs (indices among the active ones) go on."""
@@ -84,7 +102,11 @@ class GroupDataModule(pl.LightningDataModule):
                           worker_init_fn=loader_worker_init)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, self.train_samplers)
+        loader = self._loader(self.train, self.train_samplers)
+        if self._resume is not None:
+            loader.batch_sampler.resume_at(self._resume["epoch"], self._resume["batches"], self._resume["per_epoch"])
+            self._resume = None
+        return loader
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(val, samplers) for val, samplers in zip(self.vals, self.val_samplers, strict=True)]

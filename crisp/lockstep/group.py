@@ -5,7 +5,9 @@ claim, skip what completed, train, record), as a single run goes through it. Eac
 one run builder (:class:`crisp.training.builder.RunBuilder`), exactly as a single run is; then the runs'
 models are fused (:mod:`crisp.lockstep.fused`) and trained together by a Trainer from the one factory
 (:func:`crisp.training.trainer.make_trainer`), and each run gets its own results.json (same schema and
-run_key as alone), logger and statistics.
+run_key as alone), logger and statistics. A run that early stopping stops completes and leaves the group
+(:mod:`crisp.lockstep.per_run`); with checkpointing on, each run keeps its own checkpoint and an interrupted
+group resumes from them (:mod:`crisp.lockstep.checkpoints`).
 """
 
 from __future__ import annotations
@@ -20,24 +22,28 @@ from omegaconf import DictConfig
 from pytorch_lightning.strategies import SingleDeviceStrategy
 
 from crisp.core import lifecycle
-from crisp.core.config import resolved_config
+from crisp.core.config import resolved_config, written_config
 from crisp.core.errors import ConfigError
 from crisp.lockstep.batches import GroupDataModule
+from crisp.lockstep.checkpoints import GroupCheckpointIO, positions
 from crisp.lockstep.dropout import RunRandom
 from crisp.lockstep.fused import fuse, run_state_dict
 from crisp.lockstep.fused_classifier import FusedRun, LockstepClassifier
 from crisp.lockstep.options import GroupOptions
+from crisp.lockstep.per_run import RunStopping, per_run_callbacks
 from crisp.lockstep.run_adamw import RunOptim
 from crisp.sparsity.families import FAMILIES, REGISTRY, family_of
+from crisp.training import checkpoints as run_checkpoints
 from crisp.training import loggers
 from crisp.training.builder import BuiltRun, RunBuilder, check_hub
+from crisp.training.checkpoints import checkpointing
 from crisp.training.data import round_up
 from crisp.training.outcome import run_outcome, save_weights
 from crisp.training.trainer import (
     Progress,
     device_of,
+    lockstep_blockers,
     make_trainer,
-    not_in_lockstep,
     timed_fit,
     trainer_settings,
     use_matmul_precision,
@@ -65,25 +71,41 @@ def train_group(runs: list[tuple[lifecycle.Run, DictConfig]], options: GroupOpti
     members = [Member(run, cfg) for run, cfg in runs]
     by_run = {id(m.run): m for m in members}
     return lifecycle.attempt([m.run for m in members],
-                             lambda todo: _train([by_run[id(run)] for run in todo], options))
+                             lambda todo: _train_resumable([by_run[id(run)] for run in todo], options))
 
 
 def run_optim(cfg: DictConfig) -> RunOptim:
     return RunOptim(float(cfg.optim.lr), float(cfg.optim.weight_decay), float(cfg.optim.warmup_ratio))
 
 
-def _train(members: list[Member], options: GroupOptions) -> None:
+def _train_resumable(members: list[Member], options: GroupOptions) -> None:
+    """The runs that resume from one checkpoint position (or start afresh) train together, one set after another:
+    a group steps all its runs at once, so they must stand at the same step."""
+    found = positions([m.output_dir for m in members], [m.run.record["run_key"] for m in members])
+    sets: dict[Any, list[Member]] = {}
+    for m, where in zip(members, found, strict=True):
+        sets.setdefault(where, []).append(m)
+    if len(sets) > 1:
+        log.info("lockstep: the runs resume from %d different points: %d groups, one after another", len(sets),
+                 len(sets))
+    for where, part in sets.items():
+        _train(part, options, resume=where is not None)
+
+
+def _train(members: list[Member], options: GroupOptions, resume: bool = False) -> None:
     # runs of equal optimizer settings side by side: each set is one slice of the fused parameters (RunAdamW)
     members = sorted(members, key=lambda m: astuple(run_optim(m.cfg)))
     cfg = members[0].cfg  # the group's shared recipe (the launcher groups jobs by it), but for what runs vary
-    if not_in_lockstep(cfg):
-        raise ConfigError(f"trainer.{not_in_lockstep(cfg)[0]} is not allowed in lockstep: a fused group cannot apply "
-                          "it to each of its runs; train these runs with hydra/launcher=auto or parallel")
+    blockers = lockstep_blockers(cfg)
+    if blockers:
+        raise ConfigError(f"{blockers[0]} is not allowed in lockstep: a fused group cannot apply it to each of its "
+                          "runs; train these runs with hydra/launcher=auto or parallel")
     check_hub(cfg)
     settings = trainer_settings(cfg)
     use_matmul_precision(cfg, settings)
     device = device_of(settings)
     builder = RunBuilder(device)
+    stoppers, monitors = per_run_callbacks(cfg, members[0].output_dir)
     for m in members:
         m.built = builder.build(m.cfg, m.run.name)
         family = family_of(m.built.encoder)
@@ -91,7 +113,10 @@ def _train(members: list[Member], options: GroupOptions) -> None:
             fused = sorted(name for name, f in FAMILIES.items() if f.lockstep)
             raise ConfigError(f"{type(m.built.encoder).__name__} cannot train in lockstep, which fuses the encoder "
                               f"families {', '.join(fused)}: train it with hydra/launcher=parallel")
-        m.fused = FusedRun(m.run.name, m.built.layer_sparsity, run_optim(m.cfg), m.built.sparsifier_params or {})
+        m.fused = FusedRun(m.run.name, m.built.layer_sparsity, run_optim(m.cfg), m.built.sparsifier_params or {},
+                           output_dir=m.output_dir,
+                           run_key=m.run.record["run_key"],
+                           stopping=RunStopping(stoppers) if stoppers else None)
     trains = [m.built.train for m in members]
     longest = max(int(s.lengths.max()) for m in members for s in (m.built.train, *m.built.vals))
     width = max(options.row_width, round_up(longest, 16))
@@ -109,27 +134,53 @@ def _train(members: list[Member], options: GroupOptions) -> None:
                                  cfg.data.eval_batch_size, width, pin_memory=device.type == "cuda",
                                  workers=(2 if device.type == "cuda" else 0) if workers == "auto" else workers)
     for m in members:
-        m.fused.logger = loggers.make_logger(m.cfg, resolved_config(m.cfg), m.output_dir) or None
+        resumed = _resumed_logger(m) if resume else None
+        m.fused.logger = loggers.make_logger(m.cfg, resolved_config(m.cfg), m.output_dir, written=written_config(m.cfg),
+                                             sweep_id=options.sweep_id, resume=resumed) or None
+        m.fused.wandb_id = loggers.wandb_id(m.fused.logger or False)
     task = members[0].built.task
-    module = LockstepClassifier(encoder, [m.fused for m in members], random, cfg, task,
-                                cuda_graphs=settings["cuda_graphs"], on_failure=lambda run: _run_failed(members, run))
     progress = Progress()
-    trainer = make_trainer(cfg, settings, members[0].output_dir, progress, callbacks=list(options.callbacks),
-                           strategy=KeepOnDevice(device), devices=1, checkpointing=False)
-    log.info("lockstep: training %d runs as one model (rows of %d tokens)", len(members), width)
-    fit_seconds = timed_fit(trainer, module, datamodule)
+    group: dict[str, Any] = {"runs": len(members), "row_width": width}
+    module = LockstepClassifier(encoder, [m.fused for m in members], random, cfg, task,
+                                cuda_graphs=settings["cuda_graphs"], on_failure=lambda run: _run_failed(members, run),
+                                on_stop=lambda run, position: _run_stopped(members, run, position, module, progress,
+                                                                           settings, group),
+                                learning_rates=monitors)
+    keeping, io = checkpointing(cfg), GroupCheckpointIO()
+    io.module = module
+    callbacks = list(options.callbacks)
+    first_checkpoint = members[0].output_dir / run_checkpoints.DIR / run_checkpoints.LAST
+    if keeping is not None:
+        callbacks.append(run_checkpoints.ResumeCheckpoint(first_checkpoint, keeping.every_n_steps,
+                                                          keeping.every_n_epochs))
+    trainer = make_trainer(cfg, settings, members[0].output_dir, progress, callbacks=callbacks,
+                           strategy=KeepOnDevice(device, checkpoint_io=io), devices=1)
+    log.info("lockstep: training %d runs as one model (rows of %d tokens)%s", len(members), width,
+             f", resuming from step {run_checkpoints.read_info(first_checkpoint.parent).get('global_step')}"
+             if resume else "")
+    fit_seconds = timed_fit(trainer, module, datamodule, ckpt_path=first_checkpoint if resume else None)
     if trainer.interrupted:
         raise RuntimeError("training was interrupted")
-    done = [m for m in members if m.run.result is None]
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:  # as a run alone says it stopped
+        for run in module.runs:
+            if run.stopped is None and len(run.history) < cfg.trainer.max_epochs:
+                run.stopped = {"epoch": trainer.current_epoch, "step": trainer.global_step, "by": "trainer.max_steps"}
+    # each run still in the group, at its place in the fused model, that no early stop completed already
+    done = [(position, m) for position, run in enumerate(module.runs) for m in members
+            if m.fused is run and m.run.result is None]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    seen = len(datamodule.train) * cfg.trainer.max_epochs
-    group = {"runs": len(members), "completed": len(done), "row_width": width,
-             "samples_per_second": round(seen * len(done) / progress.train_seconds, 1),
-             "peak_gpu_memory_mb": None if peak is None else round(peak, 1)}
-    for position, m in enumerate(done):
+    group.update({"completed": len(done), "peak_gpu_memory_mb": None if peak is None else round(peak, 1)})
+    for position, m in done:
         if cfg.trainer.save_weights:
             save_weights(m.output_dir, run_state_dict(encoder, position))
-        m.run.complete(_outcome(m, seen, fit_seconds, progress.train_seconds, settings, module, group))
+        m.run.complete(_outcome(m, fit_seconds, progress, settings, module, group))
+        if keeping is None or not keeping.keep:
+            run_checkpoints.remove(m.output_dir)
+
+
+def _resumed_logger(m: Member) -> dict[str, Any]:
+    info = run_checkpoints.read_info(m.output_dir / run_checkpoints.DIR)
+    return {"global_step": info.get("global_step", 0), "wandb_id": info.get("wandb_id")}
 
 
 class KeepOnDevice(SingleDeviceStrategy):
@@ -147,21 +198,42 @@ def _run_failed(members: list[Member], run: FusedRun) -> None:
     member = next(m for m in members if m.fused is run)
     member.run.fail(run.error)
     loggers.finish(run.logger)
+    run_checkpoints.remove(member.output_dir)  # it left: a later attempt trains it from the start
 
 
-def _outcome(m: Member, seen: int, fit_seconds: float, train_seconds: float, settings: dict[str, Any],
-             module: LockstepClassifier, group: dict[str, Any]) -> dict[str, Any]:
+def _run_stopped(members: list[Member], run: FusedRun, position: int, module: LockstepClassifier, progress: Progress,
+                 settings: dict[str, Any], group: dict[str, Any]) -> None:
+    """Early stopping stopped ``run`` (at ``position`` in the fused model): it completes now, with its history so
+    far and its weights as they are, and leaves the group."""
+    member = next(m for m in members if m.fused is run)
+    if member.cfg.trainer.save_weights:
+        save_weights(member.output_dir, run_state_dict(module.encoder, position))
+    elapsed = progress.elapsed()
+    member.run.complete(_outcome(member, elapsed, progress, settings, module, {**group, "peak_gpu_memory_mb": None},
+                                 seconds=elapsed))
+    keeping = checkpointing(member.cfg)
+    if keeping is None or not keeping.keep:
+        run_checkpoints.remove(member.output_dir)
+
+
+def _outcome(m: Member, fit_seconds: float, progress: Progress, settings: dict[str, Any],
+             module: LockstepClassifier, group: dict[str, Any], seconds: float | None = None) -> dict[str, Any]:
     run = m.fused
+    train_seconds = progress.train_seconds if seconds is None else seconds
+    seen = progress.samples / max(1, group["runs"])  # this run's share of the group's examples
     timing = {
         "fit_seconds": round(fit_seconds, 3),  # the group's
         "train_seconds": round(train_seconds, 3),
-        "train_samples_per_second": round(seen / train_seconds, 1),  # this run's share of the group's time
+        "train_samples_per_second": round(seen / train_seconds, 1) if train_seconds else None,
         "train_examples": len(m.built.train),
-        "peak_gpu_memory_mb": None if group["peak_gpu_memory_mb"] is None
+        "peak_gpu_memory_mb": None if group.get("peak_gpu_memory_mb") is None
         else round(group["peak_gpu_memory_mb"] / group["runs"], 1),
         "cuda_graphs": None if module.graphed_step is None else module.graphed_step.stats,
         "precision": settings["precision"],
-        "lockstep": group,
+        "lockstep": {**group, "samples_per_second": round(progress.samples / train_seconds, 1)
+                     if train_seconds else None},
     }
-    return run_outcome(m.built.task, run.history, run.layer_sparsity, run.layers, m.built.calibration_entropy, timing,
-                       settings["accelerator"], loggers.finish(run.logger))
+    outcome = run_outcome(m.built.task, run.history, run.layer_sparsity, run.layers, m.built.calibration_entropy,
+                          timing, settings["accelerator"], None, resumed_from_step=module.resumed_from_step,
+                          stopped=run.stopped)
+    return {**outcome, "wandb": loggers.finish(run.logger, outcome)}

@@ -91,6 +91,24 @@ class RunAdamW(torch.optim.Optimizer):
             if "steps" in state:  # every slice has taken every step
                 state["steps"] = [state["steps"][0].clone() for _ in self.slices]
 
+    def state_dict(self) -> dict:
+        """torch's, with the steps taken (a resumed group's schedule goes on from there)."""
+        return {**super().state_dict(), "done": self.done}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, then each slice's step count: every slice of a group has taken every step (the group
+        resumed may have other slices than the one saved)."""
+        done = int(state_dict.get("done", 0))
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "done"})
+        self.done = done
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    device = p.device if self.fused else "cpu"
+                    state["steps"] = [torch.tensor(float(done), dtype=_get_scalar_dtype(is_fused=self.fused),
+                                                   device=device) for _ in self.slices]
+
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:

@@ -37,7 +37,7 @@ def write_report(
     """Write report.md, report.csv and report.png (and report-tasks.png) into ``out_dir`` (default: the
     first dir); return the summary.
 
-    ``log_wandb``: ``wandb.init`` kwargs; when given, the summary is logged as a table under "report".
+    ``log_wandb``: ``wandb.init`` kwargs; when given, the report is logged to a W&B run of its own (``_log_wandb``).
     ``records``: what :func:`collect` read of ``dirs``, when the caller has read it already.
     Raises :class:`ReportError`, writing nothing, when a dir does not exist or none holds results.
     """
@@ -56,16 +56,34 @@ def write_report(
     results.write_atomic(out / CSV, summary.to_csv(index=False).encode())
     results.write_atomic(out / MARKDOWN, markdown(dirs, records, summary, out).encode())
     if log_wandb is not None:
-        _log_wandb(summary, log_wandb)
+        _log_wandb(summary, log_wandb, out)
     return summary
 
 
-def _log_wandb(summary: pd.DataFrame, init_kwargs: Mapping[str, Any]) -> None:
+# the paired comparison against dense: what answers the study's question, as its own W&B table
+DELTA_COLUMNS = ["task", "model", "setup", "metric", "strategy", "sparsity", "n_pairs", "diff_vs_dense_mean",
+                 "diff_ci_low", "diff_ci_high"]
+
+
+def _table(frame: pd.DataFrame):
+    import wandb
+
+    return wandb.Table(dataframe=frame.astype(object).where(frame.notna(), None))  # W&B takes None, not NaN
+
+
+def _log_wandb(summary: pd.DataFrame, init_kwargs: Mapping[str, Any], out: Path) -> None:
+    """The report as a W&B run (job_type ``report``; the sweep's id in its tags and config when the sweep
+    passes it): the whole table ("report"), the paired Δ against dense ("paired_delta": the rows that have
+    one), and the plots as images ("plot", "plot_tasks")."""
     import wandb  # only when asked: importing it is slow
 
     try:
         run = wandb.init(**{**init_kwargs, "job_type": "report"})
-        # wandb tables take None, not pandas' missing values.
-        run.log({"report": wandb.Table(dataframe=summary.astype(object).where(summary.notna(), None))})
+        paired = summary[summary["n_pairs"].fillna(0) > 0][[c for c in DELTA_COLUMNS if c in summary]]
+        media = {"report": _table(summary), "paired_delta": _table(paired)}
+        for key, name in (("plot", PNG), ("plot_tasks", TASKS_PNG)):
+            if (out / name).is_file():
+                media[key] = wandb.Image(str(out / name))
+        run.log(media)
     finally:
         wandb.finish()

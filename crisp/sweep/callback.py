@@ -89,17 +89,23 @@ def write_report(config: DictConfig, sweep_dir: Path) -> list[str]:
         summary = write([sweep_dir], log_wandb=_wandb_target(config))
         print(format_all(summary), flush=True)
         log.info("report: %s (table, plot: report.png, numbers: report.csv)", sweep_dir / "report.md")
+    from crisp.sweep import optimise
+
+    if optimise.optimises(config) and (best := optimise.best_trial(config, sweep_dir)):
+        log.info("%s", best)
     return failed
 
 
 def _wandb_target(config: DictConfig) -> dict[str, Any] | None:
     if config.logger.name != "wandb":
         return None
-    from crisp.training.loggers import wandb_mode
+    from crisp.training.loggers import sweep_tag, wandb_mode
 
     mode, _ = wandb_mode(config.logger.mode)
+    sweep_id = Path(config.hydra.sweep.dir).name  # as every run of the sweep carries it (crisp.training.loggers)
     return {"project": config.logger.project, "entity": config.logger.entity, "mode": mode,
-            "group": Path(config.hydra.sweep.dir).name, "dir": str(config.hydra.sweep.dir)}
+            "group": sweep_id, "dir": str(config.hydra.sweep.dir), "tags": [sweep_tag(sweep_id)],
+            "config": {"sweep_id": sweep_id}, "name": f"report-{sweep_id}"}
 
 
 @contextmanager

@@ -8,6 +8,8 @@ forked processes for a big group: pure Python, 0.05-0.2 s a job), each job's val
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hydra.core.utils import JobReturn, run_job
 from hydra.types import HydraContext
 
@@ -36,4 +38,5 @@ def run_group(hydra_context: HydraContext, jobs: list[Job], options: GroupOption
         except ConfigError as err:
             run.fail(err)
         runs.append((run, cfg))
+    options = replace(options, sweep_id=jobs[0].sweep_dir.name)  # the W&B runs' sweep
     return [job_return(job, outcome) for job, outcome in zip(jobs, train_group(runs, options), strict=True)]

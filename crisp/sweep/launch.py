@@ -18,6 +18,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, setup_globals
 
 from crisp.core import results
+from crisp.sweep import progress
 from crisp.sweep.jobs import Job, job_return, record_failure
 from crisp.sweep.pool import Outcome, SweepInterrupted, Task, WorkerPool, fork_workers, visible_gpus
 
@@ -34,6 +35,7 @@ def prepare(launcher) -> Path:
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    progress.configure(launcher.config)
     return sweep_dir
 
 
@@ -60,7 +62,8 @@ def run_tasks(sweep_dir: Path, tasks: list[Task], jobs: list[Job], max_running: 
         for job in task_jobs:
             log_outcome(job, returns[job.idx].return_value, outcome.seconds)
 
-    pool = WorkerPool(max_running, stall_timeout_s, visible_gpus(), fork=fork_workers(worker_start))
+    pool = WorkerPool(max_running, stall_timeout_s, visible_gpus(), fork=fork_workers(worker_start),
+                      progress=progress.ProgressLines())
     log.info("%d jobs in %d worker tasks, at most %d at once", len(jobs), len(tasks), pool.max_running)
     try:
         pool.run(tasks, done)

@@ -129,12 +129,18 @@ def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobR
     """Train the jobs' groups one per GPU at a time; with ``alone="process"`` (``hydra/launcher=auto``) a
     group of one run, or of runs that lockstep cannot train, runs each in a worker process of its own."""
     sweep_dir = launch.prepare(launcher)
+    if alone == "lockstep":
+        check_lockstep(jobs)
     gpus = visible_gpus()
     options = launcher.options  # crisp.sweep.options.LockstepOptions
     returns, groups = group_jobs(jobs, options.max_runs_per_group, len(gpus))
     tasks = []
     for k, group in enumerate(groups):
-        if alone == "process" and (len(group) == 1 or not can_fuse(group[0])):
+        blocked = lockstep_blocker(group[0]) if len(group) > 1 else None
+        if blocked:
+            log.info("%s cannot apply per run in a fused lockstep group: its %d runs train one process each",
+                     blocked, len(group))
+        if alone == "process" and (len(group) == 1 or blocked or not can_fuse(group[0])):
             tasks += [launch.task(launcher, f"job{job.idx}-{job.name}", "jobs", [job], job.output_dir / "worker.log")
                       for job in group]
         else:
@@ -148,15 +154,41 @@ def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobR
     return [returns[job.idx] for job in jobs]
 
 
+def lockstep_blocker(job: Job) -> str | None:
+    """The trainer setting or callback of this job that a fused group cannot apply to each run, if any (the
+    first, by name: ``trainer.max_time``, ``callbacks.checkpoint (ModelCheckpoint)``)."""
+    from crisp.core.errors import ConfigError
+    from crisp.training.trainer import lockstep_blockers
+
+    try:
+        blockers = lockstep_blockers(job.config)
+    except ConfigError:  # a callback that cannot be imported: the run reports it
+        return None
+    return blockers[0] if blockers else None
+
+
+def check_lockstep(jobs: Sequence[Job]) -> None:
+    """``hydra/launcher=lockstep``: a job whose settings a fused group cannot apply per run stops the sweep before
+    anything trains (exit 2), naming the setting; the default launcher trains such jobs one process each."""
+    import sys
+
+    for job in jobs:
+        blocked = lockstep_blocker(job)
+        if blocked:
+            print(f"crisp: error: {blocked} is not allowed with hydra/launcher=lockstep: a fused group cannot apply "
+                  f"it to each of its runs (job {job.idx}, {job.record['output_dir']}); use hydra/launcher=auto, "
+                  "which trains such runs one process each", file=sys.stderr)
+            raise SystemExit(2)
+
+
 def can_fuse(job: Job) -> bool:
     """Whether lockstep can train this job's recipe: one device, no torch.compile, an encoder family it fuses."""
     trainer = job.config.trainer
     if "ddp" in str(trainer.strategy) or trainer.compile or str(trainer.devices) not in ("1", "auto"):
         return False
     from crisp.sparsity.families import FAMILIES
-    from crisp.training.trainer import not_in_lockstep
 
-    if not_in_lockstep(job.config):
+    if lockstep_blocker(job):
         return False
     try:
         return _model_type(job) in {t for family in FAMILIES.values() if family.lockstep for t in family.model_types}

@@ -90,7 +90,8 @@ class WorkerPool:
     (its result, or why there is none) to the caller as the task ends (see the module)."""
 
     def __init__(self, max_running: int, stall_timeout_s: float, gpus: Sequence[str] = (), poll_s: float = 0.5,
-                 grace_s: float = 10.0, fork: bool = False):
+                 grace_s: float = 10.0, fork: bool = False, progress: Any = None):
+        self.progress = progress  # shows the running tasks' progress lines (crisp.sweep.progress.ProgressLines)
         self.max_running = max(1, int(max_running))
         self.stall_timeout_s = float(stall_timeout_s)
         self.gpus = list(gpus)
@@ -103,6 +104,8 @@ class WorkerPool:
         try:
             with signals_raise():
                 while pending or running:
+                    if self.progress is not None:
+                        self.progress.clear()  # the lines below it are printed where the block was
                     while pending and len(running) < self.max_running:
                         task = pending.popleft()
                         self._start(task, running)
@@ -113,7 +116,13 @@ class WorkerPool:
                         if outcome is not None:
                             running.remove(task)
                             self._finish(task, outcome, on_done)
+                    if self.progress is not None:
+                        self.progress.show(running)
+                if self.progress is not None:
+                    self.progress.clear()
         except SweepInterrupted as stop:
+            if self.progress is not None:
+                self.progress.clear()
             for task in running:
                 _kill_group(task.proc, self.grace_s)
             why = f"the sweep was interrupted ({stop})"

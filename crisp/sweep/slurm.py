@@ -23,23 +23,25 @@ learns that a task ended. This launcher keeps what submitit does well (one ``sba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from crisp.core import results
-from crisp.sweep import launch
+from crisp.sweep import launch, progress
 from crisp.sweep.jobs import Job, job_return, record_failure
 from crisp.sweep.pool import SweepInterrupted, signals_raise
 from crisp.sweep.slurm_queue import ACTIVE, HELD, Queue, describe_exit, free_dead_claims, release_claim
-from crisp.sweep.slurm_task import ArrayTask
+from crisp.sweep.slurm_task import ArrayTask, progress_file
 
 log = logging.getLogger("crisp")
 
@@ -160,9 +162,11 @@ def _follow(tracked: list[Tracked], launcher, sweep_dir: Path) -> dict[int, JobR
     queue = Queue(tracked[0].id.split("_")[0])
     queue.accounting()  # found (and if off, said) once
     active = list(tracked)
+    shown = progress.ProgressLines()
     try:
         with signals_raise():
             while active:
+                shown.clear()
                 seen = queue.poll()
                 for t in list(active):
                     entry = seen.get(t.id)
@@ -180,8 +184,13 @@ def _follow(tracked: list[Tracked], launcher, sweep_dir: Path) -> dict[int, JobR
                     for job, ret in zip(t.task.jobs, _outcome(t, state, node, exit_code, launcher.params),
                                         strict=True):
                         returns[job.idx] = ret
+                shown.show([SimpleNamespace(label=f"task {t.id} ({t.names})",
+                                            files=progress_file(sweep_dir, t.id).parent)
+                            for t in active if t.state == "RUNNING"])
                 if active:
                     time.sleep(launcher.options.poll_s)
+            shown.clear()
+        _remove_progress_files(sweep_dir)
     except SweepInterrupted as stop:
         subprocess.run(["scancel", queue.array], capture_output=True, timeout=60)
         for t in active:
@@ -193,6 +202,13 @@ def _follow(tracked: list[Tracked], launcher, sweep_dir: Path) -> dict[int, JobR
                   "failed; run the same command with hydra.sweep.dir=%s to finish it", stop, queue.array, sweep_dir)
         raise SystemExit(143 if str(stop) == "SIGTERM" else 130) from None
     return returns
+
+
+def _remove_progress_files(sweep_dir: Path) -> None:
+    """The array's progress files go with the array (the folder too, when nothing else is in it)."""
+    shutil.rmtree(sweep_dir / ".crisp" / "slurm", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (sweep_dir / ".crisp").rmdir()
 
 
 def _note_progress(t: Tracked, state: str, restarts: int, node: str) -> None:

@@ -49,6 +49,7 @@ class LockstepTask(ArrayTask):
 
 def launch_jobs(launcher, jobs: list[Job]) -> list[JobReturn]:
     sweep_dir = slurm.prepare(launcher)
+    lockstep_launcher.check_lockstep(jobs)
     options = launcher.options  # crisp.sweep.options.SlurmLockstepOptions
     auto = options.max_runs_per_group == "auto"
     returns, groups = lockstep_launcher.group_jobs(jobs, options.max_runs_per_group, devices=1,

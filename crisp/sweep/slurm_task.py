@@ -8,8 +8,10 @@ them back from submitit's result file.
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
@@ -19,6 +21,11 @@ from omegaconf import open_dict, read_write
 
 from crisp.core import heartbeat
 from crisp.sweep.jobs import Job, execute, job_return, record_failure
+
+
+def progress_file(sweep_dir: Path, task_id: str) -> Path:
+    """The heartbeat file an array task's training reports its progress into (on the cluster's shared disk)."""
+    return Path(sweep_dir) / ".crisp" / "slurm" / task_id / "heartbeat"
 
 
 class SlurmTimeLimit(RuntimeError):
@@ -56,6 +63,10 @@ class ArrayTask:
         Singleton.set_state(self.singleton_state)
         setup_globals()
         task_id = submitit.JobEnvironment().job_id
+        # where training says how far it is, for the sweep that follows the array (crisp.sweep.progress)
+        beat = progress_file(self.jobs[0].sweep_dir, task_id)
+        beat.parent.mkdir(parents=True, exist_ok=True)
+        os.environ[heartbeat.ENV] = str(beat)
         for job in self.jobs:
             with read_write(job.config.hydra), open_dict(job.config.hydra):  # read-only once HydraConfig saw it
                 job.config.hydra.job.id = task_id

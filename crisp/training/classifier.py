@@ -16,6 +16,7 @@ from crisp.sparsity.families import attention_modules
 from crisp.sparsity.streams import RunStreams, random_stream
 from crisp.training import tasks
 from crisp.training.cuda_graphs import GraphedTrainStep
+from crisp.training.trainer import manual_settings, stepping_batches
 
 
 class LayerStatsMeter:
@@ -23,6 +24,13 @@ class LayerStatsMeter:
 
     def __init__(self):
         self.total, self.count = None, 0
+
+    def state(self) -> dict:
+        return {"total": self.total, "count": self.count}
+
+    def load(self, state: dict, device: torch.device) -> None:
+        self.total = None if state["total"] is None else state["total"].to(device)
+        self.count = state["count"]
 
     def update(self, stats: torch.Tensor) -> None:
         self.total = stats if self.total is None else self.total + stats
@@ -88,14 +96,24 @@ def track(attention: list[torch.nn.Module], enabled: bool) -> None:
         module.crisp_track_stats = enabled
 
 
+def step_due(module: pl.LightningModule, batch_idx: int, accumulate: int) -> bool:
+    """Whether the optimizer steps after this training batch: Lightning's rule for accumulation (every
+    ``accumulate`` batches, and at the epoch's last batch)."""
+    trainer = module.trainer
+    return ((batch_idx + 1) % accumulate == 0 or batch_idx + 1 >= trainer.num_training_batches
+            or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
 def training_outputs(module, batch: dict[str, torch.Tensor], batch_idx: int) -> tuple[bool, tuple]:
     """A training step's outputs (loss first) and whether it recorded statistics (every N-th step): through
-    the module's CUDA-graphed step in manual optimization, else eagerly for Lightning's own."""
+    the module's CUDA-graphed step in manual optimization, else eagerly for Lightning's own. Sets
+    ``module.stepping``: whether the optimizer steps after this batch (accumulation)."""
     track_now = batch_idx % module.stats_every == 0
     track(module.attention, track_now)
+    module.stepping = step_due(module, batch_idx, module.manual["accumulate"])
     if module.automatic_optimization:
         return track_now, module._loss_and_logits(batch)
-    return track_now, module._graphed_training_step(batch, track_now)
+    return track_now, module._graphed_training_step(batch, track_now, module.stepping)
 
 
 def fused_adamw(optim, encoder: torch.nn.Module) -> bool:
@@ -125,6 +143,8 @@ class SparseClassifier(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = not cuda_graphs
         self.graphed_step: GraphedTrainStep | None = None
+        self.manual = manual_settings(cfg)  # accumulation and clipping, applied here in manual optimization
+        self.stepping = True
         # from_pretrained returns eval mode, and Lightning keeps submodules' modes: dropout must be on
         self.encoder = encoder.train()
         self.task = task
@@ -144,6 +164,8 @@ class SparseClassifier(pl.LightningModule):
         self.history: list[dict] = []
         self.last_val: dict = {}
         self.last_layers: dict = {}
+        self.resume_info: dict = {}  # saved with a checkpoint (the run_key, its W&B run)
+        self.resumed_from_step: int | None = None
 
     def on_fit_start(self) -> None:
         self.streams = RunStreams([self.seed], self.device)  # where Lightning put the model (a DDP rank's GPU)
@@ -166,12 +188,18 @@ class SparseClassifier(pl.LightningModule):
         logits = self(batch)
         return tasks.loss(self.task, logits, batch["labels"]), logits
 
-    def _graphed_training_step(self, batch: dict[str, torch.Tensor], track: bool):
+    def _graphed_training_step(self, batch: dict[str, torch.Tensor], track: bool, step_now: bool):
         if self.graphed_step is None:
             self.graphed_step = GraphedTrainStep(self._loss_and_logits, list(self.encoder.parameters()))
         # a graph bakes in whether statistics are recorded and every layer's sparsity
         key = (track, tuple(getattr(m, "crisp_sparsity", 0.0) for m in self.attention))
-        return self.graphed_step.optimizer_step(self, batch, key)
+        clip = None
+        if self.manual["clip_val"]:
+            def clip():
+                self.clip_gradients(self.optimizers(), self.manual["clip_val"], self.manual["clip_algorithm"])
+        outputs, _ = self.graphed_step.optimizer_step(self, batch, key, accumulate=self.manual["accumulate"],
+                                                      step_now=step_now, clip=clip)
+        return outputs
 
     def training_step(self, batch, batch_idx):
         tracked, (loss, logits) = training_outputs(self, batch, batch_idx)
@@ -181,7 +209,8 @@ class SparseClassifier(pl.LightningModule):
         self.train_loss.update(loss.detach())
         if not self.task.regression:
             self.train_correct.update((logits.detach().argmax(-1) == batch["labels"]).float())
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        if self.automatic_optimization or self.stepping:  # (Lightning gates its own by accumulation)
+            self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
@@ -222,10 +251,58 @@ class SparseClassifier(pl.LightningModule):
         self.history.append(record)
         print(f"epoch {self.current_epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
 
+    # -- resuming -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What a resumed run needs besides Lightning's state: its history and the epoch's running sums so far,
+        the random states, and ``resume_info`` (the run_key, its W&B run; crisp.training.checkpoints)."""
+        from lightning_fabric.utilities.seed import _collect_rng_states
+
+        from crisp.training.checkpoints import position
+
+        checkpoint["crisp"] = {
+            **self.resume_info, "history": self.history, "last_val": self.last_val, "last_layers": self.last_layers,
+            "train_loss": _metric_state(self.train_loss), "train_correct": _metric_state(self.train_correct),
+            "train_stats": self.train_stats.state(), "rng": _collect_rng_states(include_cuda=torch.cuda.is_available()),
+        }
+        checkpoint["crisp_position"] = position(self.trainer)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["crisp"]
+        self.history, self.last_val, self.last_layers = state["history"], state["last_val"], state["last_layers"]
+        self._resumed = {**state, "position": checkpoint["crisp_position"]}
+        self.resumed_from_step = checkpoint["global_step"]
+
+    def on_train_start(self) -> None:
+        """A resumed run's running sums and random states, set once everything that draws at the start has drawn."""
+        state, self._resumed = getattr(self, "_resumed", None), None
+        if state is None:
+            return
+        from lightning_fabric.utilities.seed import _set_rng_states
+
+        _load_metric(self.train_loss, state["train_loss"])
+        _load_metric(self.train_correct, state["train_correct"])
+        self.train_stats.load(state["train_stats"], self.device)
+        _set_rng_states(state["rng"])
+        if state["position"]["batches"] == 0:
+            # an epoch's data iterator draws a seed from the global stream when the epoch starts; the state
+            # saved at the end of the last epoch is from before that draw, which this epoch's made already
+            torch.empty((), dtype=torch.int64).random_()
+
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.encoder.parameters() if p.requires_grad]
         decayed, not_decayed = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
         optimizer = adamw(self.encoder, self.optim, decayed, not_decayed)
-        total = self.trainer.estimated_stepping_batches
+        total = stepping_batches(self, self.manual["accumulate"])
         return {"optimizer": optimizer, "lr_scheduler": linear_schedule(optimizer, self.optim.warmup_ratio, total)}
+
+
+def _metric_state(metric) -> dict:
+    """A torchmetrics metric's running state (its tensors and update count), for a checkpoint."""
+    return {"state": {name: getattr(metric, name) for name in metric._defaults}, "updates": metric._update_count}
+
+
+def _load_metric(metric, saved: dict) -> None:
+    for name, value in saved["state"].items():
+        setattr(metric, name, value.to(metric.device) if torch.is_tensor(value) else value)
+    metric._update_count = saved["updates"]

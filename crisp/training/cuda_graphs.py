@@ -48,6 +48,7 @@ class GraphedTrainStep:
         self.pool = torch.cuda.graph_pool_handle()  # graphs run one at a time: they share memory
         self._side = torch.cuda.Stream()
         self._grads_of: _Graph | None = None
+        self._sum: list[torch.Tensor] | None = None  # gradients accumulated over steps (optimizer_step)
 
     def __call__(self, batch: dict[str, torch.Tensor], extra: Hashable = None) -> tuple[torch.Tensor, ...]:
         key = (tuple((name, tuple(t.shape), t.dtype) for name, t in batch.items()), extra)
@@ -67,20 +68,50 @@ class GraphedTrainStep:
             self._grads_of = graph
         return graph.outputs
 
-    def optimizer_step(self, module, batch: dict[str, torch.Tensor], extra: Hashable = None) -> list[torch.Tensor]:
+    def optimizer_step(self, module, batch: dict[str, torch.Tensor], extra: Hashable = None, *,
+                       accumulate: int = 1, step_now: bool = True,
+                       clip: Callable[[], None] | None = None) -> tuple[list[torch.Tensor], bool]:
         """A training step of a LightningModule in manual optimisation: this step (forward and backward)
-        as its optimizer's closure, then the optimizer and the learning-rate schedule; returns the outputs."""
+        and, when ``step_now``, the optimizer with this step as its closure, then the learning-rate schedule.
+
+        Lightning applies accumulation and clipping only in automatic optimisation; here they are applied as
+        it applies them there: with ``accumulate`` > 1 the gradients of the steps up to ``step_now`` are summed,
+        each scaled by 1/accumulate (a graph overwrites its gradient buffers at every replay, so they are summed
+        in buffers of their own), and ``clip`` runs on the whole gradient before the optimizer steps.
+        Returns the outputs and whether the optimizer stepped."""
+        if accumulate > 1 and not step_now:
+            outputs = self(batch, extra)
+            self._accumulate(1.0 / accumulate)
+            return list(outputs), False
         outputs = []
 
         def forward_backward():
             outputs[:] = self(batch, extra)
+            if accumulate > 1:
+                self._accumulate(1.0 / accumulate, into_grads=True)
+            if clip is not None:
+                clip()
             return outputs[0]
 
         module.optimizers().step(closure=forward_backward)
         scheduler = module.lr_schedulers()
         if scheduler is not None:  # a lockstep group's optimizer follows its runs' schedules itself
             scheduler.step()
-        return outputs
+        return outputs, True
+
+    @torch.no_grad()
+    def _accumulate(self, scale: float, into_grads: bool = False) -> None:
+        """Add this step's gradients, times ``scale``, to the sum so far; ``into_grads``: the last step of the
+        sum, whose gradients become the whole sum (and the sum starts again)."""
+        grads = [p.grad for p in self.params]
+        if self._sum is None:
+            self._sum = [torch.zeros_like(g) for g in grads]
+        if into_grads:
+            torch._foreach_mul_(grads, scale)
+            torch._foreach_add_(grads, self._sum)
+            torch._foreach_zero_(self._sum)
+        else:
+            torch._foreach_add_(self._sum, grads, alpha=scale)
 
     def _room_for_graph(self) -> bool:
         grads = sum(p.numel() * p.element_size() for p in self.params)

@@ -248,6 +248,36 @@ def loader_worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
+class ResumableBatches(BatchSampler):
+    """A BatchSampler over a seeded RandomSampler that can start mid-way: :meth:`resume_at` makes its next
+    iteration the run's ``epoch``-th, less the batches already trained. Its generator is replayed from the
+    seed through the earlier epochs as training drew from it (``per_epoch`` batches each; a loop that stops
+    at the epoch's length never draws the sampler's trailing empty permutation), so a resumed run sees
+    exactly the batches it would have seen."""
+
+    def __init__(self, sampler: RandomSampler, batch_size: int, seed: int):
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.seed = seed
+        self._resume: tuple[int, int, int] | None = None
+
+    def resume_at(self, epoch: int, batches: int, per_epoch: int) -> None:
+        self._resume = (epoch, batches, per_epoch)
+
+    def __iter__(self):
+        skip = 0
+        if self._resume is not None:
+            epoch, skip, per_epoch = self._resume
+            self._resume = None
+            self.sampler.generator.manual_seed(self.seed)
+            for _ in range(epoch):
+                batches = super().__iter__()
+                for _ in range(min(per_epoch, len(self))):
+                    next(batches)
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
+
+
 class TaskDataModule(pl.LightningDataModule):
     """The training split in the seed's order and every validation split of the task, in order."""
 
@@ -259,12 +289,28 @@ class TaskDataModule(pl.LightningDataModule):
         self.vals = vals  # in the task's order: the first is the one results name plainly
         if pad_to_multiple_of > 1:
             self.train.pad_to_multiple_of(pad_to_multiple_of, cfg.max_length)
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict:
+        """Where training is in the run's batch order (saved with a checkpoint; crisp.training.checkpoints)."""
+        from crisp.training.checkpoints import position
+
+        return position(self.trainer)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state
 
     def _loader(self, dataset: TokenizedSplit, batch_size: int, shuffle: bool, generator=None) -> DataLoader:
-        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        if shuffle:
+            batches = ResumableBatches(RandomSampler(dataset, generator=generator), batch_size, self.seed)
+            if self._resume is not None:
+                batches.resume_at(self._resume["epoch"], self._resume["batches"], self._resume["per_epoch"])
+                self._resume = None
+        else:
+            batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
         return DataLoader(
             dataset,
-            batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
+            batch_sampler=batches,
             collate_fn=_identity,
             num_workers=self.cfg.num_workers,
             pin_memory=self.pin_memory,

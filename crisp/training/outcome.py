@@ -77,15 +77,36 @@ def layers_summary(configured: list[float], layers: dict[str, list[float]],
 
 def run_outcome(task: Task, history: list[dict], configured: list[float], layers: dict[str, list[float]],
                 calibration_entropy: list[float] | None, timing: dict[str, Any], accelerator: str,
-                wandb_run: dict[str, Any] | None) -> dict[str, Any]:
-    """What a completed run adds to its results.json (``timing`` as the caller measured it)."""
+                wandb_run: dict[str, Any] | None, resumed_from_step: int | None = None,
+                stopped: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a completed run adds to its results.json (``timing`` as the caller measured it). ``resumed_from_step``:
+    the optimizer step of the checkpoint it resumed from (None: it trained from the start); ``stopped``: where
+    and why it stopped before its last epoch (early stopping), else None."""
     return {
         "layers": layers_summary(configured, layers, calibration_entropy),
         **epochs_summary(history, task),
+        "resumed_from_step": resumed_from_step,
+        "stopped": stopped,
         "timing": timing,
         "environment": environment(accelerator),
         "wandb": wandb_run,
     }
+
+
+def stopped_early(trainer: pl.Trainer, callbacks: list[pl.Callback], epochs: int, max_epochs: int) -> dict | None:
+    """Where and why a run stopped before ``max_epochs`` epochs: an early-stopping callback, or
+    ``trainer.max_steps``; None when it trained every epoch (or stopped for no reason it can name)."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    if epochs >= max_epochs:
+        return None
+    for callback in callbacks:
+        if isinstance(callback, EarlyStopping) and trainer.should_stop:
+            return {"epoch": callback.stopped_epoch, "step": trainer.global_step,
+                    "by": f"{type(callback).__name__}(monitor={callback.monitor})"}
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return {"epoch": trainer.current_epoch, "step": trainer.global_step, "by": "trainer.max_steps"}
+    return None
 
 
 def save_weights(output_dir: Path, params: dict[str, torch.Tensor]) -> None:

@@ -2,11 +2,14 @@
 
 :func:`train` is what the run lifecycle (:mod:`crisp.core.lifecycle`) calls for a single run. The run is
 built by :class:`crisp.training.builder.RunBuilder` and trained by a Trainer from
-:func:`crisp.training.trainer.make_trainer`, as every run of a lockstep group is.
+:func:`crisp.training.trainer.make_trainer`, as every run of a lockstep group is, with the callbacks its
+config picks (:mod:`crisp.training.callbacks`). With checkpointing on, an interrupted run resumes from its
+last checkpoint (:mod:`crisp.training.checkpoints`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,12 +17,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from crisp.training import loggers
+from crisp.core.results import run_key
+from crisp.training import callbacks as user_callbacks
+from crisp.training import checkpoints, loggers
 from crisp.training.builder import RunBuilder, check_hub
 from crisp.training.classifier import SparseClassifier
 from crisp.training.data import TaskDataModule
 from crisp.training.ddp import use_crisp_rank_command
-from crisp.training.outcome import run_outcome, save_weights
+from crisp.training.outcome import run_outcome, save_weights, stopped_early
+from crisp.training.tasks import task_of
 from crisp.training.trainer import (
     Progress,
     device_of,
@@ -29,10 +35,15 @@ from crisp.training.trainer import (
     use_matmul_precision,
 )
 
+log = logging.getLogger("crisp")
 
-def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    """Train one run of a validated config in this process; returns what results.json records of it."""
+
+def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path, *, written: dict[str, Any] | None = None,
+          sweep_id: str | None = None) -> dict[str, Any]:
+    """Train one run of a validated config in this process; returns what results.json records of it.
+    ``written``: the config as written (its W&B group); ``sweep_id``: the sweep it belongs to."""
     check_hub(cfg)
+    callbacks = user_callbacks.build(cfg, task_of(cfg.data), output_dir)  # a bad one fails before the model loads
     settings = trainer_settings(cfg)
     use_matmul_precision(cfg, settings)
     # DDP ranks move the model to their own GPU: build it on the host
@@ -46,35 +57,62 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
                               layer_sparsity=built.layer_sparsity)
     if cfg.trainer.compile:
         module.encoder = torch.compile(module.encoder, dynamic=True)
-    logger = loggers.make_logger(cfg, config, output_dir)
+    key = run_key(config)
+    keeping = checkpoints.checkpointing(cfg)
+    resume_from = checkpoints.resume_point(output_dir, key)
+    resume = _resume_info(resume_from)
+    if resume_from is not None:
+        log.info("%s: resuming from %s (step %d)", cfg.name, resume_from, resume["global_step"])
+    plugins = []
+    if keeping is not None:
+        callbacks.append(checkpoints.ResumeCheckpoint(output_dir / checkpoints.DIR / checkpoints.LAST,
+                                                      keeping.every_n_steps, keeping.every_n_epochs))
+    if keeping is not None or resume_from is not None:
+        plugins.append(checkpoints.RunCheckpointIO(output_dir, key))
+    logger = loggers.make_logger(cfg, config, output_dir, written=written, sweep_id=sweep_id, resume=resume)
+    module.resume_info = {"run_key": key, "wandb_id": loggers.wandb_id(logger)}
     if settings["ddp"]:
         use_crisp_rank_command()
     progress = Progress()
-    trainer = make_trainer(cfg, settings, output_dir, progress, logger=logger)
+    trainer = make_trainer(cfg, settings, output_dir, progress, logger=logger, callbacks=callbacks, plugins=plugins)
     environ = dict(os.environ)  # DDP leaves rank variables behind that would confuse the next run
+    outcome = None
     try:
-        fit_seconds = timed_fit(trainer, module, datamodule)
+        fit_seconds = timed_fit(trainer, module, datamodule, ckpt_path=resume_from)
+        stopped = stopped_early(trainer, callbacks, len(module.history), cfg.trainer.max_epochs)
+        if trainer.interrupted or not module.history or (stopped is None
+                                                         and len(module.history) < cfg.trainer.max_epochs):
+            raise RuntimeError(f"training stopped after {len(module.history)} of {cfg.trainer.max_epochs} epochs")
+        if cfg.trainer.save_weights:
+            save_weights(output_dir, dict(module.encoder.named_parameters()))
+        peak = torch.cuda.max_memory_allocated() / 2**20 if settings["accelerator"] == "gpu" else None
+        timing = {
+            "fit_seconds": round(fit_seconds, 3),  # trainer.fit, DDP ranks' start included
+            "train_seconds": round(progress.train_seconds, 3),  # training and validation epochs alone
+            "train_samples_per_second": round(progress.samples / progress.train_seconds, 1),
+            "train_examples": len(datamodule.train),
+            "peak_gpu_memory_mb": None if peak is None else round(peak, 1),
+            "cuda_graphs": None if module.graphed_step is None else module.graphed_step.stats,
+            "pad_to_multiple_of": settings["pad_to_multiple_of"],
+            "precision": settings["precision"],
+        }
+        outcome = run_outcome(built.task, module.history, module.layer_sparsity, module.last_layers,
+                              built.calibration_entropy, timing, settings["accelerator"], None,
+                              resumed_from_step=module.resumed_from_step, stopped=stopped)
     finally:
-        wandb_run = loggers.finish(logger)
+        wandb_run = loggers.finish(logger, outcome)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environ)
-    if trainer.interrupted or len(module.history) < cfg.trainer.max_epochs:
-        raise RuntimeError(f"training stopped after {len(module.history)} of {cfg.trainer.max_epochs} epochs")
-    if cfg.trainer.save_weights:
-        save_weights(output_dir, dict(module.encoder.named_parameters()))
-    seen = len(datamodule.train) * len(module.history)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if settings["accelerator"] == "gpu" else None
-    timing = {
-        "fit_seconds": round(fit_seconds, 3),  # trainer.fit, DDP ranks' start included
-        "train_seconds": round(progress.train_seconds, 3),  # training and validation epochs alone
-        "train_samples_per_second": round(seen / progress.train_seconds, 1),
-        "train_examples": len(datamodule.train),
-        "peak_gpu_memory_mb": None if peak is None else round(peak, 1),
-        "cuda_graphs": None if module.graphed_step is None else module.graphed_step.stats,
-        "pad_to_multiple_of": settings["pad_to_multiple_of"],
-        "precision": settings["precision"],
-    }
-    return run_outcome(built.task, module.history, module.layer_sparsity, module.last_layers,
-                       built.calibration_entropy, timing, settings["accelerator"], wandb_run)
+    if keeping is None or not keeping.keep:
+        checkpoints.remove(output_dir)
+    return {**outcome, "wandb": wandb_run}
+
+
+def _resume_info(path: Path | None) -> dict[str, Any] | None:
+    """What the checkpoint says of itself (its step, its W&B run), read without loading the model's tensors."""
+    if path is None:
+        return None
+    info = checkpoints.read_info(path.parent)
+    return {"global_step": info.get("global_step", 0), "wandb_id": info.get("wandb_id")}

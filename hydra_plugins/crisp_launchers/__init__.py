@@ -69,8 +69,12 @@ class _ProcessLauncher(Launcher):
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from crisp.sweep import sweeper
+        from crisp.sweep import optimise, sweeper
 
+        if optimise.optimises(self.config):  # hydra/sweeper=optuna: trials, each returning its objective
+            jobs = sweeper.compose_and_check(self, optimise.trial_dirs(job_overrides, initial_job_idx),
+                                             initial_job_idx)
+            return optimise.with_objectives(jobs, self.launch_jobs(jobs))
         return self.launch_jobs(sweeper.compose_and_check(self, sweeper.with_run_dirs(job_overrides), initial_job_idx))
 
 
