@@ -19,11 +19,11 @@ from hydra.core.utils import JobReturn
 
 from crisp.core import results
 from crisp.core.claim import Holder, RunLock
+from crisp.core.lifecycle import SKIPPED
 from crisp.sweep.jobs import Job, record_failure
 from crisp.sweep.pool import SweepInterrupted, signals_raise
 
 log = logging.getLogger("crisp")
-SKIPPED = "skipped"
 
 
 def holder(job: Job) -> Holder | None:

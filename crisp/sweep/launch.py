@@ -20,7 +20,7 @@ from hydra.core.utils import JobReturn, configure_log, setup_globals
 from crisp.core import results
 from crisp.sweep import progress
 from crisp.sweep.jobs import Job, job_return, record_failure
-from crisp.sweep.pool import Outcome, SweepInterrupted, Task, WorkerPool, fork_workers, visible_gpus
+from crisp.sweep.pool import Outcome, SweepInterrupted, WorkerPool, WorkerTask, fork_workers, visible_gpus
 
 log = logging.getLogger("crisp")
 TASK_DIR = ".crisp"  # per-sweep folder for the launchers' spec, result and heartbeat files
@@ -39,19 +39,19 @@ def prepare(launcher) -> Path:
     return sweep_dir
 
 
-def task(launcher, label: str, kind: str, jobs: list[Job], log_path: Path, **spec: Any) -> Task:
+def task(launcher, label: str, kind: str, jobs: list[Job], log_path: Path, **spec: Any) -> WorkerTask:
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     payload = {"kind": kind, "jobs": jobs, "hydra_context": launcher.hydra_context,
                "task_function": launcher.task_function, "singleton_state": Singleton.get_state(), **spec}
-    return Task(label=label, spec=payload, files=sweep_dir / TASK_DIR / ATTEMPT / label, log_path=log_path)
+    return WorkerTask(label=label, spec=payload, files=sweep_dir / TASK_DIR / ATTEMPT / label, log_path=log_path)
 
 
-def run_tasks(sweep_dir: Path, tasks: list[Task], jobs: list[Job], max_running: int,
+def run_tasks(sweep_dir: Path, tasks: list[WorkerTask], jobs: list[Job], max_running: int,
               stall_timeout_s: float, worker_start: str = "auto") -> list[JobReturn]:
     """Run ``tasks`` (each covering some of ``jobs``); one JobReturn per job, in the jobs' order."""
     returns: dict[int, JobReturn] = {}
 
-    def done(task: Task, outcome: Outcome) -> None:
+    def done(task: WorkerTask, outcome: Outcome) -> None:
         task_jobs: list[Job] = task.spec["jobs"]
         if outcome.error is None:
             returns.update({job.idx: ret for job, ret in zip(task_jobs, outcome.result, strict=True)})

@@ -51,7 +51,7 @@ class SweepInterrupted(KeyboardInterrupt):
 
 
 @dataclass
-class Task:
+class WorkerTask:
     """What one worker runs: ``spec`` is pickled for it; ``label`` names it in logs."""
 
     label: str
@@ -98,7 +98,7 @@ class WorkerPool:
         self.poll_s, self.grace_s = poll_s, grace_s
         self.fork = fork
 
-    def run(self, tasks: Sequence[Task], on_done: Callable[[Task, Outcome], None]) -> None:
+    def run(self, tasks: Sequence[WorkerTask], on_done: Callable[[WorkerTask, Outcome], None]) -> None:
         """Run every task; ``on_done`` is called once per task as it ends, in this process."""
         pending, running = deque(tasks), []
         try:
@@ -133,7 +133,7 @@ class WorkerPool:
             raise
 
     @staticmethod
-    def _finish(task: Task, outcome: Outcome, on_done: Callable[[Task, Outcome], None]) -> None:
+    def _finish(task: WorkerTask, outcome: Outcome, on_done: Callable[[WorkerTask, Outcome], None]) -> None:
         """Hand the outcome on, then remove the task's spec, result and heartbeat: a finished sweep's folder
         holds its runs, not the pickles that carried them."""
         on_done(task, outcome)
@@ -142,7 +142,7 @@ class WorkerPool:
             with suppress(OSError):
                 folder.rmdir()  # only if empty: another sweep may share the folder
 
-    def _start(self, task: Task, running: list[Task]) -> None:
+    def _start(self, task: WorkerTask, running: list[WorkerTask]) -> None:
         task.files.mkdir(parents=True, exist_ok=True)
         task.log_path.parent.mkdir(parents=True, exist_ok=True)
         spec, result, beat = task.files / "spec.pkl", task.files / "result.pkl", task.files / "heartbeat"
@@ -167,7 +167,7 @@ class WorkerPool:
         where = f" on GPU {task.gpu}" if task.gpu is not None else ""
         log.info("started %s%s (pid %d, log %s)", task.label, where, task.proc.pid, task.log_path)
 
-    def _check(self, task: Task) -> Outcome | None:
+    def _check(self, task: WorkerTask) -> Outcome | None:
         code = task.proc.poll()
         if code is not None:
             _kill_group(task.proc, 0)  # whatever it left behind (data-loader workers, DDP ranks)
@@ -183,7 +183,7 @@ class WorkerPool:
             return self._outcome(task, ("Stalled", message))
         return None
 
-    def _outcome(self, task: Task, error: tuple[str, str]) -> Outcome:
+    def _outcome(self, task: WorkerTask, error: tuple[str, str]) -> Outcome:
         return Outcome(error=(error[0], f"{error[1]}; log: {task.log_path}"), log_tail=_tail(task.log_path),
                        seconds=time.monotonic() - task.started if task.started else 0.0)
 

@@ -33,7 +33,7 @@ from crisp.core.model_dirs import CACHE_DIR
 from crisp.training.dataset_tables import load_disk, read_file, split_tables
 from crisp.training.delimited import read_delimited
 from crisp.training.hub import load_hub_dataset
-from crisp.training.rows import Split, Table, label_names, to_split
+from crisp.training.rows import Rows, Split, label_names, to_split
 from crisp.training.synthetic import _POSITIVE, generate_synthetic
 from crisp.training.tasks import TASKS, Task, task_of
 
@@ -46,7 +46,7 @@ COLUMNS_HINT = " (data.text_fields and data.label_field name the columns)"
 # Sources: each gives the tables of the training split and of every validation split of the task
 
 
-def _glue_table(path: Path, task: Task) -> Table:
+def _glue_table(path: Path, task: Task) -> Rows:
     """One GLUE-format file of ``task``, laid out as its preset's ``glue`` keys say."""
     if not path.is_file():
         raise DataError(f"data.dir: missing file {path} (a GLUE {task.folder} folder holds train.tsv and "
@@ -61,7 +61,7 @@ def read_glue_tsv(path: Path, task: Task | None = None) -> Split:
     return to_split(_glue_table(path, task), task)
 
 
-def _glue_folder_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
+def _glue_folder_tables(cfg: DictConfig, task: Task) -> dict[str, Rows]:
     layout = {"folder": task.folder, "validation_files": [file for _, file in task.validation]}
     problem = glue_folder_problem(str(cfg.dir), layout)
     if problem:
@@ -71,14 +71,14 @@ def _glue_folder_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
             **{split: _glue_table(folder / file, task) for split, file in task.validation}}
 
 
-def _hub_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
+def _hub_tables(cfg: DictConfig, task: Task) -> dict[str, Rows]:
     dataset = load_hub_dataset(cfg.hub_path, cfg.get("hub_config"))
     where = cfg.hub_path + (f" ({cfg.hub_config})" if cfg.get("hub_config") else "")
     splits = {"train": cfg.get("train_split") or "train", **{name: name for name, _ in task.validation}}
     return split_tables(dataset, where, splits, task.fields, task.label_field, COLUMNS_HINT)
 
 
-def _file_table(path: Path, task: Task) -> Table:
+def _file_table(path: Path, task: Task) -> Rows:
     if not path.is_file():  # the config's check found it: it went since
         raise DataError(f"{path}: missing file")
     kind = FILE_FORMATS[path.suffix.lower()]
@@ -88,25 +88,25 @@ def _file_table(path: Path, task: Task) -> Table:
     return read_file(path, kind, task.fields, task.label_field, COLUMNS_HINT)
 
 
-def _files_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
+def _files_tables(cfg: DictConfig, task: Task) -> dict[str, Rows]:
     files = {"train": cfg.train_file, **dict(task.validation)}
     return {name: _file_table(Path(file).expanduser(), task) for name, file in files.items()}
 
 
-def _disk_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
+def _disk_tables(cfg: DictConfig, task: Task) -> dict[str, Rows]:
     folder = Path(cfg.path).expanduser()
     splits = {"train": cfg.train_split, **{name: name for name, _ in task.validation}}
     return split_tables(load_disk(folder), str(folder), splits, task.fields, task.label_field, COLUMNS_HINT)
 
 
-def _glue_tables(cfg: DictConfig, task: Task) -> dict[str, Table]:
+def _glue_tables(cfg: DictConfig, task: Task) -> dict[str, Rows]:
     return _glue_folder_tables(cfg, task) if cfg.get("dir") else _hub_tables(cfg, task)
 
 
 TABLES = {"glue": _glue_tables, "files": _files_tables, "hub": _hub_tables, "disk": _disk_tables}
 
 
-def _splits(tables: dict[str, Table], task: Task) -> dict[str, Split]:
+def _splits(tables: dict[str, Rows], task: Task) -> dict[str, Split]:
     return {name: to_split(table, task) for name, table in tables.items()}
 
 

@@ -17,11 +17,11 @@ from typing import Any
 from crisp.core.errors import DataError
 from crisp.training.delimited import utf8_text
 from crisp.training.hub import datasets_offline
-from crisp.training.rows import Table
+from crisp.training.rows import Rows
 
 
 def table_of(part: Any, where: str, locate: Callable[[int], str], text_columns: tuple[str, ...],
-             label_column: str, hint: str = "") -> Table:
+             label_column: str, hint: str = "") -> Rows:
     """A split's (a ``datasets.Dataset``, or any mapping of columns) text and label columns."""
     names = list(part.column_names) if hasattr(part, "column_names") else list(part)
     missing = [c for c in (*text_columns, label_column) if c not in names]
@@ -30,7 +30,7 @@ def table_of(part: Any, where: str, locate: Callable[[int], str], text_columns: 
     features = getattr(part, "features", None) or {}
     feature = features.get(label_column) if isinstance(features, Mapping) else None
     class_names = tuple(feature.names) if type(feature).__name__ == "ClassLabel" else None
-    return Table(where, [list(part[c]) for c in text_columns], list(part[label_column]), tuple(text_columns),
+    return Rows(where, [list(part[c]) for c in text_columns], list(part[label_column]), tuple(text_columns),
                  label_column, locate, class_names)
 
 
@@ -74,7 +74,7 @@ def _row_places(raw: bytes, path: Path) -> Callable[[int], str]:
     return lambda i: f"{path}:{lines[i]}" if i < len(lines) else f"{path}, row {i}"
 
 
-def read_file(path: Path, kind: str, text_columns: tuple[str, ...], label_column: str, hint: str = "") -> Table:
+def read_file(path: Path, kind: str, text_columns: tuple[str, ...], label_column: str, hint: str = "") -> Rows:
     """A json/jsonl (``kind="json"``) or parquet file's text and label columns."""
     if kind == "json":
         raw = path.read_bytes()
@@ -98,7 +98,7 @@ def read_file(path: Path, kind: str, text_columns: tuple[str, ...], label_column
 
 
 def split_tables(dataset: Any, where: str, splits: Mapping[str, str], text_columns: tuple[str, ...],
-                 label_column: str, hint: str = "") -> dict[str, Table]:
+                 label_column: str, hint: str = "") -> dict[str, Rows]:
     """Some of a dataset's splits as tables: ``splits`` maps crisp's name of each (``train``, then the
     validation splits) to the dataset's."""
     tables = {}

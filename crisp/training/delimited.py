@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from crisp.core.errors import DataError
-from crisp.training.rows import Table
+from crisp.training.rows import Rows
 
 
 def _line_of(raw: bytes, offset: int) -> tuple[int, bytes, int]:
@@ -56,7 +56,7 @@ def utf8_text(raw: bytes, path: Path, delimiter: str | None = None, header: bool
 
 
 def read_delimited(path: Path, text_columns: tuple[str | int, ...], label_column: str | int, *, delimiter: str,
-                   header: bool = True, hint: str = "") -> Table:
+                   header: bool = True, hint: str = "") -> Rows:
     """The text and label columns of a csv (``delimiter=","``) or tsv (``"\\t"``) file, every row's line kept.
     ``hint``: what names the columns, for a header that lacks one."""
     text = utf8_text(path.read_bytes(), path, delimiter, header).removeprefix("\ufeff")
@@ -93,5 +93,5 @@ def read_delimited(path: Path, text_columns: tuple[str | int, ...], label_column
         if len(row) != width:
             raise DataError(f"{path}:{line}: expected {width} {kind} fields, got {len(row)}")
     columns = [[row[p] for row in rows] for p in positions]
-    return Table(str(path), columns[:-1], columns[-1], tuple(text_columns), label_column,
+    return Rows(str(path), columns[:-1], columns[-1], tuple(text_columns), label_column,
                  lambda i: f"{path}:{lines[i]}")

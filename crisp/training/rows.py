@@ -1,6 +1,6 @@
 """Every row of every source checked the same way, before anything trains.
 
-A source reads its rows into a :class:`Table` (the text and label columns as read, and where each row
+A source reads its rows into a :class:`Rows` (the text and label columns as read, and where each row
 is); :func:`to_split` checks each row against the task and makes a :class:`Split`. A bad row stops the
 load with one line: its place (``train.csv:12``, ``train.parquet, row 11``), the value, what is allowed,
 and its column. Label names the task leaves undeclared are read from the training table
@@ -26,7 +26,7 @@ class Split:
 
 
 @dataclass
-class Table:
+class Rows:
     """One file's or split's text and label columns as read, before their rows are checked."""
 
     where: str  # the file, or the dataset and its split
@@ -69,7 +69,7 @@ def _number(name: str) -> bool:
         return False
 
 
-def label_names(table: Table) -> tuple[str, ...]:
+def label_names(table: Rows) -> tuple[str, ...]:
     """The class names of a training table whose task declares none: a ClassLabel column's own, else its
     values sorted (numerically when all are integers)."""
     _require_rows(table)
@@ -96,12 +96,12 @@ def label_names(table: Table) -> tuple[str, ...]:
     return ordered
 
 
-def _require_rows(table: Table) -> None:
+def _require_rows(table: Rows) -> None:
     if not len(table):
         raise DataError(f"{table.where}: no examples (the split is empty): it needs one example a row or line")
 
 
-def _class_id(table: Table, i: int, names: tuple[str, ...], index: dict[str, int], read: str | None) -> int:
+def _class_id(table: Rows, i: int, names: tuple[str, ...], index: dict[str, int], read: str | None) -> int:
     """A row's class id. A label is a class name; an integer is a class id where the names are not integers
     (HF's convention) and, in a ClassLabel column, stands for its own name, or for the id itself where the
     task names the same classes otherwise (GLUE's 0/1 for the hub's unacceptable/acceptable)."""
@@ -123,7 +123,7 @@ def _class_id(table: Table, i: int, names: tuple[str, ...], index: dict[str, int
     return found
 
 
-def _score(table: Table, i: int, low: float, high: float) -> float:
+def _score(table: Rows, i: int, low: float, high: float) -> float:
     value = table.labels[i]
     try:
         score = float(value) if not isinstance(value, bool) and value is not None else math.nan
@@ -135,7 +135,7 @@ def _score(table: Table, i: int, low: float, high: float) -> float:
     return score
 
 
-def _text(table: Table, column: int, i: int) -> str:
+def _text(table: Rows, column: int, i: int) -> str:
     value = table.texts[column][i]
     text = value.strip() if isinstance(value, str) else ""
     if not text:
@@ -145,7 +145,7 @@ def _text(table: Table, column: int, i: int) -> str:
     return text
 
 
-def to_split(table: Table, task: Task, labels_from: str | None = None) -> Split:
+def to_split(table: Rows, task: Task, labels_from: str | None = None) -> Split:
     """The table's rows as examples of ``task`` (its labels known), each row checked (see the module).
     ``labels_from``: the training split the label names were read from, which the messages name."""
     _require_rows(table)
