@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -183,13 +184,13 @@ def test_each_run_drops_at_its_own_rate():
 def test_runs_of_one_group_drop_with_their_own_probabilities_at_every_site(arch):
     """The same weights, one run with every dropout off, one with all on (hidden, attention, classifier as the
     family has them): in a training step the first computes exactly its evaluation logits, the second does not."""
-    from crisp.sparsity.families import family_of_type
+    from crisp.sparsity.families import dropout_attributes
     from crisp.training.encoder import dropout_overrides
     from tests.conftest import tiny_config
 
     def model(p: float):
         config = tiny_config(arch)
-        for key, value in dropout_overrides(config.model_type, dict.fromkeys(family_of_type(arch).dropout, p)).items():
+        for key, value in dropout_overrides(config, dict.fromkeys(dropout_attributes(config), p)).items():
             setattr(config, key, value)
         torch.manual_seed(0)
         return AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp")
@@ -282,11 +283,15 @@ def _equal_training(tmp_path, grid: list[str], runs: int, steps: int, env: dict 
         # nearly constant early predictions moves in its 6th digit with float rounding)
         for epoch, expected in zip(fused[name]["history"], record["history"], strict=True):
             assert epoch == pytest.approx(expected, rel=1e-4, abs=1e-5), name
-        weights = load_file(tmp_path / "alone" / name / "model.safetensors")
-        lockstep_weights = load_file(tmp_path / "lockstep" / name / "model.safetensors")
+        # each run's model folder (trainer.save_weights): the same weights, and the same crisp settings saved
+        weights = load_file(tmp_path / "alone" / name / "model" / "model.safetensors")
+        lockstep_weights = load_file(tmp_path / "lockstep" / name / "model" / "model.safetensors")
         assert weights.keys() == lockstep_weights.keys()
         for key, tensor in weights.items():
             torch.testing.assert_close(lockstep_weights[key], tensor, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+        configs = [json.loads((tmp_path / way / name / "model" / "config.json").read_text()) for way in ("alone",
+                                                                                                        "lockstep")]
+        assert configs[0] == configs[1] and configs[0]["crisp"]["sparsity"] == record["layers"]["configured"]
     return solo, fused
 
 
@@ -336,6 +341,39 @@ def test_mpnet_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
             "trainer.max_epochs=1", *EXACT, *MPNET, "seed=1,2", "sparsity=0.5,0.8"]
     solo, _ = _equal_training(tmp_path, grid, runs=4, steps=3)
     assert all(r["config"]["model"]["from_config"]["model_type"] == "mpnet" for r in solo.values())
+
+
+ROBERTA = ["~model.from_config", "+model.from_config={model_type:roberta,hidden_size:32,num_hidden_layers:2,"
+           "num_attention_heads:4,intermediate_size:64,max_position_embeddings:130}"]
+DEBERTA_V3 = ["~model.from_config", "+model.from_config={model_type:deberta-v2,hidden_size:32,num_hidden_layers:2,"
+              "num_attention_heads:4,intermediate_size:64,max_position_embeddings:128,relative_attention:true,"
+              "pos_att_type:[p2c,c2p],position_buckets:16,share_att_key:true,position_biased_input:false,"
+              "norm_rel_ebd:layer_norm}"]
+
+
+@pytest.mark.slow
+def test_roberta_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
+    """A family of no module of its own: positions after the padding id, token types, fused query, key and value
+    and the dropout keys read off the model (crisp's dropout keys turn them off)."""
+    grid = ["experiment=smoke", "data.num_train=96", "data.num_val=48", "data.eval_batch_size=16",
+            "trainer.max_epochs=1", *EXACT, *ROBERTA, "dropout.hidden=0", "dropout.attention=0",
+            "dropout.classifier=0", "seed=1,2", "sparsity=0.5,0.8"]
+    solo, fused = _equal_training(tmp_path, grid, runs=4, steps=3)
+    assert {r["trained_model"]["class"] for r in solo.values()} == {"RobertaForSequenceClassification"}
+    assert {r["timing"]["lockstep"]["runs"] for r in fused.values()} == {4}
+
+
+@pytest.mark.slow
+def test_deberta_v2_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
+    """DeBERTa-v3's settings (content-to-position and position-to-content terms, shared keys, relative positions
+    in buckets): each run's relative position table and its LayerNorm fused, the terms per run and per packed
+    sentence."""
+    grid = ["experiment=smoke", "data.num_train=96", "data.num_val=48", "data.eval_batch_size=16",
+            "trainer.max_epochs=1", *EXACT, *DEBERTA_V3, "dropout.hidden=0", "dropout.attention=0", "seed=1,2",
+            "sparsity=0.5,0.8"]
+    solo, fused = _equal_training(tmp_path, grid, runs=4, steps=3)
+    assert {r["trained_model"]["class"] for r in solo.values()} == {"DebertaV2ForSequenceClassification"}
+    assert {r["timing"]["lockstep"]["runs"] for r in fused.values()} == {4}
 
 
 @pytest.mark.slow

@@ -24,14 +24,16 @@ from crisp.core.config import resolved_config
 from crisp.core.errors import ConfigError
 from crisp.lockstep.batches import GroupDataModule
 from crisp.lockstep.dropout import RunRandom
+from crisp.lockstep.fusable import why_not_fused
 from crisp.lockstep.fused import fuse, run_state_dict
 from crisp.lockstep.fused_classifier import FusedRun, LockstepClassifier
 from crisp.lockstep.run_adamw import RunOptim
-from crisp.sparsity.families import FAMILIES, REGISTRY, family_of
+from crisp.sparsity.families import family_of
 from crisp.training import loggers
 from crisp.training.builder import BuiltRun, RunBuilder, check_hub
 from crisp.training.data import round_up
-from crisp.training.outcome import run_outcome, save_weights
+from crisp.training.outcome import run_outcome
+from crisp.training.saved_model import run_model, save_model
 from crisp.training.trainer import (
     Progress,
     device_of,
@@ -53,6 +55,7 @@ class Member:
     cfg: DictConfig  # the run's config, without Hydra's section
     built: BuiltRun | None = None
     fused: FusedRun | None = None  # the run as the fused module sees it
+    model_config: Any = None  # its own model's config (its dropout), to save it as its own model
 
     @property
     def output_dir(self) -> Path:
@@ -85,11 +88,11 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
     builder = RunBuilder(device)
     for m in members:
         m.built = builder.build(m.cfg, m.run.name)
-        family = family_of(m.built.encoder)
-        if family is REGISTRY or not family.lockstep:
-            fused = sorted(name for name, f in FAMILIES.items() if f.lockstep)
-            raise ConfigError(f"{type(m.built.encoder).__name__} cannot train in lockstep, which fuses the encoder "
-                              f"families {', '.join(fused)}: train it with hydra/launcher=parallel")
+        m.model_config = m.built.encoder.config
+        why = why_not_fused(m.model_config) if m is members[0] else None  # one recipe: one model for all
+        if why:
+            raise ConfigError(f"{type(m.built.encoder).__name__} cannot train in lockstep ({why}): train it with "
+                              "hydra/launcher=auto (one process per run) or parallel")
         m.fused = FusedRun(m.run.name, m.built.layer_sparsity, run_optim(m.cfg), m.built.sparsifier_params or {})
     trains = [m.built.train for m in members]
     longest = max(int(s.lengths.max()) for m in members for s in (m.built.train, *m.built.vals))
@@ -127,7 +130,9 @@ def _train(members: list[Member], options: dict[str, Any]) -> None:
              "peak_gpu_memory_mb": None if peak is None else round(peak, 1)}
     for position, m in enumerate(done):
         if cfg.trainer.save_weights:
-            save_weights(m.output_dir, run_state_dict(encoder, position))
+            model = run_model(m.model_config, run_state_dict(encoder, position), m.fused.layer_sparsity,
+                              m.cfg.sparsifier)
+            save_model(m.output_dir, model, m.built.tokenizer)
         m.run.complete(_outcome(m, seen, fit_seconds, progress.train_seconds, settings, module, group))
 
 
@@ -163,4 +168,4 @@ def _outcome(m: Member, seen: int, fit_seconds: float, train_seconds: float, set
         "lockstep": group,
     }
     return run_outcome(m.built.task, run.history, run.layer_sparsity, run.layers, m.built.calibration_entropy, timing,
-                       settings["accelerator"], loggers.finish(run.logger))
+                       settings["accelerator"], loggers.finish(run.logger), m.built.trained_model)

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -113,10 +114,6 @@ def _model_config(job: Job):
     return AutoConfig.from_pretrained(name, local_files_only=local)
 
 
-def _model_type(job: Job) -> str:
-    return _model_config(job).model_type
-
-
 def _parameters(job: Job) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -144,13 +141,21 @@ def _device_memory() -> int:
 
 def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobReturn]:
     """Train the jobs' groups one per GPU at a time; with ``alone="process"`` (``hydra/launcher=auto``) a
-    group of one run, or of runs that lockstep cannot train, runs each in a worker process of its own."""
+    group of one run, or of runs that lockstep cannot train (one line says why), runs each in a worker process
+    of its own. Forced (``hydra/launcher=lockstep``), a group lockstep cannot train stops the sweep before any
+    run trains: exit 2 and why."""
     sweep_dir = launch.prepare(launcher)
     gpus = visible_gpus()
     returns, groups = group_jobs(jobs, launcher.max_runs_per_group, len(gpus))
+    if alone == "lockstep":
+        refuse_unfused(groups)
     tasks = []
     for k, group in enumerate(groups):
-        if alone == "process" and (len(group) == 1 or not can_fuse(group[0])):
+        why = None if len(group) == 1 else why_not_in_lockstep(group[0])
+        if why:
+            log.info("lockstep: %d runs (%s, ...) train one process each: %s", len(group),
+                     group[0].record["output_dir"], why)
+        if alone == "process" and (len(group) == 1 or why):
             tasks += [launch.task(launcher, f"job{job.idx}-{job.name}", "jobs", [job], job.output_dir / "worker.log")
                       for job in group]
         else:
@@ -164,20 +169,45 @@ def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobR
     return [returns[job.idx] for job in jobs]
 
 
+def refuse_unfused(groups: Sequence[Sequence[Job]]) -> None:
+    """Lockstep forced on a group it cannot train: exit 2, before any run trains, with one line saying why."""
+    for group in groups:
+        why = why_not_in_lockstep(group[0])
+        if why:
+            print(f"crisp: error: lockstep cannot train {group[0].record['output_dir']} and the {len(group) - 1} other "
+                  f"run(s) of its recipe: {why}; train them with hydra/launcher=auto (it runs them one process each)",
+                  file=sys.stderr)
+            raise SystemExit(2)
+
+
 def can_fuse(job: Job) -> bool:
-    """Whether lockstep can train this job's recipe: one device, no torch.compile, an encoder family it fuses."""
+    """Whether lockstep can train this job's recipe (:func:`why_not_in_lockstep`)."""
+    return why_not_in_lockstep(job) is None
+
+
+def why_not_in_lockstep(job: Job) -> str | None:
+    """Why lockstep cannot train this job's recipe, or None: DDP, torch.compile, more than one device, a Trainer
+    setting it cannot apply per run, or a model it cannot fuse (:func:`crisp.lockstep.fusable.why_not_fused`,
+    decided from the model's config)."""
     trainer = job.config.trainer
-    if "ddp" in str(trainer.strategy) or trainer.compile or str(trainer.devices) not in ("1", "auto"):
-        return False
-    from crisp.sparsity.families import FAMILIES
+    if "ddp" in str(trainer.strategy):
+        return f"trainer.strategy={trainer.strategy}: a fused group trains on one device"
+    if trainer.compile:
+        return "trainer.compile=true: a fused group is not compiled"
+    if str(trainer.devices) not in ("1", "auto"):
+        return f"trainer.devices={trainer.devices}: a fused group trains on one device"
     from crisp.training.trainer import not_in_lockstep
 
     if not_in_lockstep(job.config):
-        return False
+        return f"trainer.{not_in_lockstep(job.config)[0]}: a fused group cannot apply it to each of its runs"
+    from crisp.lockstep.fusable import classifier_name, why_not_fused
+
     try:
-        return _model_type(job) in {t for family in FAMILIES.values() if family.lockstep for t in family.model_types}
+        config = _model_config(job)
     except Exception:  # the worker meets the same problem and reports it
-        return True
+        return None
+    why = why_not_fused(config)
+    return f"{classifier_name(config)} cannot train in lockstep ({why})" if why else None
 
 
 def group_jobs(jobs: Sequence[Job], max_runs: int | str | None, devices: int,

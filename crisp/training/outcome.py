@@ -75,9 +75,11 @@ def layers_summary(configured: list[float], layers: dict[str, list[float]],
 
 def run_outcome(task: Task, history: list[dict], configured: list[float], layers: dict[str, list[float]],
                 calibration_entropy: list[float] | None, timing: dict[str, Any], accelerator: str,
-                wandb_run: dict[str, Any] | None) -> dict[str, Any]:
-    """What a completed run adds to its results.json (``timing`` as the caller measured it)."""
+                wandb_run: dict[str, Any] | None, trained_model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a completed run adds to its results.json (``timing`` as the caller measured it; ``trained_model``: the
+    class and source of the model that trained, :func:`crisp.core.results.trained_model`)."""
     return {
+        "trained_model": trained_model,
         "layers": layers_summary(configured, layers, calibration_entropy),
         **epochs_summary(history, task),
         "timing": timing,
@@ -85,10 +87,3 @@ def run_outcome(task: Task, history: list[dict], configured: list[float], layers
         "wandb": wandb_run,
     }
 
-
-def save_weights(output_dir: Path, params: dict[str, torch.Tensor]) -> None:
-    """``model.safetensors``: the fine-tuned encoder's parameters (``trainer.save_weights=true``)."""
-    from safetensors.torch import save_file
-
-    save_file({name: t.detach().float().cpu().contiguous() for name, t in params.items()},
-              str(output_dir / "model.safetensors"))

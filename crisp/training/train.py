@@ -19,7 +19,8 @@ from crisp.training.builder import RunBuilder, check_hub
 from crisp.training.classifier import SparseClassifier
 from crisp.training.data import TaskDataModule
 from crisp.training.ddp import use_crisp_rank_command
-from crisp.training.outcome import run_outcome, save_weights
+from crisp.training.outcome import run_outcome
+from crisp.training.saved_model import save_model
 from crisp.training.trainer import (
     Progress,
     device_of,
@@ -62,8 +63,8 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
         os.environ.update(environ)
     if trainer.interrupted or len(module.history) < cfg.trainer.max_epochs:
         raise RuntimeError(f"training stopped after {len(module.history)} of {cfg.trainer.max_epochs} epochs")
-    if cfg.trainer.save_weights:
-        save_weights(output_dir, dict(module.encoder.named_parameters()))
+    if cfg.trainer.save_weights and trainer.is_global_zero:
+        save_model(output_dir, module.encoder, built.tokenizer)
     seen = len(datamodule.train) * len(module.history)
     peak = torch.cuda.max_memory_allocated() / 2**20 if settings["accelerator"] == "gpu" else None
     timing = {
@@ -77,4 +78,4 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path) -> dict[str
         "precision": settings["precision"],
     }
     return run_outcome(built.task, module.history, module.layer_sparsity, module.last_layers,
-                       built.calibration_entropy, timing, settings["accelerator"], wandb_run)
+                       built.calibration_entropy, timing, settings["accelerator"], wandb_run, built.trained_model)
