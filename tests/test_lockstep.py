@@ -235,6 +235,47 @@ def test_jobs_that_differ_in_lr_weight_decay_warmup_dropout_or_the_sparsifiers_o
     assert fusion_key(entmax[0]) == fusion_key(entmax[1]) != fusion_key(jobs[0])  # alpha per run; one choice a group
 
 
+GPT_NEO = ["~model.from_config", "+model.from_config={model_type:gpt_neo,hidden_size:32,num_layers:2,num_heads:4,"
+           "attention_types:[[[global,local],1]],window_size:4,max_position_embeddings:128}"]
+
+
+def test_the_sweep_says_from_the_config_why_a_recipe_cannot_train_in_lockstep(tmp_path):
+    """Decided in the sweep's process from the model's config (no weights): the encoders lockstep fuses, a causal
+    family it cannot, a Trainer setting it cannot apply per run."""
+    from crisp.sweep.lockstep_launcher import why_not_in_lockstep
+
+    for fuses in ([], ROBERTA, DEBERTA_V3, MPNET):
+        assert why_not_in_lockstep(_job(tmp_path, *fuses)) is None, fuses
+    why = why_not_in_lockstep(_job(tmp_path, *GPT_NEO))
+    assert why.startswith("GPTNeoForSequenceClassification cannot train in lockstep (causal: its classifier reads "
+                          "each sentence's last token")
+    assert why_not_in_lockstep(_job(tmp_path, "+trainer.accumulate_grad_batches=2")).startswith(
+        "trainer.accumulate_grad_batches: a fused group cannot apply it to each of its runs")
+
+
+def test_lockstep_forced_on_a_family_it_cannot_fuse_stops_before_any_run_trains_with_exit_2(tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, *GPT_NEO, "hydra/launcher=lockstep", sweep=True), "seed=1,2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("crisp: error: lockstep cannot train dense_seed1 and the 1 other run(s) of its recipe: "
+                           "GPTNeoForSequenceClassification cannot train in lockstep (causal: ")
+    assert last.endswith("train them with hydra/launcher=auto (it runs them one process each)")
+    assert "Traceback" not in proc.stderr
+    assert not results.find_all(tmp_path) and not list(tmp_path.glob("lockstep-group*.log"))  # nothing trained
+
+
+@pytest.mark.slow
+def test_auto_trains_a_family_lockstep_cannot_fuse_one_process_per_run_and_says_why_in_one_line(tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, *GPT_NEO, sweep=True), "seed=1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = records(tmp_path)
+    assert sorted(found) == ["dense_seed1", "dense_seed2"] and all(r["status"] == "completed" for r in found.values())
+    assert len({r["environment"]["pid"] for r in found.values()}) == 2  # a process each
+    assert not any("lockstep" in r["timing"] for r in found.values())
+    said = [line for line in proc.stdout.splitlines() if "train one process each" in line]
+    assert len(said) == 1 and "GPTNeoForSequenceClassification cannot train in lockstep (causal: " in said[0], said
+
+
 # ---------------------------------------------------------------------------------------------- as users run it
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -50,6 +52,18 @@ def why_not_fused(config) -> str | None:
         models = [AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp").eval()
                   for _ in range(2)]
     return _structure(models[0]) or _probe(models)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one CPU thread inside: the sweep forks its workers after deciding, and a process whose CPU thread
+    pool has started cannot fork safely (the child's first parallel operation waits forever)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _structure(model: nn.Module) -> str | None:
@@ -83,6 +97,7 @@ def _fusable(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
+@_one_thread()
 def _probe(models: list[nn.Module]) -> str | None:
     """A fused forward of packed sentences on the meta device: None when it gives one row of logits per sentence."""
     from crisp.lockstep.dropout import RunRandom
