@@ -51,6 +51,7 @@ def launch_jobs(launcher, jobs: list[Job]) -> list[JobReturn]:
     auto = launcher.max_runs_per_group == "auto"
     returns, groups = lockstep_launcher.group_jobs(jobs, launcher.max_runs_per_group, devices=1,
                                           memory=task_memory(launcher.params) if auto else None)
+    lockstep_launcher.refuse_unfused(groups)  # before anything is submitted
     options = lockstep_launcher.options(launcher)
     returns.update(slurm.run_array(launcher, sweep_dir, [LockstepTask.of(launcher, group, options=options)
                                                          for group in groups]))

@@ -11,11 +11,11 @@ query row sees no key, and its own token is left out of the statistics.
 
 In a model fused for lockstep (:mod:`crisp.lockstep.fused`) the relative position embeddings and their LayerNorm
 hold one table per run (``[runs, 2 * span, hidden]``): :func:`position_terms` projects each run's table with that
-run's projections and gives each run's block of rows its own terms, as :func:`crisp.sparsity.families.mpnet.
-position_bias` does for MPNet. Relative positions are translation-invariant, so packed rows need nothing more. Packed
-rows come with a block mask (``[rows, 1, length, length]``) where DeBERTa's embeddings expect the padding mask, which
-they multiply in; a padded token's embedding reaches no real token's output (it is never a key), so the embeddings
-leave a block mask out (:func:`embeddings_forward`).
+run's projections and gives each run's block of rows its own terms, as MPNet's adapter gives each run its own
+relative bias (:func:`crisp.sparsity.families.mpnet.position_bias`). Relative positions are translation-invariant,
+so packed rows need nothing more. Packed rows come with a block mask (``[rows, 1, length, length]``) where
+DeBERTa's embeddings expect the padding mask, which they multiply in; a padded token's embedding reaches no real
+token's output (it is never a key), so the embeddings leave a block mask out (:func:`embeddings_forward`).
 """
 
 from __future__ import annotations
