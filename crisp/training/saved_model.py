@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForSequenceClassification
+from transformers.initialization import no_init_weights
 
 import crisp
 from crisp.training.builder import use_sparsifier
@@ -34,12 +35,10 @@ def run_model(config, state: dict[str, torch.Tensor], layer_sparsity: list[float
               sparsifier: DictConfig) -> torch.nn.Module:
     """A model of ``config`` (the run's, as its builder made it) holding the parameters ``state``, with the run's
     per-layer sparsity and sparsifier: what the run's own model would be after training alone."""
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp")
-    missing, unexpected = model.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=False)
-    buffers = {name for name, _ in model.named_buffers()}
-    if unexpected or set(missing) - buffers:
-        raise RuntimeError(f"the run's weights do not fit {type(model).__name__}: missing "
-                           f"{sorted(set(missing) - buffers)}, unexpected {sorted(unexpected)}")
+    with no_init_weights():  # every parameter is the run's: no time spent drawing random ones first
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp")
+    # strict: every tensor the model saves is the run's (a persistent buffer would be missing here, not saved unset)
+    model.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True)
     crisp.set_sparsity(model, layer_sparsity)
     use_sparsifier(model, sparsifier)
     return model.eval()
