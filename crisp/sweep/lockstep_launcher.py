@@ -147,11 +147,12 @@ def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobR
     sweep_dir = launch.prepare(launcher)
     gpus = visible_gpus()
     returns, groups = group_jobs(jobs, launcher.max_runs_per_group, len(gpus))
+    # a group of one trains in a process of its own under auto: no need to ask
+    whys = [why_not_in_lockstep(group[0]) if alone == "lockstep" or len(group) > 1 else None for group in groups]
     if alone == "lockstep":
-        refuse_unfused(groups)
+        refuse_unfused(groups, whys)
     tasks = []
-    for k, group in enumerate(groups):
-        why = None if len(group) == 1 else why_not_in_lockstep(group[0])
+    for k, (group, why) in enumerate(zip(groups, whys, strict=True)):
         if why:
             log.info("lockstep: %d runs (%s, ...) train one process each: %s", len(group),
                      group[0].record["output_dir"], why)
@@ -169,10 +170,10 @@ def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobR
     return [returns[job.idx] for job in jobs]
 
 
-def refuse_unfused(groups: Sequence[Sequence[Job]]) -> None:
-    """Lockstep forced on a group it cannot train: exit 2, before any run trains, with one line saying why."""
-    for group in groups:
-        why = why_not_in_lockstep(group[0])
+def refuse_unfused(groups: Sequence[Sequence[Job]], whys: Sequence[str | None] | None = None) -> None:
+    """Lockstep forced on a group it cannot train: exit 2, before any run trains, with one line saying why
+    (``whys``: :func:`why_not_in_lockstep` of each group, where the caller asked already)."""
+    for group, why in zip(groups, whys or [why_not_in_lockstep(group[0]) for group in groups], strict=True):
         if why:
             print(f"crisp: error: lockstep cannot train {group[0].record['output_dir']} and the {len(group) - 1} other "
                   f"run(s) of its recipe: {why}; train them with hydra/launcher=auto (it runs them one process each)",
