@@ -14,6 +14,9 @@ mapping, so a newer transformers is covered as it comes) is built from a tiny co
   the right mask, never crisp's boolean mask added as numbers);
 - **not built**: the type cannot be built tiny here (a missing library, a config that does not shrink); why.
 
+A sparse type also says whether lockstep trains it (``fuses``: two runs fused and fed packed sentences compute
+each run's own logits, :func:`assert_fused_equals_alone`) or why not (:func:`crisp.lockstep.fusable.why_not_fused`).
+
 Anything else (a crash, a wrong number) fails :func:`examine` with an AssertionError.
 ``python -m tests.encoder_coverage`` writes ``docs/encoders.md`` from the outcomes; ``tests/test_coverage.py``
 checks each type against it.
@@ -34,10 +37,17 @@ from transformers import CONFIG_MAPPING, AutoModelForSequenceClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 import crisp
+from crisp.lockstep.dropout import RunRandom
+from crisp.lockstep.fusable import why_not_fused
+from crisp.lockstep.fused import fuse, sentences_start_at
+from crisp.lockstep.packing import attention_mask, pack
+from crisp.sparsity.attention import RunRows, batch_of_runs
 from crisp.sparsity.families import attention_modules, family_of
+from crisp.training.data import TokenizedSplit
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "encoders.md"
 SPARSE, REFUSED, NOT_BUILT = "sparse", "refused", "not built"
+FUSES = "fuses"
 SPARSITY = 0.8
 VOCAB, PAD, BOS, EOS = 99, 1, 2, 3
 LENGTHS = (10, 7, 4)  # a padded batch (right padding); the unpadded one is two rows of the longest
@@ -97,6 +107,7 @@ class Outcome:
     kind: str  # SPARSE, REFUSED or NOT_BUILT
     class_name: str = ""
     notes: str = ""  # sparse: what its rows may see; refused and not built: why
+    lockstep: str = ""  # sparse: FUSES, or why lockstep cannot train it
 
 
 class NotBuilt(Exception):
@@ -374,7 +385,58 @@ def examine(model_type: str) -> Outcome:
     family = family_of(model)
     if family.install is not None:
         notes.append(f"adapter {family.name}")
-    return Outcome(model_type, SPARSE, name, ", ".join(notes))
+    lockstep = why_not_fused(tiny_config(model_type))
+    if lockstep is None:
+        assert_fused_equals_alone(tiny_config(model_type))
+    return Outcome(model_type, SPARSE, name, ", ".join(notes), lockstep or FUSES)
+
+
+FUSED_SPARSITIES = (0.0, 0.5)
+
+
+def _seeded_models(config, seeds: tuple[int, ...]) -> list[nn.Module]:
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp").eval()
+        crisp.prepare(model)
+        models.append(model)
+    return models
+
+
+def _sentences(token_types: bool, pad: int) -> TokenizedSplit:
+    """Six sentences of 3 to 11 tokens (ids 5-59; pairs typed 0 then 1 where the model reads token types)."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 12, (6,), generator=g)
+    real = torch.arange(12) < lengths[:, None]
+    ids = torch.where(real, torch.randint(5, 60, (6, 12), generator=g), pad)
+    types = ((torch.arange(12) >= lengths[:, None] // 2) & real).long() if token_types else None
+    return TokenizedSplit(ids, lengths, torch.zeros(6, dtype=torch.long), token_type_ids=types)
+
+
+def assert_fused_equals_alone(config) -> None:
+    """Two runs of ``config`` (seeds 0 and 1, sparsity 0 and 0.5) alone on a padded batch, then fused on the same
+    sentences packed several to a row, as lockstep trains them: the same logits within 1e-5."""
+    models = _seeded_models(config, (0, 1))
+    family = family_of(models[0])
+    split = _sentences(family.token_types, config.pad_token_id or 0)
+    typed = {} if split.token_type_ids is None else {"token_type_ids": split.token_type_ids}
+    alone = []
+    for model, sparsity in zip(models, FUSED_SPARSITIES, strict=True):
+        crisp.set_sparsity(model, sparsity)
+        mask = (torch.arange(split.input_ids.size(1)) < split.lengths[:, None]).long()
+        alone.append(_forward(model, split.input_ids, mask, **typed).logits)
+    fused = fuse(models, RunRandom([0, 1], "cpu"), projections=family.projections).eval()
+    for module in attention_modules(fused):
+        module.crisp_sparsity = FUSED_SPARSITIES
+    batch = pack([(split, list(range(len(split))))] * 2, width=16)
+    assert batch["input_ids"].size(0) < 2 * len(split), "no two sentences share a row"
+    typed = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    with torch.no_grad(), batch_of_runs(RunRows(2, query_valid=batch["segments"] >= 0)), \
+            sentences_start_at(batch["first"]):
+        logits = fused(input_ids=batch["input_ids"], attention_mask=attention_mask(batch["segments"]),
+                       position_ids=batch["position_ids"] + family.first_position(fused), **typed).logits
+    _assert_close(logits, torch.cat(alone), "fused in lockstep")
 
 
 def _why(message: str) -> str:
@@ -384,6 +446,7 @@ def _why(message: str) -> str:
 
 def table(outcomes: list[Outcome]) -> str:
     counts = {kind: sum(o.kind == kind for o in outcomes) for kind in (SPARSE, REFUSED, NOT_BUILT)}
+    counts[FUSES] = sum(o.lockstep == FUSES for o in outcomes)
     lines = [
         "# Which sequence classifiers crisp makes sparse",
         "",
@@ -399,24 +462,29 @@ def table(outcomes: list[Outcome]) -> str:
         "attention with the mask it expects, or refuses to run;",
         "- **not built**: a tiny model of the type could not be built here, so it is unchecked.",
         "",
-        "| model type | class | outcome | notes |",
-        "|---|---|---|---|",
+        f"lockstep (`hydra/launcher=lockstep`, and `auto` for runs that share a recipe): {counts[FUSES]} sparse types "
+        "**fuse**, two runs fused and fed packed sentences computing each run's own logits; for the others, why "
+        "lockstep cannot train them (`hydra/launcher=auto` then trains them one process per run).",
+        "",
+        "| model type | class | outcome | notes | lockstep |",
+        "|---|---|---|---|---|",
     ]
     for o in outcomes:
-        notes = o.notes.replace("|", "\\|")
-        lines.append(f"| `{o.model_type}` | {o.class_name} | {o.kind} | {notes} |")
+        notes, lockstep = (text.replace("|", "\\|") for text in (o.notes, o.lockstep))
+        lines.append(f"| `{o.model_type}` | {o.class_name} | {o.kind} | {notes} | {lockstep} |")
     return "\n".join(lines) + "\n"
 
 
-def committed() -> tuple[str | None, dict[str, tuple[str, str]]]:
-    """The committed table: the transformers version it was made with and, per type, (outcome, notes)."""
+def committed() -> tuple[str | None, dict[str, tuple[str, str, str]]]:
+    """The committed table: the transformers version it was made with and, per type, (outcome, notes, lockstep)."""
     if not TABLE.exists():
         return None, {}
     text = TABLE.read_text()
     version = re.search(r"class in transformers (\S+),", text)
     rows = {}
-    for match in re.finditer(r"^\| `([^`]+)` \| [^|]* \| ([^|]+) \| (.*) \|$", text, re.MULTILINE):
-        rows[match.group(1)] = (match.group(2).strip(), match.group(3).strip().replace("\\|", "|"))
+    cell = r"((?:[^|\\]|\\.)*)"  # a cell's text, escaped bars included
+    for match in re.finditer(rf"^\| `([^`]+)` \| [^|]* \| ([^|]+) \| {cell} \| {cell} \|$", text, re.MULTILINE):
+        rows[match.group(1)] = (match.group(2).strip(), *(match.group(k).strip().replace("\\|", "|") for k in (3, 4)))
     return (version.group(1) if version else None), rows
 
 
@@ -425,7 +493,7 @@ def main() -> None:
     outcomes = []
     for model_type in model_types():
         outcome = examine(model_type)
-        print(f"{model_type:24} {outcome.kind:9} {outcome.notes}", file=sys.stderr, flush=True)
+        print(f"{model_type:24} {outcome.kind:9} {outcome.notes} [{outcome.lockstep}]", file=sys.stderr, flush=True)
         outcomes.append(outcome)
     TABLE.write_text(table(outcomes))
     print(f"wrote {TABLE}", file=sys.stderr)

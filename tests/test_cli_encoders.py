@@ -52,6 +52,12 @@ def test_a_tiny_folder_of_each_family_trains_sparse_through_the_command_line(mod
     achieved = result["layers"]["achieved_val"]
     assert result["status"] == "completed" and len(achieved) == 2
     assert sum(achieved) / len(achieved) >= 0.7, achieved
+    # named as what trained: the folder's class and the folder, not the distilbert choice it was given to
+    trained = result["trained_model"]
+    assert trained["class"] == type(AutoModelForSequenceClassification.from_config(
+        AutoConfig.from_pretrained(folder))).__name__
+    assert trained["name_or_path"] == f"{tmp_path.name}/{model_type}"
+    assert trained["label"] == f"{trained['class']} from {tmp_path.name}/{model_type}"
 
 
 @pytest.mark.slow

@@ -171,12 +171,23 @@ def test_dropout_left_to_the_model_keeps_the_run_key_of_configs_that_had_no_drop
 
 
 def test_a_dropout_the_model_family_lacks_is_refused_by_name():
+    from transformers import AutoConfig
+
     from crisp.training.encoder import dropout_overrides
 
-    assert dropout_overrides("distilbert", {"hidden": 0.2, "attention": None}) == {"dropout": 0.2}
-    assert dropout_overrides("bert", {"classifier": 0.3}) == {"classifier_dropout": 0.3}
+    def config(model_type: str):
+        return AutoConfig.for_model(model_type)
+
+    assert dropout_overrides(config("distilbert"), {"hidden": 0.2, "attention": None}) == {"dropout": 0.2}
+    assert dropout_overrides(config("bert"), {"classifier": 0.3}) == {"classifier_dropout": 0.3}
     with pytest.raises(ConfigError, match=r"dropout.classifier=0.1 is not allowed: a mpnet model .*dropout.hidden"):
-        dropout_overrides("mpnet", {"classifier": 0.1})
+        dropout_overrides(config("mpnet"), {"classifier": 0.1})
+    # a family of no module of its own: the keys its config holds under BERT's names
+    assert dropout_overrides(config("roberta"), {"hidden": 0.0, "classifier": 0.2}) == \
+        {"hidden_dropout_prob": 0.0, "classifier_dropout": 0.2}
+    with pytest.raises(ConfigError, match=r"dropout.hidden=0.1 is not allowed: a llama model has no such dropout "
+                                          r"\(its keys: none"):
+        dropout_overrides(config("llama"), {"hidden": 0.1})
 
 
 def test_sweep_dirs_do_not_collide():

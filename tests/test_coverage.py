@@ -1,9 +1,10 @@
 """Every sequence classifier of the installed transformers is sparse and exact or refused before it trains, and
 docs/encoders.md says which (tests/encoder_coverage.py: how each type is built tiny and checked).
 
-The types crisp promises run on every test run; the whole sweep (every type in transformers' auto mapping, about
-80 s on two cores) is marked slow. A row of the committed table is checked when the installed transformers is the
-one the table was made with (``python -m tests.encoder_coverage`` makes it again).
+A sparse type's lockstep column is checked too: where it says "fuses", two runs fused in lockstep compute each
+run's own logits. The types crisp promises run on every test run; the whole sweep (every type in transformers' auto
+mapping, about 80 s on two cores) is marked slow. A row of the committed table is checked when the installed
+transformers is the one the table was made with (``python -m tests.encoder_coverage`` makes it again).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def checked(model_type: str):
     """The type's outcome (an AssertionError where it has neither), and the committed table's row agreeing."""
     outcome = examine(model_type)
     if SAME_TRANSFORMERS:
-        assert ROWS.get(model_type) == (outcome.kind, outcome.notes), (
-            f"docs/encoders.md says {ROWS.get(model_type)} for {model_type}, the check finds "
-            f"{(outcome.kind, outcome.notes)}: make it again with python -m tests.encoder_coverage")
+        found = (outcome.kind, outcome.notes, outcome.lockstep)
+        assert ROWS.get(model_type) == found, (
+            f"docs/encoders.md says {ROWS.get(model_type)} for {model_type}, the check finds {found}: make it again "
+            "with python -m tests.encoder_coverage")
     return outcome
 
 
@@ -52,4 +54,4 @@ def test_the_committed_table_lists_every_sequence_classifier_of_its_transformers
     if not SAME_TRANSFORMERS:
         pytest.skip(f"docs/encoders.md was made with transformers {VERSION}, this is {transformers.__version__}")
     assert sorted(ROWS) == model_types()
-    assert {kind for kind, _ in ROWS.values()} <= {SPARSE, REFUSED, NOT_BUILT}
+    assert {kind for kind, _, _ in ROWS.values()} <= {SPARSE, REFUSED, NOT_BUILT}

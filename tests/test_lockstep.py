@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -183,13 +184,13 @@ def test_each_run_drops_at_its_own_rate():
 def test_runs_of_one_group_drop_with_their_own_probabilities_at_every_site(arch):
     """The same weights, one run with every dropout off, one with all on (hidden, attention, classifier as the
     family has them): in a training step the first computes exactly its evaluation logits, the second does not."""
-    from crisp.sparsity.families import family_of_type
+    from crisp.sparsity.families import dropout_attributes
     from crisp.training.encoder import dropout_overrides
     from tests.conftest import tiny_config
 
     def model(p: float):
         config = tiny_config(arch)
-        for key, value in dropout_overrides(config.model_type, dict.fromkeys(family_of_type(arch).dropout, p)).items():
+        for key, value in dropout_overrides(config, dict.fromkeys(dropout_attributes(config), p)).items():
             setattr(config, key, value)
         torch.manual_seed(0)
         return AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp")
@@ -232,6 +233,48 @@ def test_jobs_that_differ_in_lr_weight_decay_warmup_dropout_or_the_sparsifiers_o
     assert len({fusion_key(job) for job in jobs}) == 1
     entmax = [_job(tmp_path, "sparsifier=entmax"), _job(tmp_path, "sparsifier=entmax", "sparsifier.alpha=2")]
     assert fusion_key(entmax[0]) == fusion_key(entmax[1]) != fusion_key(jobs[0])  # alpha per run; one choice a group
+
+
+GPT_NEO = ["~model.from_config", "+model.from_config={model_type:gpt_neo,hidden_size:32,num_layers:2,num_heads:4,"
+           "attention_types:[[[global,local],1]],window_size:4,max_position_embeddings:128}"]
+
+
+def test_the_sweep_says_from_the_config_why_a_recipe_cannot_train_in_lockstep(tmp_path):
+    """Decided in the sweep's process from the model's config (no weights): the encoders lockstep fuses, a causal
+    family it cannot, a Trainer setting it cannot apply per run."""
+    from crisp.sweep.lockstep_launcher import why_not_in_lockstep
+
+    for fuses in ([], ROBERTA, DEBERTA_V3, MPNET):
+        assert why_not_in_lockstep(_job(tmp_path, *fuses)) is None, fuses
+    why = why_not_in_lockstep(_job(tmp_path, *GPT_NEO))
+    assert why.startswith("GPTNeoForSequenceClassification cannot train in lockstep (causal: its classifier reads "
+                          "each sentence's last token")
+    assert why_not_in_lockstep(_job(tmp_path, "trainer.accumulate_grad_batches=2")) is None  # applied per run
+    assert why_not_in_lockstep(_job(tmp_path, "+trainer.max_time=00:01:00:00")) == \
+        "trainer.max_time cannot apply per run in a fused lockstep group"
+
+
+def test_lockstep_forced_on_a_family_it_cannot_fuse_stops_before_any_run_trains_with_exit_2(tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, *GPT_NEO, "hydra/launcher=lockstep", sweep=True), "seed=1,2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("crisp: error: lockstep cannot train dense_seed1 and the 1 other run(s) of its recipe: "
+                           "GPTNeoForSequenceClassification cannot train in lockstep (causal: ")
+    assert last.endswith("train them with hydra/launcher=auto (it runs them one process each)")
+    assert "Traceback" not in proc.stderr
+    assert not results.find_all(tmp_path) and not list(tmp_path.glob("lockstep-group*.log"))  # nothing trained
+
+
+@pytest.mark.slow
+def test_auto_trains_a_family_lockstep_cannot_fuse_one_process_per_run_and_says_why_in_one_line(tmp_path):
+    proc = run_crisp("-m", *smoke_overrides(tmp_path, *GPT_NEO, sweep=True), "seed=1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = records(tmp_path)
+    assert sorted(found) == ["dense_seed1", "dense_seed2"] and all(r["status"] == "completed" for r in found.values())
+    assert len({r["environment"]["pid"] for r in found.values()}) == 2  # a process each
+    assert not any("lockstep" in r["timing"] for r in found.values())
+    said = [line for line in proc.stdout.splitlines() if "train one process each" in line]
+    assert len(said) == 1 and "GPTNeoForSequenceClassification cannot train in lockstep (causal: " in said[0], said
 
 
 # ---------------------------------------------------------------------------------------------- as users run it
@@ -315,11 +358,15 @@ def _equal_training(tmp_path, grid: list[str], runs: int, steps: int, env: dict 
                 assert all(mine["values"][k] == epoch[k] and theirs["values"][k] == expected[k] for k in correlations)
                 assert torch.equal(mine["target"], theirs["target"])
                 torch.testing.assert_close(mine["preds"], theirs["preds"], rtol=1e-5, atol=1e-6, msg=name)
-        weights = load_file(tmp_path / "alone" / name / "model.safetensors")
-        lockstep_weights = load_file(tmp_path / "lockstep" / name / "model.safetensors")
+        # each run's model folder (trainer.save_weights): the same weights, and the same crisp settings saved
+        weights = load_file(tmp_path / "alone" / name / "model" / "model.safetensors")
+        lockstep_weights = load_file(tmp_path / "lockstep" / name / "model" / "model.safetensors")
         assert weights.keys() == lockstep_weights.keys()
         for key, tensor in weights.items():
             torch.testing.assert_close(lockstep_weights[key], tensor, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+        configs = [json.loads((tmp_path / way / name / "model" / "config.json").read_text()) for way in ("alone",
+                                                                                                        "lockstep")]
+        assert configs[0] == configs[1] and configs[0]["crisp"]["sparsity"] == record["layers"]["configured"]
     return solo, fused
 
 
@@ -369,6 +416,39 @@ def test_mpnet_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
             "trainer.max_epochs=1", *EXACT, *MPNET, "seed=1,2", "sparsity=0.5,0.8"]
     solo, _ = _equal_training(tmp_path, grid, runs=4, steps=3)
     assert all(r["config"]["model"]["from_config"]["model_type"] == "mpnet" for r in solo.values())
+
+
+ROBERTA = ["~model.from_config", "+model.from_config={model_type:roberta,hidden_size:32,num_hidden_layers:2,"
+           "num_attention_heads:4,intermediate_size:64,max_position_embeddings:130}"]
+DEBERTA_V3 = ["~model.from_config", "+model.from_config={model_type:deberta-v2,hidden_size:32,num_hidden_layers:2,"
+              "num_attention_heads:4,intermediate_size:64,max_position_embeddings:128,relative_attention:true,"
+              "pos_att_type:[p2c,c2p],position_buckets:16,share_att_key:true,position_biased_input:false,"
+              "norm_rel_ebd:layer_norm}"]
+
+
+@pytest.mark.slow
+def test_roberta_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
+    """A family of no module of its own: positions after the padding id, token types, fused query, key and value
+    and the dropout keys read off the model (crisp's dropout keys turn them off)."""
+    grid = ["experiment=smoke", "data.num_train=96", "data.num_val=48", "data.eval_batch_size=16",
+            "trainer.max_epochs=1", *EXACT, *ROBERTA, "dropout.hidden=0", "dropout.attention=0",
+            "dropout.classifier=0", "seed=1,2", "sparsity=0.5,0.8"]
+    solo, fused = _equal_training(tmp_path, grid, runs=4, steps=3)
+    assert {r["trained_model"]["class"] for r in solo.values()} == {"RobertaForSequenceClassification"}
+    assert {r["timing"]["lockstep"]["runs"] for r in fused.values()} == {4}
+
+
+@pytest.mark.slow
+def test_deberta_v2_runs_in_lockstep_train_exactly_like_runs_alone(tmp_path):
+    """DeBERTa-v3's settings (content-to-position and position-to-content terms, shared keys, relative positions
+    in buckets): each run's relative position table and its LayerNorm fused, the terms per run and per packed
+    sentence."""
+    grid = ["experiment=smoke", "data.num_train=96", "data.num_val=48", "data.eval_batch_size=16",
+            "trainer.max_epochs=1", *EXACT, *DEBERTA_V3, "dropout.hidden=0", "dropout.attention=0", "seed=1,2",
+            "sparsity=0.5,0.8"]
+    solo, fused = _equal_training(tmp_path, grid, runs=4, steps=3)
+    assert {r["trained_model"]["class"] for r in solo.values()} == {"DebertaV2ForSequenceClassification"}
+    assert {r["timing"]["lockstep"]["runs"] for r in fused.values()} == {4}
 
 
 @pytest.mark.slow

@@ -97,3 +97,74 @@ def test_the_sparsifier_and_its_own_keys_come_back(tmp_path):
     layers = crisp.sparsity.layers.attention_layers(back)
     assert {m.crisp_sparsifier for m in layers} == {"entmax"}
     assert all(m.crisp_sparsifier_params == {"alpha": 2.0} for m in layers)
+
+
+# ---------------------------------------------------------------------------------------------- saved by a run
+
+EVALUATE = """
+import json, sys, torch
+from omegaconf import OmegaConf
+import crisp
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from crisp.sparsity.calibration import MODEL_INPUTS
+from crisp.sparsity.families import family_of
+from crisp.training import tasks
+from crisp.training.data import load_splits, tokenize
+
+folder, record = sys.argv[1], json.loads(open(sys.argv[2]).read())
+model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder)
+data = OmegaConf.create(record["config"]["data"])
+task = tasks.task_of(data)
+split = next(s for name, s in load_splits(data).items() if name != "train")
+val = tokenize(tokenizer, split, data.max_length, cache=False, token_types=family_of(model).token_types)
+loss, correct, achieved, batches = 0.0, 0, None, 0
+with torch.no_grad():
+    for start in range(0, len(val), data.eval_batch_size):
+        batch = val.__getitems__(list(range(start, min(start + data.eval_batch_size, len(val)))))
+        logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
+        loss += float(tasks.loss(task, logits, batch["labels"], reduction="sum"))
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        stats = torch.tensor([s.achieved_sparsity for s in crisp.attention_stats(model)], dtype=torch.float64)
+        achieved, batches = stats if achieved is None else achieved + stats, batches + 1
+print(json.dumps({"implementation": model.config._attn_implementation, "sparsity": crisp.get_sparsity(model),
+                  "val_loss": loss / len(val), "val_acc": correct / len(val),
+                  "achieved": (achieved / batches).tolist(), "class": type(model).__name__}))
+"""
+
+FROM_CONFIG = {
+    "bert": "{model_type:bert,hidden_size:32,num_hidden_layers:2,num_attention_heads:4,intermediate_size:64}",
+    "mpnet": "{model_type:mpnet,hidden_size:32,num_hidden_layers:2,num_attention_heads:4,intermediate_size:64,"
+             "max_position_embeddings:130}",
+    "deberta-v2": "{model_type:deberta-v2,hidden_size:32,num_hidden_layers:2,num_attention_heads:4,"
+                  "intermediate_size:64,relative_attention:true,pos_att_type:[p2c,c2p],position_buckets:16,share_att_key:true,"
+                  "position_biased_input:false,norm_rel_ebd:layer_norm}",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(FROM_CONFIG))
+def test_a_run_saved_by_the_command_line_loads_back_in_a_fresh_process_as_it_validated(arch, tmp_path):
+    """trainer.save_weights=true: <run>/model loads with transformers after import crisp, sparse as it trained (its
+    per-layer sparsity from the adaptive strategy), and on the run's validation split gives its last epoch's loss,
+    accuracy and per-layer achieved sparsity."""
+    from tests.conftest import run_crisp, smoke_overrides
+
+    out = tmp_path / "run"
+    proc = run_crisp(*smoke_overrides(out, "~model.from_config", f"+model.from_config={FROM_CONFIG[arch]}",
+                                      "trainer.save_weights=true", "sparsity=0.6", "strategy=adaptive"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "results.json").read_text())
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                                  "tokenizer_config.json"]
+    evaluate = subprocess.run([sys.executable, "-c", EVALUATE, str(out / "model"), str(out / "results.json")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    back = json.loads(evaluate.stdout.strip().splitlines()[-1])
+    assert back["implementation"] == "crisp" and back["class"] == record["trained_model"]["class"]
+    assert back["sparsity"] == record["layers"]["configured"] and len(set(back["sparsity"])) > 1  # adaptive's
+    final = record["final"]
+    assert back["val_acc"] == pytest.approx(final["val_acc"], abs=1e-9)
+    assert back["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    assert back["achieved"] == pytest.approx(record["layers"]["achieved_val"], abs=1e-6)
+    assert min(back["achieved"]) > 0.3

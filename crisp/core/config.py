@@ -244,6 +244,19 @@ def _check_checkpointing(trainer: DictConfig) -> None:
             _fail(f"trainer.{key}", trainer.get(key), "choose true or false")
 
 
+def _check_model_source(cfg: DictConfig) -> None:
+    """A model comes from one place: a folder or hub name (``model.name_or_path``) next to a choice that builds a
+    random-init model from ``model.from_config`` would not be loaded, and the run would train and be named as the
+    random model."""
+    model = cfg.model
+    if model.get("name_or_path") and model.get("from_config") is not None:
+        built = (model.from_config or {}).get("model_type", "model")
+        _fail("model.name_or_path", model.name_or_path,
+              f"this model choice builds a random-init {built} from model.from_config and would not load it; to "
+              "fine-tune it, choose a model that loads one (model=distilbert model.name_or_path=..., with its own "
+              "tokenizer), or leave model.name_or_path unset to train the random-init model")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value whose range a type cannot express; raise ConfigError on the first bad one."""
     _check_number(cfg, "sparsity", 0, 1, closed_high=False)
@@ -284,6 +297,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             _fail(key, value, f"it must be a positive integer or null ({null})")
+    _check_model_source(cfg)
     if cfg.data.name == "sst2_local" and not cfg.data.get("dir"):
         _fail("data.dir", cfg.data.get("dir"), "data=sst2_local needs data.dir=<folder with train.tsv and dev.tsv>")
     check_data(cfg.data)  # its keys, its task, its files (crisp/core/data_config.py)

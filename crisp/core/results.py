@@ -145,6 +145,20 @@ def model_label(model: dict[str, Any]) -> str:
     return Path(name).name if Path(name).is_absolute() or Path(name).expanduser().is_dir() else str(name)
 
 
+def trained_model(class_name: str, name_or_path: str | None) -> dict[str, str | None]:
+    """What results.json names as the model that trained (``trained_model``): its class, where its weights came
+    from (a hub name as given, a local folder by its last two parts: never a machine's path) or None for a
+    random init, and a label that says both (``RobertaForSequenceClassification from runs/roberta``, ``random
+    init, DistilBertForSequenceClassification``). Unlike ``model``, the config's display name, it is read off
+    the model that was built."""
+    source = None
+    if name_or_path:
+        path = Path(name_or_path).expanduser()
+        source = "/".join(path.resolve().parts[-2:]) if path.is_absolute() or path.is_dir() else str(name_or_path)
+    label = f"{class_name} from {source}" if source else f"random init, {class_name}"
+    return {"class": class_name, "name_or_path": source, "label": label}
+
+
 def portable_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
     """``path`` as results record it: relative to ``base`` (or the working directory) when inside it,
     else only its last part after ``.../``: never a machine's absolute path."""

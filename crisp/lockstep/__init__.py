@@ -8,6 +8,7 @@ randomness are swapped for fused versions (:mod:`~crisp.lockstep.fused`, :mod:`~
 run keeps its own seed, batch order (:mod:`~crisp.lockstep.batches`), sparsity, statistics and results
 (:mod:`~crisp.lockstep.fused_classifier`, :mod:`~crisp.lockstep.group`, which puts the group through the
 one run lifecycle of :mod:`crisp.core.lifecycle`). An encoder family's particulars (token types, first
-position, attention modules) come from :mod:`crisp.sparsity.families`. Which jobs form a group is the
-launchers' business, a layer above (``crisp/sweep/lockstep_launcher.py``).
+position, attention modules) come from :mod:`crisp.sparsity.families`; whether a model fuses at all, and why
+not, from :mod:`~crisp.lockstep.fusable`. Which jobs form a group is the launchers' business, a layer above
+(``crisp/sweep/lockstep_launcher.py``).
 """

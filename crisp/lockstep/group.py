@@ -27,18 +27,20 @@ from crisp.core.errors import ConfigError
 from crisp.lockstep.batches import GroupDataModule
 from crisp.lockstep.checkpoints import GroupCheckpointIO, positions
 from crisp.lockstep.dropout import RunRandom
+from crisp.lockstep.fusable import why_not_fused
 from crisp.lockstep.fused import fuse, run_state_dict
 from crisp.lockstep.fused_classifier import FusedRun, LockstepClassifier
 from crisp.lockstep.options import GroupOptions
 from crisp.lockstep.per_run import RunStopping, per_run_callbacks
 from crisp.lockstep.run_adamw import RunOptim
-from crisp.sparsity.families import FAMILIES, REGISTRY, family_of
+from crisp.sparsity.families import family_of
 from crisp.training import checkpoints as run_checkpoints
 from crisp.training import loggers
 from crisp.training.builder import BuiltRun, RunBuilder, check_hub
 from crisp.training.checkpoints import checkpointing
 from crisp.training.data import round_up
-from crisp.training.outcome import run_outcome, save_weights
+from crisp.training.outcome import run_outcome
+from crisp.training.saved_model import run_model, save_model
 from crisp.training.trainer import (
     Progress,
     device_of,
@@ -60,6 +62,7 @@ class Member:
     cfg: DictConfig  # the run's config, without Hydra's section
     built: BuiltRun | None = None
     fused: FusedRun | None = None  # the run as the fused module sees it
+    model_config: Any = None  # its own model's config (its dropout), to save it as its own model
 
     @property
     def output_dir(self) -> Path:
@@ -108,11 +111,11 @@ def _train(members: list[Member], options: GroupOptions, resume: bool = False) -
     stoppers, monitors = per_run_callbacks(cfg, members[0].output_dir)
     for m in members:
         m.built = builder.build(m.cfg, m.run.name)
-        family = family_of(m.built.encoder)
-        if family is REGISTRY or not family.lockstep:
-            fused = sorted(name for name, f in FAMILIES.items() if f.lockstep)
-            raise ConfigError(f"{type(m.built.encoder).__name__} cannot train in lockstep, which fuses the encoder "
-                              f"families {', '.join(fused)}: train it with hydra/launcher=parallel")
+        m.model_config = m.built.encoder.config
+        why = why_not_fused(m.model_config) if m is members[0] else None  # one recipe: one model for all
+        if why:
+            raise ConfigError(f"{type(m.built.encoder).__name__} cannot train in lockstep ({why}): train it with "
+                              "hydra/launcher=auto (one process per run) or parallel")
         m.fused = FusedRun(m.run.name, m.built.layer_sparsity, run_optim(m.cfg), m.built.sparsifier_params or {},
                            output_dir=m.output_dir,
                            run_key=m.run.record["run_key"],
@@ -172,10 +175,17 @@ def _train(members: list[Member], options: GroupOptions, resume: bool = False) -
     group.update({"completed": len(done), "peak_gpu_memory_mb": None if peak is None else round(peak, 1)})
     for position, m in done:
         if cfg.trainer.save_weights:
-            save_weights(m.output_dir, run_state_dict(encoder, position))
+            _save_run(m, encoder, position)
         m.run.complete(_outcome(m, fit_seconds, progress, settings, module, group))
         if keeping is None or not keeping.keep:
             run_checkpoints.remove(m.output_dir)
+
+
+def _save_run(m: Member, encoder: torch.nn.Module, position: int) -> None:
+    """``trainer.save_weights``: the run as its own model, a folder transformers loads sparse
+    (:func:`crisp.save_pretrained`)."""
+    model = run_model(m.model_config, run_state_dict(encoder, position), m.fused.layer_sparsity, m.cfg.sparsifier)
+    save_model(m.output_dir, model, m.built.tokenizer)
 
 
 def _resumed_logger(m: Member) -> dict[str, Any]:
@@ -207,7 +217,7 @@ def _run_stopped(members: list[Member], run: FusedRun, position: int, module: Lo
     far and its weights as they are, and leaves the group."""
     member = next(m for m in members if m.fused is run)
     if member.cfg.trainer.save_weights:
-        save_weights(member.output_dir, run_state_dict(module.encoder, position))
+        _save_run(member, module.encoder, position)
     elapsed = progress.elapsed()
     member.run.complete(_outcome(member, elapsed, progress, settings, module, {**group, "peak_gpu_memory_mb": None},
                                  seconds=elapsed))
@@ -235,5 +245,5 @@ def _outcome(m: Member, fit_seconds: float, progress: Progress, settings: dict[s
     }
     outcome = run_outcome(m.built.task, run.history, run.layer_sparsity, run.layers, m.built.calibration_entropy,
                           timing, settings["accelerator"], None, resumed_from_step=module.resumed_from_step,
-                          stopped=run.stopped)
+                          stopped=run.stopped, trained_model=m.built.trained_model)
     return {**outcome, "wandb": loggers.finish(run.logger, outcome)}

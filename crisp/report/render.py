@@ -102,7 +102,7 @@ def markdown(dirs: Iterable[str | os.PathLike], records: list[dict[str, Any]], s
     """The whole report.md, written into ``out``: paths in it are relative to ``out``, never a machine's."""
     completed = [r for r in records if r.get("status") == COMPLETED]
     failed = [r for r in records if r.get("status") != COMPLETED]
-    setups = sorted({f"{portable_model(r.get('model'))} on {r.get('data')}" for r in completed})
+    setups = sorted({f"{portable_model(r.get('model'))}{_trained(r)} on {r.get('data')}" for r in completed})
     where = [portable_path(d, out) for d in dirs]
     parts = [
         "# crisp ablation: top-k attention sparsity",
@@ -124,6 +124,12 @@ def markdown(dirs: Iterable[str | os.PathLike], records: list[dict[str, Any]], s
                   "95% t interval; ✱ where the interval excludes 0.", f"![Δ vs dense across tasks]({TASKS_PNG})"]
     parts.append("## Failed runs\n\n" + ("\n".join(_failure_line(r, out) for r in failed) if failed else "None."))
     return "\n\n".join(parts) + "\n"
+
+
+def _trained(record: dict[str, Any]) -> str:
+    """`` (the class and source of the model that trained)``, where results.json names it."""
+    trained = record.get("trained_model")
+    return f" ({trained['label']})" if isinstance(trained, Mapping) and trained.get("label") else ""
 
 
 def portable_path(path: str | os.PathLike, out: str | os.PathLike) -> str:

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 
 from hydra.core.utils import JobReturn
@@ -103,10 +104,6 @@ def _model_config(job: Job):
     return AutoConfig.from_pretrained(name, local_files_only=local)
 
 
-def _model_type(job: Job) -> str:
-    return _model_config(job).model_type
-
-
 def _parameters(job: Job) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -127,20 +124,24 @@ def _device_memory() -> int:
 
 def launch_jobs(launcher, jobs: list[Job], alone: str = "lockstep") -> list[JobReturn]:
     """Train the jobs' groups one per GPU at a time; with ``alone="process"`` (``hydra/launcher=auto``) a
-    group of one run, or of runs that lockstep cannot train, runs each in a worker process of its own."""
+    group of one run, or of runs that lockstep cannot train (one line says why), runs each in a worker process
+    of its own. Forced (``hydra/launcher=lockstep``), a group lockstep cannot train stops the sweep before any
+    run trains: exit 2 and why."""
     sweep_dir = launch.prepare(launcher)
     if alone == "lockstep":
         check_lockstep(jobs)
     gpus = visible_gpus()
     options = launcher.options  # crisp.sweep.options.LockstepOptions
     returns, groups = group_jobs(jobs, options.max_runs_per_group, len(gpus))
+    # a group of one trains in a process of its own under auto: no need to ask
+    whys = [why_not_in_lockstep(group[0]) if alone == "lockstep" or len(group) > 1 else None for group in groups]
+    if alone == "lockstep":
+        refuse_unfused(groups, whys)
     tasks = []
-    for k, group in enumerate(groups):
-        blocked = lockstep_blocker(group[0]) if len(group) > 1 else None
-        if blocked:
-            log.info("%s cannot apply per run in a fused lockstep group: its %d runs train one process each",
-                     blocked, len(group))
-        if alone == "process" and (len(group) == 1 or blocked or not can_fuse(group[0])):
+    for k, (group, why) in enumerate(zip(groups, whys, strict=True)):
+        if why:
+            log.info("%s: its %d runs train one process each", why, len(group))
+        if alone == "process" and (len(group) == 1 or why):
             tasks += [launch.task(launcher, f"job{job.idx}-{job.name}", "jobs", [job], job.output_dir / "worker.log")
                       for job in group]
         else:
@@ -181,19 +182,44 @@ def check_lockstep(jobs: Sequence[Job]) -> None:
             raise SystemExit(2)
 
 
-def can_fuse(job: Job) -> bool:
-    """Whether lockstep can train this job's recipe: one device, no torch.compile, an encoder family it fuses."""
-    trainer = job.config.trainer
-    if "ddp" in str(trainer.strategy) or trainer.compile or str(trainer.devices) not in ("1", "auto"):
-        return False
-    from crisp.sparsity.families import FAMILIES
+def refuse_unfused(groups: Sequence[Sequence[Job]], whys: Sequence[str | None] | None = None) -> None:
+    """Lockstep forced on a group it cannot train: exit 2, before any run trains, with one line saying why
+    (``whys``: :func:`why_not_in_lockstep` of each group, where the caller asked already)."""
+    for group, why in zip(groups, whys or [why_not_in_lockstep(group[0]) for group in groups], strict=True):
+        if why:
+            print(f"crisp: error: lockstep cannot train {group[0].record['output_dir']} and the {len(group) - 1} other "
+                  f"run(s) of its recipe: {why}; train them with hydra/launcher=auto (it runs them one process each)",
+                  file=sys.stderr)
+            raise SystemExit(2)
 
-    if lockstep_blocker(job):
-        return False
+
+def can_fuse(job: Job) -> bool:
+    """Whether lockstep can train this job's recipe (:func:`why_not_in_lockstep`)."""
+    return why_not_in_lockstep(job) is None
+
+
+def why_not_in_lockstep(job: Job) -> str | None:
+    """Why lockstep cannot train this job's recipe, or None: DDP, torch.compile, more than one device, a Trainer
+    setting it cannot apply per run, or a model it cannot fuse (:func:`crisp.lockstep.fusable.why_not_fused`,
+    decided from the model's config)."""
+    trainer = job.config.trainer
+    if "ddp" in str(trainer.strategy):
+        return f"trainer.strategy={trainer.strategy}: a fused group trains on one device"
+    if trainer.compile:
+        return "trainer.compile=true: a fused group is not compiled"
+    if str(trainer.devices) not in ("1", "auto"):
+        return f"trainer.devices={trainer.devices}: a fused group trains on one device"
+    blocked = lockstep_blocker(job)
+    if blocked:
+        return f"{blocked} cannot apply per run in a fused lockstep group"
+    from crisp.lockstep.fusable import classifier_name, why_not_fused
+
     try:
-        return _model_type(job) in {t for family in FAMILIES.values() if family.lockstep for t in family.model_types}
+        config = _model_config(job)
     except Exception:  # the worker meets the same problem and reports it
-        return True
+        return None
+    why = why_not_fused(config)
+    return f"{classifier_name(config)} cannot train in lockstep ({why})" if why else None
 
 
 def group_jobs(jobs: Sequence[Job], max_runs: int | str | None, devices: int,

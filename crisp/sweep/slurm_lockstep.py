@@ -54,6 +54,7 @@ def launch_jobs(launcher, jobs: list[Job]) -> list[JobReturn]:
     auto = options.max_runs_per_group == "auto"
     returns, groups = lockstep_launcher.group_jobs(jobs, options.max_runs_per_group, devices=1,
                                                    memory=task_memory(launcher.params) if auto else None)
+    lockstep_launcher.refuse_unfused(groups)  # before anything is submitted
     returns.update(slurm.run_array(launcher, sweep_dir, [LockstepTask.of(launcher, group, options=options.group)
                                                          for group in groups]))
     return [returns[job.idx] for job in jobs]

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import crisp
-from crisp.core import heartbeat
+from crisp.core import heartbeat, results
 from crisp.sparsity import registry
 from crisp.sparsity.calibration import measure_entropy
 from crisp.sparsity.families import family_of
@@ -54,6 +54,7 @@ class BuiltRun:
     layer_sparsity: list[float]
     calibration_entropy: list[float] | None = None
     sparsifier_params: dict[str, float] | None = None  # the sparsifier's own keys (entmax's alpha)
+    trained_model: dict[str, Any] | None = None  # the class and source of the model built (results.trained_model)
 
 
 def _key(value: Any) -> str:
@@ -118,7 +119,9 @@ class RunBuilder:
         print(f"crisp: {name}: strategy={cfg.strategy.name} sparsity={cfg.sparsity:g} -> per-layer sparsity "
               f"[{allocation}]")
         heartbeat.beat(force=True)
-        return BuiltRun(cfg, task, tokenizer, encoder, train, vals, layer_sparsity, entropy, params)
+        source = cfg.model.name_or_path if cfg.model.from_config is None else None
+        return BuiltRun(cfg, task, tokenizer, encoder, train, vals, layer_sparsity, entropy, params,
+                        results.trained_model(type(encoder).__name__, source))
 
 
 def use_sparsifier(encoder: torch.nn.Module, node: DictConfig) -> dict[str, float]:

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 
 import crisp
 from crisp.core.errors import ConfigError
-from crisp.sparsity.families import family_of_type
+from crisp.sparsity.families import dropout_attributes
 from crisp.training.hub import resolve_model
 from crisp.training.tasks import Task
 
@@ -57,18 +57,19 @@ def build_tokenizer(cfg: DictConfig, train_texts: list[str]):
     return AutoTokenizer.from_pretrained(name, local_files_only=local)
 
 
-def dropout_overrides(model_type: str, dropout: DictConfig | dict | None) -> dict[str, float]:
-    """The model config attributes that ``dropout`` (crisp's keys: hidden, attention, classifier) sets."""
-    family = family_of_type(model_type)
+def dropout_overrides(config, dropout: DictConfig | dict | None) -> dict[str, float]:
+    """The attributes of the model config ``config`` that ``dropout`` (crisp's keys: hidden, attention,
+    classifier) sets (:func:`crisp.sparsity.families.dropout_attributes`)."""
+    attributes = dropout_attributes(config)
     overrides = {}
     for role, value in ({} if dropout is None else dict(dropout)).items():
         if value is None:
             continue
-        if role not in family.dropout:
-            allowed = ", ".join(f"dropout.{r}" for r in family.dropout) or "none"
-            raise ConfigError(f"dropout.{role}={value!r} is not allowed: a {model_type} model has no such dropout "
-                              f"(its keys: {allowed}; null keeps the model's own)")
-        overrides[family.dropout[role]] = float(value)
+        if role not in attributes:
+            allowed = ", ".join(f"dropout.{r}" for r in attributes) or "none"
+            raise ConfigError(f"dropout.{role}={value!r} is not allowed: a {config.model_type} model has no such "
+                              f"dropout (its keys: {allowed}; null keeps the model's own)")
+        overrides[attributes[role]] = float(value)
     return overrides
 
 
@@ -77,15 +78,16 @@ def build_encoder(cfg: DictConfig, tokenizer, task: Task, dropout: DictConfig | 
     with the ``dropout`` probabilities that are set (see conf/config.yaml)."""
     if cfg.from_config is not None:
         spec = OmegaConf.to_container(cfg.from_config, resolve=True)
-        spec |= dropout_overrides(spec["model_type"], dropout)
         config = AutoConfig.for_model(
             **spec, vocab_size=len(tokenizer), num_labels=task.num_labels, pad_token_id=tokenizer.pad_token_id
         )
+        for key, value in dropout_overrides(config, dropout).items():
+            setattr(config, key, value)
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation="crisp")
     else:
         name, local = resolve_model(cfg.name_or_path)
         config = AutoConfig.from_pretrained(name, num_labels=task.num_labels, local_files_only=local)
-        for key, value in dropout_overrides(config.model_type, dropout).items():
+        for key, value in dropout_overrides(config, dropout).items():
             setattr(config, key, value)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected when fine-tuning

@@ -78,11 +78,13 @@ def layers_summary(configured: list[float], layers: dict[str, list[float]],
 def run_outcome(task: Task, history: list[dict], configured: list[float], layers: dict[str, list[float]],
                 calibration_entropy: list[float] | None, timing: dict[str, Any], accelerator: str,
                 wandb_run: dict[str, Any] | None, resumed_from_step: int | None = None,
-                stopped: dict[str, Any] | None = None) -> dict[str, Any]:
+                stopped: dict[str, Any] | None = None, trained_model: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a completed run adds to its results.json (``timing`` as the caller measured it). ``resumed_from_step``:
     the optimizer step of the checkpoint it resumed from (None: it trained from the start); ``stopped``: where
-    and why it stopped before its last epoch (early stopping), else None."""
+    and why it stopped before its last epoch (early stopping), else None; ``trained_model``: the class and source
+    of the model that trained (:func:`crisp.core.results.trained_model`)."""
     return {
+        "trained_model": trained_model,
         "layers": layers_summary(configured, layers, calibration_entropy),
         **epochs_summary(history, task),
         "resumed_from_step": resumed_from_step,
@@ -108,10 +110,3 @@ def stopped_early(trainer: pl.Trainer, callbacks: list[pl.Callback], epochs: int
         return {"epoch": trainer.current_epoch, "step": trainer.global_step, "by": "trainer.max_steps"}
     return None
 
-
-def save_weights(output_dir: Path, params: dict[str, torch.Tensor]) -> None:
-    """``model.safetensors``: the fine-tuned encoder's parameters (``trainer.save_weights=true``)."""
-    from safetensors.torch import save_file
-
-    save_file({name: t.detach().float().cpu().contiguous() for name, t in params.items()},
-              str(output_dir / "model.safetensors"))

@@ -24,7 +24,8 @@ from crisp.training.builder import RunBuilder, check_hub
 from crisp.training.classifier import SparseClassifier
 from crisp.training.data import TaskDataModule
 from crisp.training.ddp import use_crisp_rank_command
-from crisp.training.outcome import run_outcome, save_weights, stopped_early
+from crisp.training.outcome import run_outcome, stopped_early
+from crisp.training.saved_model import save_model
 from crisp.training.tasks import task_of
 from crisp.training.trainer import (
     Progress,
@@ -83,8 +84,8 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path, *, written:
         if trainer.interrupted or not module.history or (stopped is None
                                                          and len(module.history) < cfg.trainer.max_epochs):
             raise RuntimeError(f"training stopped after {len(module.history)} of {cfg.trainer.max_epochs} epochs")
-        if cfg.trainer.save_weights:
-            save_weights(output_dir, dict(module.encoder.named_parameters()))
+        if cfg.trainer.save_weights and trainer.is_global_zero:
+            save_model(output_dir, module.encoder, built.tokenizer)
         peak = torch.cuda.max_memory_allocated() / 2**20 if settings["accelerator"] == "gpu" else None
         timing = {
             "fit_seconds": round(fit_seconds, 3),  # trainer.fit, DDP ranks' start included
@@ -98,7 +99,8 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path, *, written:
         }
         outcome = run_outcome(built.task, module.history, module.layer_sparsity, module.last_layers,
                               built.calibration_entropy, timing, settings["accelerator"], None,
-                              resumed_from_step=module.resumed_from_step, stopped=stopped)
+                              resumed_from_step=module.resumed_from_step, stopped=stopped,
+                              trained_model=built.trained_model)
     finally:
         wandb_run = loggers.finish(logger, outcome)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

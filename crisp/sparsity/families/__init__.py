@@ -4,10 +4,13 @@ A family is one module in this package holding one :class:`Family` (found by its
 the transformers ``model_type`` values it covers, how its attention modules are found, and, for an
 encoder whose attention is computed inline instead of through transformers' attention registry, an
 ``install`` that routes it through crisp's function (MPNet's adapter). Lockstep training reads the
-rest: whether pairs are told apart by ``token_type_ids`` and the position id of a sentence's first
-token (packed rows restart positions per sentence).
+rest: whether pairs are told apart by ``token_type_ids``, the position id of a sentence's first token (packed
+rows restart positions per sentence), the query, key and value projections it fuses into one matmul, and the
+config attributes behind crisp's dropout keys.
 
-A model of no known family is used as it is when its attention dispatches through the registry;
+A model of no known family is used as it is when its attention dispatches through the registry, and those
+particulars are read from the model itself (:func:`derived`): RoBERTa, XLM-R, ELECTRA and the other BERT-style
+encoders need no module of their own.
 :func:`check_reached` makes sure of that before training (every attention module found runs crisp's function,
 and no attention runs outside it): a model whose attention crisp cannot reach would otherwise train dense with
 no sign of it. It raises :class:`~crisp.sparsity.errors.AttentionNotReached`, the one refusal.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +49,18 @@ def first_position_zero(model: nn.Module) -> int:
     return 0
 
 
+def first_position_of_embeddings(model: nn.Module) -> int:
+    """The position id the model's embeddings give a sentence's first token when they number positions
+    themselves: RoBERTa-style embeddings (``create_position_ids_from_input_ids``) start after the padding id, as
+    they number a sentence of no padding; others start at 0."""
+    for module in model.modules():
+        number = getattr(module, "create_position_ids_from_input_ids", None)
+        padding = getattr(module, "padding_idx", None)
+        if callable(number) and isinstance(padding, int):
+            return int(number(torch.full((1, 2), padding + 1), padding)[0, 0])
+    return 0
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -66,8 +82,15 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {}
-# a model of no known family whose attention dispatches through transformers' registry
+# a model of no known family whose attention dispatches through transformers' registry (see derived)
 REGISTRY = Family("registry", ())
+# crisp's dropout keys -> the config attributes BERT-style configs hold them in
+BERT_DROPOUT = {"hidden": "hidden_dropout_prob", "attention": "attention_probs_dropout_prob",
+                "classifier": "classifier_dropout"}
+# how registry attention modules name their query, key and value projections (Linears of one input)
+PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"),
+               ("q", "k", "v"))
+_DERIVED: weakref.WeakKeyDictionary[nn.Module, Family] = weakref.WeakKeyDictionary()
 
 
 def _load() -> None:
@@ -77,11 +100,40 @@ def _load() -> None:
 
 
 def family_of(model: nn.Module) -> Family:
-    return family_of_type(getattr(getattr(model, "config", None), "model_type", None))
+    """The model's family: its module's, or the particulars :func:`derived` reads from the model."""
+    family = family_of_type(getattr(getattr(model, "config", None), "model_type", None))
+    return derived(model) if family is REGISTRY else family
 
 
 def family_of_type(model_type: str | None) -> Family:
+    """The family whose module covers ``model_type``, or :data:`REGISTRY` (nothing known of it)."""
     return next((f for f in FAMILIES.values() if model_type in f.model_types), REGISTRY)
+
+
+def derived(model: nn.Module) -> Family:
+    """A registry model's family, read from the model (once per model object, before it is fused): token types
+    where its config has more than one, the first position from its embeddings
+    (:func:`first_position_of_embeddings`), the query, key and value Linears of its attention modules under the
+    names they have (:data:`PROJECTIONS`) and the dropout keys its config holds (:func:`dropout_attributes`)."""
+    family = _DERIVED.get(model)
+    if family is None:
+        config = model.config
+        modules = registry_attention_modules(model)
+        names = next((names for names in PROJECTIONS if modules and all(
+            all(type(getattr(m, n, None)) is nn.Linear for n in names) for m in modules)), ())
+        family = _DERIVED[model] = Family(
+            config.model_type, (config.model_type,), token_types=getattr(config, "type_vocab_size", 0) > 1,
+            first_position=first_position_of_embeddings, dropout=dropout_attributes(config), projections=names)
+    return family
+
+
+def dropout_attributes(config) -> dict[str, str]:
+    """crisp's dropout keys (hidden, attention, classifier) -> the config attributes that hold them: the family's
+    own, or for a model of no family the BERT-style names its config has (:data:`BERT_DROPOUT`)."""
+    family = family_of_type(getattr(config, "model_type", None))
+    if family is not REGISTRY:
+        return dict(family.dropout)
+    return {role: name for role, name in BERT_DROPOUT.items() if hasattr(config, name)}
 
 
 def supported() -> str:

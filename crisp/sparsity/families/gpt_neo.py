@@ -48,6 +48,6 @@ FAMILY = Family(
     "gpt_neo", ("gpt_neo",),
     attention_modules=lambda model: [m for m in model.modules() if isinstance(m, GPTNeoSelfAttention)],
     install=install,
-    lockstep=False,  # its adapter is checked for one run; fusing runs of it is not (crisp.lockstep)
+    lockstep=False,  # causal: lockstep cannot hand its classifier each sentence's last token (crisp.lockstep.fusable)
     dropout={"hidden": "resid_dropout", "attention": "attention_dropout"},
 )
