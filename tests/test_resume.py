@@ -119,7 +119,8 @@ def _same_run(resumed: dict, whole: dict, run_dir, whole_dir) -> None:
     assert resumed["resumed_from_step"] > 16 and whole["resumed_from_step"] is None  # from inside the second epoch
     assert resumed["history"] == whole["history"]  # the whole history: every epoch, the same numbers
     assert resumed["final"] == whole["final"] and resumed["best"] == whole["best"]
-    weights, expected = load_file(run_dir / "model.safetensors"), load_file(whole_dir / "model.safetensors")
+    weights = load_file(run_dir / "model" / "model.safetensors")
+    expected = load_file(whole_dir / "model" / "model.safetensors")
     for key, tensor in expected.items():
         torch.testing.assert_close(weights[key], tensor, rtol=1e-6, atol=1e-6, msg=key)
     assert not (run_dir / "checkpoints").exists()  # removed once the run completed

@@ -109,14 +109,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from crisp.sparsity.calibration import MODEL_INPUTS
 from crisp.sparsity.families import family_of
 from crisp.training import tasks
-from crisp.training.data import load_splits, tokenize
+from crisp.training.data import load, tokenize
 
 folder, record = sys.argv[1], json.loads(open(sys.argv[2]).read())
 model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
 tokenizer = AutoTokenizer.from_pretrained(folder)
 data = OmegaConf.create(record["config"]["data"])
-task = tasks.task_of(data)
-split = next(s for name, s in load_splits(data).items() if name != "train")
+task, splits = load(data)
+split = splits["validation"]
 val = tokenize(tokenizer, split, data.max_length, cache=False, token_types=family_of(model).token_types)
 loss, correct, achieved, batches = 0.0, 0, None, 0
 with torch.no_grad():

@@ -299,6 +299,8 @@ def test_a_requeued_task_resumes_its_run_from_its_checkpoint_and_ends_as_if_neve
 
     from tests.test_resume import SMALL
 
+    # twice test_resume's rows (32 steps an epoch): a requeue sent on a loaded machine still finds it training
+    SMALL = [("data.num_train=1024" if o.startswith("data.num_train=") else o) for o in SMALL]
     reference = run_crisp(*SMALL, f"hydra.run.dir={tmp_path / 'whole'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
     out = tmp_path / "sweep"
@@ -309,7 +311,7 @@ def test_a_requeued_task_resumes_its_run_from_its_checkpoint_and_ends_as_if_neve
 
     def inside_second_epoch():
         where = results.read(info) or {}
-        return where.get("epoch") == 1 and where.get("batches", 0) > 0
+        return where.get("epoch", 0) >= 1 and where.get("batches", 0) > 0
 
     wait_for(inside_second_epoch, 600, "a checkpoint inside the second epoch", sweep.proc)
     slurm.run("scontrol", "requeue", task)
@@ -318,12 +320,12 @@ def test_a_requeued_task_resumes_its_run_from_its_checkpoint_and_ends_as_if_neve
     whole = results.read(tmp_path / "whole")
     assert found["status"] == "completed" and found["resumed_from_step"] > 16
     assert found["history"] == whole["history"] and found["final"] == whole["final"]
-    weights, expected = load_file(out / "dense_seed1" / "model.safetensors"), load_file(tmp_path / "whole" /
-                                                                                       "model.safetensors")
+    weights, expected = (load_file(out / "dense_seed1" / "model" / "model.safetensors"),
+                         load_file(tmp_path / "whole" / "model" / "model.safetensors"))
     for key, tensor in expected.items():
         assert (weights[key] - tensor).abs().max() < 1e-6, key
     assert f"task {task} (dense_seed1) was requeued (restart 1)" in sweep.log
     assert "resuming from" in task_log(out, task).split("Starting with JobEnvironment")[-1]
     # the sweep showed where the task's training was, as it followed the array
-    assert re.search(rf"task {task} \(dense_seed1\): 1 run \| epoch [123]/3 \| step \d+/48", sweep.log)
+    assert re.search(rf"task {task} \(dense_seed1\): 1 run \| epoch [123]/3 \| step \d+/96", sweep.log)
     assert not (out / ".crisp").exists()

@@ -1,7 +1,7 @@
 """What a worker process (or a SLURM array task) runs for one lockstep group of a sweep's jobs.
 
 Each job's run directory and ``.hydra/`` are made as Hydra makes them for a job (its ``run_job``, in
-forked processes for a big group: pure Python, 0.05-0.2 s a job), each job's values are checked again
+forked processes for a big group: pure Python that adds up), each job's values are checked again
 (an array task may run long after its sweep checked them), and the group trains through
 :func:`crisp.lockstep.group.train_group`: the one run lifecycle, for all of them at once.
 """

@@ -66,7 +66,8 @@ def _call_forked(item: Any) -> Any:
 def map_forked(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     """``[fn(item) for item in items]``, on Linux in processes forked from this one (one per
     ``JOBS_PER_PROCESS`` items and core) when there are enough items: Hydra's per-job work is pure
-    Python, at 0.05-0.2 s a job. ``fn`` reaches the processes by the fork; items and results are pickled."""
+    Python and adds up over thousands of jobs.
+    ``fn`` reaches the processes by the fork; items and results are pickled."""
     global _FORKED
     processes = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
                     len(items) // JOBS_PER_PROCESS)

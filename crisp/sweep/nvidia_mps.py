@@ -1,9 +1,9 @@
 """NVIDIA's Multi-Process Service (MPS) for a sweep of many runs on one GPU.
 
 Without it, the runs' processes take turns on the GPU in time slices, and small encoders' kernels
-(a few SMs each) leave most of it idle: on an H100, 21 MiniLM runs at once train no faster in
-total than one run alone. Under MPS their kernels share the GPU at the same time (2.5x more steps
-per second in total, measured). ``sweep.mps=true`` starts a private MPS daemon when a ``-m`` sweep
+(a few SMs each) leave most of it idle: many small runs at once train little faster in total than one
+run alone. Under MPS their kernels share the GPU at the same time (docs/performance.md has the
+measurement). ``sweep.mps=true`` starts a private MPS daemon when a ``-m`` sweep
 starts; the runs' processes find it through ``CUDA_MPS_PIPE_DIRECTORY``.
 
 Ending it is a matter of order. MPS's ``quit`` waits until every client process has gone, so the

@@ -3,8 +3,8 @@
 A task is one run (``hydra/launcher=parallel``) or a lockstep group of runs. Each runs in a worker
 process of its own (:mod:`crisp.sweep.worker`), in its own process group, with its output in a log
 file. On Linux the worker is forked from the sweep's process, which has already imported torch,
-transformers and Lightning: a fresh ``python -m crisp.sweep.worker`` spends 15 s on an H100 host
-importing them again. A fork is safe here because the sweep's process never initialises CUDA (GPUs
+transformers and Lightning: a fresh ``python -m crisp.sweep.worker`` would spend seconds importing
+them again (docs/performance.md). A fork is safe here because the sweep's process never initialises CUDA (GPUs
 are counted through NVML); where it has, or off Linux, or with ``hydra.launcher.worker_start=exec``,
 the worker is a fresh interpreter. The pool
 

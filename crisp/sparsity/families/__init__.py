@@ -1,6 +1,6 @@
 """Encoder families: how crisp reaches each one's attention, and what lockstep needs to know of it.
 
-A family is one module in this package holding one :class:`Family` (found by its ``FAMILY`` name):
+A family is one module in this package that registers one :class:`Family` (:func:`register`):
 the transformers ``model_type`` values it covers, how its attention modules are found, and, for an
 encoder whose attention is computed inline instead of through transformers' attention registry, an
 ``install`` that routes it through crisp's function (MPNet's adapter). Lockstep training reads the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,10 +94,26 @@ PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_li
 _DERIVED: weakref.WeakKeyDictionary[nn.Module, Family] = weakref.WeakKeyDictionary()
 
 
+def patching(*patches: tuple[type, str, Callable]) -> Callable[[nn.Module], None]:
+    """An ``install`` that binds each ``(module class, method name, function)`` patch's function as that method of
+    every module of the class in a model: how an adapter routes an encoder's inline attention through crisp's."""
+    def install(model: nn.Module) -> None:
+        for module in model.modules():
+            for cls, name, function in patches:
+                if isinstance(module, cls):
+                    setattr(module, name, types.MethodType(function, module))
+    return install
+
+
+def register(family: Family) -> Family:
+    """Make ``family`` known by its ``model_types`` (each family module calls this once, on import)."""
+    FAMILIES[family.name] = family
+    return family
+
+
 def _load() -> None:
     for info in pkgutil.iter_modules(__path__):
-        family = importlib.import_module(f"{__name__}.{info.name}").FAMILY
-        FAMILIES[family.name] = family
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def family_of(model: nn.Module) -> Family:

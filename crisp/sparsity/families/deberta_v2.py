@@ -20,8 +20,6 @@ token's output (it is never a key), so the embeddings leave a block mask out (:f
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from transformers.models.deberta_v2.modeling_deberta_v2 import (
@@ -34,7 +32,7 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import (
 
 from crisp.sparsity import visibility
 from crisp.sparsity.attention import crisp_attention_forward
-from crisp.sparsity.families import Family
+from crisp.sparsity.families import Family, patching, register
 
 
 def attention_forward(self: DisentangledSelfAttention, hidden_states, attention_mask, output_attentions=False,
@@ -110,15 +108,11 @@ def embeddings_forward(self: DebertaV2Embeddings, input_ids=None, token_type_ids
     return DebertaV2Embeddings.forward(self, input_ids, token_type_ids, position_ids, mask, inputs_embeds)
 
 
-def install(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, DisentangledSelfAttention):
-            module.forward = types.MethodType(attention_forward, module)
-        elif isinstance(module, DebertaV2Embeddings):
-            module.forward = types.MethodType(embeddings_forward, module)
+install = patching((DisentangledSelfAttention, "forward", attention_forward),
+                   (DebertaV2Embeddings, "forward", embeddings_forward))
 
 
-FAMILY = Family(
+register(Family(
     "deberta-v2", ("deberta-v2",),
     token_types=True,
     attention_modules=lambda model: [m for m in model.modules() if isinstance(m, DisentangledSelfAttention)],
@@ -126,4 +120,4 @@ FAMILY = Family(
     # its pooler and classifier drop with their own keys (pooler_dropout, cls_dropout) or hidden_dropout_prob
     dropout={"hidden": "hidden_dropout_prob", "attention": "attention_probs_dropout_prob"},
     projections=("query_proj", "key_proj", "value_proj"),
-)
+))

@@ -12,14 +12,11 @@ keeps their dtype (under autocast, bf16 scores), as crisp's function does for ev
 
 from __future__ import annotations
 
-import types
-
 import torch
-from torch import nn
 from transformers.models.gpt_neo.modeling_gpt_neo import GPT_NEO_ATTENTION_CLASSES, GPTNeoSelfAttention
 
 from crisp.sparsity.attention import NAME, crisp_attention_forward
-from crisp.sparsity.families import Family
+from crisp.sparsity.families import Family, patching, register
 
 GPT_NEO_ATTENTION_CLASSES.setdefault(NAME, GPTNeoSelfAttention)
 
@@ -38,16 +35,13 @@ def _attn(self: GPTNeoSelfAttention, query, key, value, attention_mask=None):
     return out.transpose(1, 2), probs  # GPT-Neo merges heads from [batch, heads, length, size]
 
 
-def install(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, GPTNeoSelfAttention):
-            module._attn = types.MethodType(_attn, module)
+install = patching((GPTNeoSelfAttention, "_attn", _attn))
 
 
-FAMILY = Family(
+register(Family(
     "gpt_neo", ("gpt_neo",),
     attention_modules=lambda model: [m for m in model.modules() if isinstance(m, GPTNeoSelfAttention)],
     install=install,
     lockstep=False,  # causal: lockstep cannot hand its classifier each sentence's last token (crisp.lockstep.fusable)
     dropout={"hidden": "resid_dropout", "attention": "attention_dropout"},
-)
+))

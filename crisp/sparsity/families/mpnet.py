@@ -17,14 +17,11 @@ different sentences never see each other. Absolute positions start after the emb
 
 from __future__ import annotations
 
-import types
-
 import torch
-from torch import nn
 from transformers.models.mpnet.modeling_mpnet import MPNetEmbeddings, MPNetEncoder, MPNetSelfAttention
 
 from crisp.sparsity.attention import crisp_attention_forward
-from crisp.sparsity.families import Family
+from crisp.sparsity.families import Family, patching, register
 
 # The last forward's additive mask: every layer of a forward gets the same mask and position bias
 # objects from the encoder, so the mask is made once per forward, not once per layer (as crisp.sparsity.topk
@@ -67,15 +64,11 @@ def position_bias(self: MPNetEncoder, x: torch.Tensor, position_ids=None, num_bu
     return values.repeat_interleave(x.size(0) // values.size(0), dim=0)  # one block of rows per run
 
 
-def install(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, MPNetSelfAttention):
-            module.forward = types.MethodType(attention_forward, module)
-        elif isinstance(module, MPNetEncoder):
-            module.compute_position_bias = types.MethodType(position_bias, module)
+install = patching((MPNetSelfAttention, "forward", attention_forward),
+                   (MPNetEncoder, "compute_position_bias", position_bias))
 
 
-FAMILY = Family(
+register(Family(
     "mpnet", ("mpnet",),
     first_position=lambda model: next(m for m in model.modules() if isinstance(m, MPNetEmbeddings)).padding_idx + 1,
     attention_modules=lambda model: [m for m in model.modules() if isinstance(m, MPNetSelfAttention)],
@@ -83,4 +76,4 @@ FAMILY = Family(
     # its classification head drops with hidden_dropout_prob: no key of its own
     dropout={"hidden": "hidden_dropout_prob", "attention": "attention_probs_dropout_prob"},
     projections=("q", "k", "v"),
-)
+))
