@@ -13,7 +13,7 @@ group resumes from them (:mod:`crisp.lockstep.checkpoints`).
 from __future__ import annotations
 
 import logging
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ def _train_resumable(members: list[Member], options: GroupOptions) -> None:
 
 def _train(members: list[Member], options: GroupOptions, resume: bool = False) -> None:
     # runs of equal optimizer settings side by side: each set is one slice of the fused parameters (RunAdamW)
-    members = sorted(members, key=lambda m: astuple(run_optim(m.cfg)))
+    members = sorted(members, key=lambda m: tuple(run_optim(m.cfg)))
     cfg = members[0].cfg  # the group's shared recipe (the launcher groups jobs by it), but for what runs vary
     blockers = lockstep_blockers(cfg)
     if blockers:

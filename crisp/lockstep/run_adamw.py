@@ -15,15 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
 
-@dataclass(frozen=True)
-class RunOptim:
-    """What of the optimizer a run of a group may have of its own."""
+class RunOptim(NamedTuple):
+    """What of the optimizer a run of a group may have of its own (a value: runs with equal ones step together)."""
 
     lr: float
     weight_decay: float

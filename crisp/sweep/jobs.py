@@ -83,7 +83,7 @@ def map_forked(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
 
 def job_configs(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
                 initial_job_idx: int) -> list[DictConfig]:
-    """Every job's config; Hydra composes each from scratch (0.2 s a job): a big sweep's in forked processes."""
+    """Every job's config; Hydra composes each from scratch, which adds up: a big sweep's in forked processes."""
     jobs = [(list(overrides), initial_job_idx + offset) for offset, overrides in enumerate(job_overrides)]
     return map_forked(lambda job: job_config(hydra_context, config, *job), jobs)
 

@@ -34,6 +34,7 @@ from crisp.core import results
 from crisp.core.claim import RunLock
 from crisp.sweep import launch, watch
 from crisp.sweep.jobs import Job, execute, job_return, record_failure
+from crisp.sweep.log_tail import log_tail
 from crisp.sweep.pool import SweepInterrupted, signals_raise
 
 log = logging.getLogger("crisp")
@@ -143,8 +144,8 @@ def _outcome(job: Job, sub) -> JobReturn:
         outcome, value = pickle_load(sub.paths.result_pickle)
     except Exception:  # no result file (the process was killed or died) or a half-written one
         code = sub._process.poll() if sub._process is not None else None
-        return job_return(job, record_failure(job, "WorkerDied", f"its process ended (controller exit code {code}) "
-                                                                 f"without a result; log: {log_path}", _tail(log_path)))
+        error = f"its process ended (controller exit code {code}) without a result; log: {log_path}"
+        return job_return(job, record_failure(job, "WorkerDied", error, log_tail(log_path)))
     if outcome != "success":  # ("error", traceback): raised outside the run's own error handling
         last = [line for line in str(value).splitlines() if line.strip() and not line[0].isspace()]
         return job_return(job, record_failure(job, "WorkerError", f"{last[-1] if last else 'an error'}; log: "
@@ -154,9 +155,3 @@ def _outcome(job: Job, sub) -> JobReturn:
         return job_return(job, record_failure(job, type(err).__name__, f"{err}; log: {log_path}"))
     return value
 
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

@@ -41,6 +41,7 @@ import cloudpickle
 
 from crisp.core import heartbeat
 from crisp.sweep import worker
+from crisp.sweep.log_tail import log_tail
 
 log = logging.getLogger("crisp")
 PARENT_ENV = "CRISP_SWEEP_PID"
@@ -184,7 +185,7 @@ class WorkerPool:
         return None
 
     def _outcome(self, task: WorkerTask, error: tuple[str, str]) -> Outcome:
-        return Outcome(error=(error[0], f"{error[1]}; log: {task.log_path}"), log_tail=_tail(task.log_path),
+        return Outcome(error=(error[0], f"{error[1]}; log: {task.log_path}"), log_tail=log_tail(task.log_path),
                        seconds=time.monotonic() - task.started if task.started else 0.0)
 
 
@@ -288,15 +289,6 @@ def _signal_group(proc: subprocess.Popen | ForkedWorker, sig: int) -> None:
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
 
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 from crisp.core import results
 from crisp.sweep import launch, progress
 from crisp.sweep.jobs import Job, job_return, record_failure
+from crisp.sweep.log_tail import log_tail
 from crisp.sweep.pool import SweepInterrupted, signals_raise
 from crisp.sweep.slurm_queue import ACTIVE, HELD, Queue, describe_exit, free_dead_claims, release_claim
 from crisp.sweep.slurm_task import ArrayTask, progress_file
@@ -253,7 +254,7 @@ def _outcome(t: Tracked, state: str, node: str, exit_code: str, params: dict[str
         kind, template = ENDINGS.get(state, ("SlurmTaskEnded", f"ended {state}"))
         why = template.format(timeout_min=params["timeout_min"], node=node or t.node or "?",
                               mem_gb=params.get("mem_gb"), exit=describe_exit(exit_code, params))
-        details = _tail(log_path)
+        details = log_tail(log_path, 40)
     message = f"SLURM task {t.id} {why} (state {state}); log: {log_path}"
     returns = []
     for job in t.task.jobs:
@@ -279,9 +280,3 @@ def _read_result(path: Path) -> tuple[str, Any] | None:
         log.warning("could not read %s: %s", path, err)
         return None
 
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
