@@ -141,7 +141,7 @@ def test_a_run_that_fails_before_it_trains_records_its_tasks_metric(tmp_path):
         (folder / file).write_text(header + "0\tmain\tx\t2012\t0\tnone\tnone\tA man.\tA man.\tlots\n")
     proc = run_crisp("-m", *smoke_overrides(tmp_path / "sweep", "data=stsb", f"data.dir={folder}", "logger=none",
                                             "hydra/launcher=basic", sweep=True), "seed=1,2", timeout=300)
-    assert proc.returncode == 1 and "2 run(s) failed" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "2 run(s) failed" in proc.stderr, proc.stderr[-3000:]  # a data error: 2
     records = [results.read(p) for p in results.find_all(tmp_path / "sweep")]
     assert [(r["status"], r["metric"]) for r in records] == [("failed", "val_pearson")] * 2
     report = (tmp_path / "sweep" / "report.md").read_text()

@@ -316,6 +316,20 @@ def test_a_bad_row_or_file_stops_the_run_before_training_with_exit_2_and_one_lin
     assert record is None if name in AT_THE_COMMAND else record["status"] == "failed"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["auto", "basic"])
+def test_a_bad_row_stops_a_grid_with_exit_2_its_one_line_and_no_completed_run(launcher, tmp_path):
+    overrides, line = bad_case("score out of range", tmp_path)
+    sweep = tmp_path / "sweep"
+    proc = run_crisp("-m", "experiment=smoke", *overrides, "sparsity=0,0.8", "seed=1,2", f"hydra/launcher={launcher}",
+                     f"hydra.sweep.dir={sweep}", timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"crisp: error: {line}" in proc.stderr and "crisp: 4 run(s) failed" in proc.stderr
+    found = [results.read(p) for p in results.find_all(sweep)]
+    assert len(found) == 4 and {r["status"] for r in found} == {"failed"}
+    assert {r["error"]["type"] for r in found} == {"DataError"}
+
+
 # ----------------------------------------------------------------------------------------------
 # truncation that hides the data, and the metrics a task may declare
 

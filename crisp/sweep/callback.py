@@ -25,11 +25,13 @@ from omegaconf import DictConfig
 
 from crisp.core import results
 from crisp.core.config import validate
-from crisp.core.errors import ConfigError
+from crisp.core.errors import USER_ERRORS, ConfigError
 from crisp.core.lifecycle import check_space
 from crisp.sweep import nvidia_mps as mps
 from crisp.sweep.config_errors import is_user_error, one_line
 from crisp.sweep.folders import check_writable
+
+USER_ERROR_NAMES = {error.__name__ for error in USER_ERRORS}
 
 log = logging.getLogger("crisp")
 
@@ -74,14 +76,24 @@ class SweepCallback(Callback):
             if config.sweep.mps:
                 mps.stop()
         if failed:
-            raise SystemExit(f"crisp: {len(failed)} run(s) failed: {', '.join(failed)} (see {sweep_dir}/report.md)")
+            names = ", ".join(sorted(r.get("output_dir") or r.get("name", "?") for r in failed))
+            message = f"crisp: {len(failed)} run(s) failed: {names} (see {sweep_dir}/report.md)"
+            errors = [r.get("error") or {} for r in failed]
+            if all(e.get("type") in USER_ERROR_NAMES for e in errors):
+                # the data or the config, not crisp, stopped them (a bad row fails every run that reads it): exit 2
+                # as a single run does, with its one line
+                for line in dict.fromkeys(f"crisp: error: {e.get('message')}" for e in errors):
+                    print(line, file=sys.stderr)
+                print(message, file=sys.stderr, flush=True)
+                raise SystemExit(2)
+            raise SystemExit(message)
 
 
-def write_report(config: DictConfig, sweep_dir: Path) -> list[str]:
-    """Write and print the sweep's report; returns the names of the runs that did not complete."""
+def write_report(config: DictConfig, sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write and print the sweep's report; returns the records of the runs that did not complete (each names its
+    folder in the sweep, ``output_dir``: the run's name after the keys that vary)."""
     records = [results.read(p) or {} for p in results.find_all(sweep_dir)]
-    # each by its folder in the sweep: the run's name, after the keys that vary
-    failed = sorted(r.get("output_dir") or r.get("name", "?") for r in records if r.get("status") != results.COMPLETED)
+    failed = [r for r in records if r.get("status") != results.COMPLETED]
     if config.report.after_sweep and records:
         from crisp.report import format_all
         from crisp.report import write_report as write
