@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -49,6 +50,9 @@ class SweepCallback(Callback):
             check_space(Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra sets it only as a job starts; a sweep folder named by ${hydra:runtime.choices.model} needs it now
+        # (without it this hook raised, which Hydra turns into a warning: no check, no MPS, for experiment=paper)
+        HydraConfig.instance().set_config(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         with _config_errors_exit_2():
             launcher = str(config.hydra.launcher.get("_target_", ""))

@@ -26,6 +26,20 @@ class ComposeOnceSweeper(BasicSweeper):
         super().__init__(max_batch_size, params)
         self.grids = [dict(grid) for grid in grids] if grids else None
 
+    def checked_jobs(self, arguments: list[str]) -> tuple[list[list[list[str]]], list]:
+        """The grid's batches and its jobs, each composed and checked, and room on the disk for its runs: all that
+        :meth:`sweep` does before it writes anything (ConfigError or OutOfSpace on the first problem). The README's
+        commands are checked with it (``tests/test_readme.py``)."""
+        from pathlib import Path
+
+        from crisp.core.lifecycle import check_space
+        from crisp.sweep import sweeper
+
+        batches = sweeper.expand(self, arguments)
+        jobs = sweeper.compose_and_check(self, [job for batch in batches for job in batch], 0)
+        check_space(Path(str(self.config.hydra.sweep.dir)), runs=len({job.output_dir for job in jobs}))
+        return batches, jobs
+
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         import sys
         from pathlib import Path
@@ -33,13 +47,10 @@ class ComposeOnceSweeper(BasicSweeper):
         from omegaconf import OmegaConf
 
         from crisp.core.errors import ConfigError, OutOfSpace
-        from crisp.core.lifecycle import check_space
-        from crisp.sweep import held, sweeper
+        from crisp.sweep import held
 
-        batches = sweeper.expand(self, arguments)
         try:
-            jobs = sweeper.compose_and_check(self, [job for batch in batches for job in batch], 0)
-            check_space(Path(str(self.config.hydra.sweep.dir)), runs=len({job.output_dir for job in jobs}))
+            batches, jobs = self.checked_jobs(arguments)
         except (ConfigError, OutOfSpace) as err:
             print(f"crisp: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
