@@ -30,6 +30,7 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.callbacks import Callbacks
 from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -170,6 +171,14 @@ def _composed_and_checked(argv: Sequence[str], max_jobs: int) -> list[DictConfig
             config=cfg, hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
             task_function=_never_trains)
         arguments = OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False)
+        if not hasattr(sweeper, "checked_jobs"):  # a sweeper of its own (Optuna) picks each trial's values:
+            # what the command fixes is checked as one run of it would be
+            parsed = OverridesParser.create().parse_overrides(arguments)
+            fixed = [a for a, o in zip(arguments, parsed, strict=True) if not o.is_sweep_override()]
+            job = hydra.compose_config("config", [*fixed, "hydra.mode=RUN"], run_mode=RunMode.RUN,
+                                       with_log_configuration=False)
+            _callback(callbacks.on_run_start, job)
+            return [job]
         grid = [job for batch in expand(sweeper, arguments) for job in batch]
         seed = [o for o in grid[0] if o.startswith("seed=")]  # later overrides of a key win in Hydra's sweeper
         if len(grid) <= max_jobs or not seed:
