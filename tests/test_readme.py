@@ -380,3 +380,16 @@ def test_commands_are_found_in_bash_blocks_only_joined_and_without_comments():
         (7, (), ("-m", "seed=1,2", "sparsity=0,0.8")),
         (9, (("CRISP_MINILM_DIR", "/m"),), ("model=minilm-l6",)),
         (11, (), ("optim={lr:1e-5}",))]
+
+
+def test_the_readmes_encoder_counts_are_those_docs_encoders_md_was_made_with():
+    """The README's sentence on how many sequence classifiers crisp makes sparse follows the generated table."""
+    table = (ROOT / "docs" / "encoders.md").read_text()
+    version, = re.search(r"in transformers (\S+), built tiny", table).groups()
+    sparse, refused, unbuilt = map(int, re.search(r"(\d+) sparse, (\d+) refused, (\d+) not built", table).groups())
+    said = re.search(r"Of the (\d+)\s+sequence classifiers of transformers (\S+), (\d+) are sparse and exact.*?"
+                     r"and (\d+) are refused", " ".join(README.read_text().split()))
+    assert said, "README.md no longer says how many sequence classifiers are sparse"
+    total, readme_version, readme_sparse, readme_refused = said.groups()
+    assert version.startswith(readme_version)
+    assert (int(total), int(readme_sparse), int(readme_refused)) == (sparse + refused + unbuilt, sparse, refused)
