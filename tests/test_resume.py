@@ -131,9 +131,14 @@ def test_a_run_killed_in_its_second_epoch_resumes_and_ends_as_if_never_interrupt
     whole = run_crisp(*SMALL, f"hydra.run.dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
     argv = [*SMALL, f"hydra.run.dir={tmp_path / 'run'}", "trainer.checkpoint_every_n_steps=3"]
-    _kill_in_second_epoch(argv, tmp_path / "run" / "checkpoints" / "last.json")
+    info = tmp_path / "run" / "checkpoints" / "last.json"
+    _kill_in_second_epoch(argv, info)
     assert not (tmp_path / "run" / "results.json").exists() or \
         json.loads((tmp_path / "run" / "results.json").read_text())["status"] != "completed"
+    # killed between writing a checkpoint and its last.json: the file is a save ahead of what last.json says
+    where = json.loads(info.read_text())
+    where.update(global_step=where["global_step"] - 3, batches=max(0, where["batches"] - 3))
+    info.write_text(json.dumps(where))
     again = run_crisp(*argv)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout + again.stderr
@@ -150,7 +155,12 @@ def test_a_lockstep_group_killed_in_its_second_epoch_resumes_each_run_as_if_neve
     whole = run_crisp(*grid, f"hydra.sweep.dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
     argv = [*grid, f"hydra.sweep.dir={tmp_path / 'sweep'}", "trainer.checkpoint_every_n_steps=5"]
-    _kill_in_second_epoch(argv, tmp_path / "sweep" / "uniform_s0.5_seed2" / "checkpoints" / "last.json")
+    info = tmp_path / "sweep" / "uniform_s0.5_seed2" / "checkpoints" / "last.json"
+    _kill_in_second_epoch(argv, info)
+    # killed while the group saved: this run's file is a save ahead of its last.json
+    where = json.loads(info.read_text())
+    where.update(global_step=where["global_step"] - 5, batches=max(0, where["batches"] - 5))
+    info.write_text(json.dumps(where))
     again = run_crisp(*argv)
     assert again.returncode == 0, again.stderr[-3000:]
     for name in ("dense_seed1", "dense_seed2", "uniform_s0.5_seed1", "uniform_s0.5_seed2"):
@@ -158,3 +168,6 @@ def test_a_lockstep_group_killed_in_its_second_epoch_resumes_each_run_as_if_neve
         _same_run(resumed, json.loads((tmp_path / "whole" / name / "results.json").read_text()),
                   tmp_path / "sweep" / name, tmp_path / "whole" / name)
         assert "lockstep" in resumed["timing"]  # (the runs that stood at one step resumed as one group)
+        with open(tmp_path / "sweep" / name / "csv" / "metrics.csv") as f, \
+                open(tmp_path / "whole" / name / "csv" / "metrics.csv") as g:
+            assert len(f.readlines()) == len(g.readlines())  # its metrics.csv is whole too

@@ -145,6 +145,7 @@ def positions(run_dirs: list[Path], run_keys: list[str]) -> list[tuple | None]:
         if run_checkpoints.resume_point(run_dir, key) is None:
             out.append(None)
             continue
-        info = run_checkpoints.read_info(Path(run_dir) / run_checkpoints.DIR)
-        out.append((info.get("epoch"), info.get("batches"), info.get("global_step")))
+        # from the file, not last.json: a group killed while saving may leave one run's last.json behind its file
+        saved = run_checkpoints.saved_position(Path(run_dir) / run_checkpoints.DIR / run_checkpoints.LAST)
+        out.append((saved.get("epoch"), saved.get("batches"), saved.get("global_step")))
     return out

@@ -305,6 +305,9 @@ class LockstepClassifier(pl.LightningModule):
         group's (its dropout streams' step, the sums every run shares); the group's IO writes a file per run."""
         from crisp.training.checkpoints import position
 
+        for run in self.runs:  # each run's metrics so far on disk with the checkpoint (its CSV writer buffers them)
+            if run.logger:
+                run.logger.save()
         checkpoint["crisp_runs"] = [{
             "name": run.name, "run_key": run.run_key, "wandb_id": run.wandb_id, "history": run.history,
             "layers": run.layers, "stopping": None if run.stopping is None else run.stopping.state_dict(),

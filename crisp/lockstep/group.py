@@ -189,8 +189,10 @@ def _save_run(m: Member, encoder: torch.nn.Module, position: int) -> None:
 
 
 def _resumed_logger(m: Member) -> dict[str, Any]:
-    info = run_checkpoints.read_info(m.output_dir / run_checkpoints.DIR)
-    return {"global_step": info.get("global_step", 0), "wandb_id": info.get("wandb_id")}
+    folder = m.output_dir / run_checkpoints.DIR
+    info = run_checkpoints.read_info(folder)  # its W&B run (the same at every save)
+    return {"global_step": run_checkpoints.saved_position(folder / run_checkpoints.LAST)["global_step"],
+            "wandb_id": info.get("wandb_id")}
 
 
 class KeepOnDevice(SingleDeviceStrategy):

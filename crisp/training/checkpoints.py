@@ -92,6 +92,15 @@ def save_file(checkpoint: dict[str, Any], path: Path) -> None:
     _atomic_save(checkpoint, path)
 
 
+def saved_position(path: Path) -> dict[str, int]:
+    """Where the checkpoint at ``path`` left its run (epoch, batches, global_step), read from the file itself:
+    ``last.json`` is written after the checkpoint, so a run killed between the two holds a newer checkpoint than
+    its ``last.json`` says. The file's tensors are memory-mapped, not read."""
+    import torch
+
+    return dict(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["crisp_position"])
+
+
 def read_info(folder: Path) -> dict[str, Any]:
     """``last.json`` in a run's checkpoint folder: which run, where it was, its W&B run."""
     return results.read(Path(folder) / INFO) or {}

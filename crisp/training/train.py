@@ -116,5 +116,5 @@ def _resume_info(path: Path | None) -> dict[str, Any] | None:
     """What the checkpoint says of itself (its step, its W&B run), read without loading the model's tensors."""
     if path is None:
         return None
-    info = checkpoints.read_info(path.parent)
-    return {"global_step": info.get("global_step", 0), "wandb_id": info.get("wandb_id")}
+    info = checkpoints.read_info(path.parent)  # its W&B run (the same at every save)
+    return {"global_step": checkpoints.saved_position(path)["global_step"], "wandb_id": info.get("wandb_id")}
