@@ -286,7 +286,7 @@ def test_a_task_past_its_time_limit_is_requeued_then_recorded_failed(slurm, tmp_
     assert f"task {task} (dense_seed1) was requeued (restart 1)" in log
     assert squeue(slurm, task) == ("COMPLETED", 1)  # requeued once, then ended by crisp, not killed
     record = results.read(out / "dense_seed1")
-    assert record["status"] == "failed" and record["error"]["type"] == "SlurmTimeLimit"
+    assert record["status"] == "failed" and record["error"]["type"] == "SlurmTimeLimit", record["error"]
     assert (f"SLURM task {task} reached its time limit (timeout_min=1) and has no requeue left (max_num_timeout=1)"
             in record["error"]["message"])
     assert task_log(out, task).count("Starting with JobEnvironment") == 2

@@ -41,9 +41,11 @@ class LockstepTask(ArrayTask):
         configure_log(jobs[0].config.hydra.hydra_logging, jobs[0].config.hydra.verbose)
         if self._out_of_time is None:
             try:  # the runs' own failures, a time limit in training included, are recorded by run_group
-                return run_group(self.hydra_context, jobs, self.options)
-            except SlurmTimeLimit:  # raised while the group was being set up, outside the runs' error handling
-                pass
+                returns = run_group(self.hydra_context, jobs, self.options)
+                return [self.charged_to_time_limit(job, ret) for job, ret in zip(jobs, returns, strict=True)]
+            except Exception:  # raised while the group was being set up, outside the runs' error handling
+                if self._out_of_time is None:
+                    raise
         return [job_return(job, record_failure(job, SlurmTimeLimit.__name__, self._out_of_time)) for job in jobs]
 
 

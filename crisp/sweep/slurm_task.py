@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import open_dict, read_write
 
-from crisp.core import heartbeat
+from crisp.core import heartbeat, results
+from crisp.core.lifecycle import failure
 from crisp.sweep.jobs import Job, execute, job_return, record_failure
 
 
@@ -80,12 +81,32 @@ class ArrayTask:
         for job in jobs:
             if self._out_of_time is None:
                 try:
-                    returns.append(execute(self.hydra_context, job, self.task_function))
+                    returns.append(self.charged_to_time_limit(job, execute(self.hydra_context, job,
+                                                                           self.task_function)))
                     continue
-                except SlurmTimeLimit:  # raised outside the run's own error handling (crisp.run records it inside)
-                    pass
+                except Exception:  # raised outside the run's own error handling (crisp.run records it inside)
+                    if self._out_of_time is None:
+                        raise
             returns.append(job_return(job, record_failure(job, SlurmTimeLimit.__name__, self._out_of_time)))
         return returns
+
+    def charged_to_time_limit(self, job: Job, ret: JobReturn) -> JobReturn:
+        """``ret``, or, for a run the last time limit stopped, its failure recorded as :class:`SlurmTimeLimit`.
+
+        The limit stops training by raising from a signal handler, wherever the process then is. Most code
+        lets that exception through, but not all: one landing in an import leaves a module half made (its
+        next use fails with an error of its own), and code that catches errors may raise another in their
+        place. Whatever such a run ended with, the time limit ended it; that error is kept in its traceback.
+        """
+        if self._out_of_time is None:
+            return ret
+        ended = (ret.return_value if ret.status == JobStatus.COMPLETED
+                 else {"status": results.FAILED, "error": failure(ret._return_value)})
+        error = ended.get("error") or {}
+        if ended.get("status") != results.FAILED or error.get("type") == SlurmTimeLimit.__name__:
+            return ret
+        details = f"the run ended with {error.get('type')}: {error.get('message')}\n{error.get('traceback', '')}"
+        return job_return(job, record_failure(job, SlurmTimeLimit.__name__, self._out_of_time, details))
 
     def checkpoint(self) -> Any:
         import submitit
