@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
 from crisp.core.config import validate
@@ -26,6 +27,30 @@ def test_presets_are_instantiated_with_the_tasks_primary_metric_and_the_runs_fol
     assert built[LearningRateMonitor].logging_interval == "step"
     # early stopping and the learning rate apply per run in lockstep; keeping each run's best model does not
     assert not_in_lockstep(cfg) == ["callbacks.checkpoint (ModelCheckpoint)"]
+
+
+def test_a_learning_rate_monitor_lockstep_cannot_log_per_run_is_named_and_strict_early_stopping_raises_as_alone():
+    """A group logs each run's learning rate at each step: by epoch, or momentum and weight decay too, its runs train
+    one process each. An early stopping whose monitor the run does not log raises Lightning's own error in a group
+    as alone (strict), or is skipped (strict=false)."""
+    from types import SimpleNamespace
+
+    from crisp.lockstep.per_run import RunStopping
+
+    by_epoch = make("experiment=smoke", "callbacks=lr_monitor", "callbacks.lr_monitor.logging_interval=epoch",
+                    "+callbacks.lr_monitor.log_momentum=true")
+    assert not_in_lockstep(by_epoch) == ["callbacks.lr_monitor.logging_interval=epoch",
+                                         "callbacks.lr_monitor.log_momentum=True"]
+    assert not_in_lockstep(make("experiment=smoke", "callbacks=lr_monitor")) == []
+    trainer = SimpleNamespace(val_check_interval=0.5, check_val_every_n_epoch=1)  # checked at validation's end
+    logged = {"val/loss": torch.tensor(0.5), "val/acc": torch.tensor(0.8)}
+    with pytest.raises(RuntimeError) as in_group:
+        RunStopping([EarlyStopping(monitor="val/los")]).check(trainer, logged, epoch_end=False)
+    with pytest.raises(RuntimeError) as alone:
+        EarlyStopping(monitor="val/los")._validate_condition_metric(logged)
+    assert str(in_group.value) == str(alone.value) and "`val/los` which is not available" in str(alone.value)
+    assert RunStopping([EarlyStopping(monitor="val/los", strict=False)]).check(trainer, logged, epoch_end=False) \
+        is None
 
 
 def test_a_users_own_callback_by_class_path_and_a_bad_one_named(tmp_path):

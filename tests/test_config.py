@@ -77,6 +77,25 @@ def test_smoke_experiment():
         (["sparsifier.name=bogus"], "sparsifier='bogus'"),
         (["sparsifier.apply_in_eval=maybe"], "sparsifier.apply_in_eval='maybe'"),
         (["sparsifier.stats_every_n_steps=0"], "sparsifier.stats_every_n_steps=0"),
+        # a key added with + where nothing reads it
+        (["+seeds=3"], "seeds=3"),
+        (["+optim.momentum=0.9"], "optim.momentum=0.9"),
+        (["+dropout.ffn=0.1"], "dropout.ffn=0.1"),
+        (["+sweep.progress=1"], "sweep.progress=1"),
+        (["+report.plots=false"], "report.plots=False"),
+        # a key that only means something beside another
+        (["+model.tokenizer_vocab_size=10"], "model.tokenizer_vocab_size=10"),
+        (["trainer.keep_checkpoint=true"], "trainer.keep_checkpoint=True"),
+        (["data=synthetic", "data.text_fields=[review]"], "data.text_fields=['review']"),
+        (["data=synthetic", "data.label_field=sentiment"], "data.label_field='sentiment'"),
+        (["data=synthetic", "+data.hub_path=imdb"], "data.hub_path='imdb'"),
+        # values of the wrong kind that would have been read as true
+        (["data.pin_memory=banana"], "data.pin_memory='banana'"),
+        (["data.num_workers=-1"], "data.num_workers=-1"),
+        (["sweep.mps=maybe"], "sweep.mps='maybe'"),
+        (["report.after_sweep=2"], "report.after_sweep=2"),
+        (["sweep.progress_every_s=0"], "sweep.progress_every_s=0"),
+        (["sweep.progress_every_s=-5"], "sweep.progress_every_s=-5"),
     ],
 )
 def test_validate_names_key_value_and_allowed(overrides, key):

@@ -118,3 +118,9 @@ def test_mps_with_a_launcher_that_runs_jobs_in_the_sweep_process_is_refused(fake
     assert "hydra/launcher=lockstep or hydra/launcher=parallel" in proc.stderr
     assert not fake_control.exists()  # nothing started
 
+
+def test_mps_in_a_single_run_is_refused_before_it_trains(tmp_path):
+    proc = run_crisp(*smoke_overrides(tmp_path / "run", "sweep.mps=true"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "crisp: error: sweep.mps=true is not allowed in a single run" in proc.stderr
+    assert not list(tmp_path.rglob("results.json"))

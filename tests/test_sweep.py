@@ -184,6 +184,7 @@ def test_parallel_runs_each_job_in_a_process_that_ends_with_it(tmp_path, start):
     ("lockstep", "row_width=wide", "row_width='wide' is not allowed: a whole number of tokens >= 1"),
     ("local", "timeout_min=0", "timeout_min=0 is not allowed: a number of minutes > 0"),
     ("local", "tasks_per_node=2", "tasks_per_node=2 is not allowed: 1: one process per run"),
+    ("local", "mem_gb=4", "mem_gb=4 is not allowed: null: submitit's local mode does not limit a run's memory"),
     ("slurm", "poll_s=0", "poll_s=0.0 is not allowed: a number of seconds > 0"),
     ("slurm", "array_parallelism=0", "array_parallelism=0 is not allowed: a whole number of tasks at once >= 1"),
     ("slurm_lockstep", "row_width=0", "row_width=0 is not allowed: a whole number of tokens >= 1"),

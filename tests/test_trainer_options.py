@@ -41,6 +41,25 @@ def test_common_trainer_options_are_keys_and_any_lightning_argument_passes_with_
     assert not_in_lockstep(cfg) == ["trainer.max_time"]  # the other three apply per run
 
 
+def test_cuda_is_a_gpu_and_what_lockstep_cannot_apply_sends_its_runs_to_a_process_each(tmp_path):
+    """``trainer.accelerator=cuda`` (Lightning's other name for a GPU) gets a GPU's defaults; a strategy of the
+    user's own or data loader workers cannot apply in a fused group (which packs its batches with the launcher's
+    pack_workers), and pin_memory applies there as alone."""
+    from crisp.sweep.lockstep_launcher import why_not_in_lockstep
+    from crisp.training.data import pin_memory
+    from crisp.training.trainer import lockstep_blockers, trainer_settings
+    from tests.test_lockstep import _job
+
+    settings = trainer_settings(make("trainer.accelerator=cuda"))
+    assert (settings["accelerator"], settings["precision"]) == ("gpu", "bf16-mixed")
+    assert lockstep_blockers(make("experiment=smoke", "data.num_workers=2")) == ["data.num_workers=2"]
+    assert why_not_in_lockstep(_job(tmp_path, "trainer.strategy=fsdp")).startswith(
+        "trainer.strategy=fsdp: a fused group trains on one device")
+    assert [pin_memory(make("experiment=smoke", f"data.pin_memory={pin}").data, on_gpu=True)
+            for pin in ("auto", "true", "false")] == [True, True, False]
+    assert pin_memory(make("experiment=smoke").data, on_gpu=False) is False
+
+
 def test_an_unknown_trainer_key_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"trainer.foo=1 is not allowed: trainer has no key 'foo'"):
         validate(make("experiment=smoke", "+trainer.foo=1"))

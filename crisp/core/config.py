@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -242,6 +242,10 @@ def _check_checkpointing(trainer: DictConfig) -> None:
     for key in ("keep_checkpoint", "save_checkpoint"):
         if not isinstance(trainer.get(key, False), bool):
             _fail(f"trainer.{key}", trainer.get(key), "choose true or false")
+    if trainer.get("keep_checkpoint") and all(v is None for v in every.values()):
+        _fail("trainer.keep_checkpoint", True, "it keeps the checkpoint that trainer.checkpoint_every_n_steps or "
+              "trainer.checkpoint_every_n_epochs writes, and neither is set (trainer.save_checkpoint=true: one "
+              "every epoch, kept)")
 
 
 def _check_model_source(cfg: DictConfig) -> None:
@@ -249,6 +253,10 @@ def _check_model_source(cfg: DictConfig) -> None:
     random-init model from ``model.from_config`` would not be loaded, and the run would train and be named as the
     random model."""
     model = cfg.model
+    if model.get("tokenizer_vocab_size") is not None and model.get("tokenizer") != "train":
+        _fail("model.tokenizer_vocab_size", model.tokenizer_vocab_size,
+              f"it sizes a tokenizer trained on the data (model.tokenizer=train), and model.tokenizer="
+              f"{model.get('tokenizer')!r}")
     if model.get("name_or_path") and model.get("from_config") is not None:
         built = (model.from_config or {}).get("model_type", "model")
         _fail("model.name_or_path", model.name_or_path,
@@ -257,10 +265,34 @@ def _check_model_source(cfg: DictConfig) -> None:
               "tokenizer), or leave model.name_or_path unset to train the random-init model")
 
 
+def _check_schema_keys(cfg: DictConfig) -> None:
+    """A key added with ``+`` where the schema has none (``+optim.momentum=0.9``, ``+seeds=3``) passes Hydra (``+``
+    adds past a structured config) and nothing would read it: refused, with the keys there are."""
+    for section, schema in ((None, CrispConf), ("optim", OptimConf), ("dropout", DropoutConf)):
+        allowed = {f.name for f in fields(schema)}
+        node = cfg if section is None else cfg[section]
+        for key in node:
+            if key not in allowed and (section, key) != (None, "hydra"):
+                where = key if section is None else f"{section}.{key}"
+                _fail(where, node[key], f"{'the config' if section is None else section} has no key {key!r} "
+                                        f"(its keys: {', '.join(sorted(allowed))})")
+
+
+def _check_sweep_settings(cfg: DictConfig) -> None:
+    for key in ("report.after_sweep", "sweep.mps"):
+        if not isinstance(OmegaConf.select(cfg, key, default=False), bool):
+            _fail(key, OmegaConf.select(cfg, key), "choose true or false")
+    every = OmegaConf.select(cfg, "sweep.progress_every_s", default=30)
+    if not isinstance(every, (int, float)) or isinstance(every, bool) or not (math.isfinite(every) and every > 0):
+        _fail("sweep.progress_every_s", every, "it must be a number of seconds > 0")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value whose range a type cannot express; raise ConfigError on the first bad one."""
     _check_number(cfg, "sparsity", 0, 1, closed_high=False)
+    _check_schema_keys(cfg)
     check_keys(cfg)
+    _check_sweep_settings(cfg)
     _check_sparsifier(cfg)
     _check_strategy(cfg)
     name = str(cfg.name)
@@ -297,6 +329,11 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             _fail(key, value, f"it must be a positive integer or null ({null})")
+    if cfg.data.get("pin_memory", "auto") not in ("auto", True, False):
+        _fail("data.pin_memory", cfg.data.pin_memory, "choose auto (on when training on GPU), true or false")
+    workers = cfg.data.get("num_workers", 0)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        _fail("data.num_workers", workers, "it must be a number of processes >= 0")
     _check_model_source(cfg)
     if cfg.data.name == "sst2_local" and not cfg.data.get("dir"):
         _fail("data.dir", cfg.data.get("dir"), "data=sst2_local needs data.dir=<folder with train.tsv and dev.tsv>")

@@ -41,7 +41,7 @@ SOURCE_KEYS = {
     "files": ("train_file", "validation_file"),
     "hub": ("hub_path", "hub_config", "train_split", "validation_split"),
     "disk": ("path", "train_split", "validation_split"),
-    "synthetic": ("hub_path", "hub_config", "num_train", "num_val", "data_seed"),
+    "synthetic": ("hub_config", "num_train", "num_val", "data_seed"),
 }
 GLUE_LAYOUT_KEYS = ("folder", "text_columns", "label_column", "header", "validation_files")
 # what a preset declares: out of the run_key while it is the preset's own
@@ -119,8 +119,24 @@ def check(data: DictConfig) -> None:
             _fail(f"data.{key}", _plain(data[key]),
                   f"data={data.get('name')} (source {source}) takes the keys {', '.join(allowed)}")
     _check_task(data)
-    if source != "synthetic":
+    if source == "synthetic":
+        _check_generated(data)
+    else:
         SOURCE_CHECKS[source](data)
+
+
+# what crisp's generator writes (crisp/training/synthetic.py): one sentence and a binary label
+GENERATED = {"text_fields": ["sentence"], "label_field": "label", "regression": None}
+
+
+def _check_generated(data: DictConfig) -> None:
+    """Generated data has the columns and labels it is generated with: a task declared otherwise would not read it."""
+    for key, value in GENERATED.items():
+        if _plain(data.get(key)) != value and as_list(data.get(key)) != as_list(value):
+            _fail(f"data.{key}", _plain(data.get(key)), f"data={data.get('name')} generates {key}={value} "
+                  "(your own columns: data=files, hub or disk)")
+    if (labels := as_list(data.get("labels"))) and len(labels) != 2:
+        _fail("data.labels", labels, f"data={data.get('name')} generates two labels (their names: a list of two)")
 
 
 def _check_task(data: DictConfig) -> None:

@@ -1,9 +1,10 @@
 """Strict keys: what each config group may hold, so that a key crisp would not use is refused by name.
 
 ``+data.text_column=review`` or ``+trainer.acumulate_grad_batches=2`` would otherwise be accepted and do
-nothing. :func:`check_keys` refuses every key of ``model``, ``trainer`` and ``logger`` that is not one of
-the keys below (``data``'s keys are checked with the data source, ``optim``, ``dropout`` and
-``sparsifier`` are typed by the schema), naming the key and the keys allowed there.
+nothing. :func:`check_keys` refuses every key of ``model``, ``trainer``, ``logger``, ``report`` and ``sweep`` that
+is not one of the keys below (``data``'s keys are checked with the data source, the sparsifier's with its registry
+entry, the top level, ``optim`` and ``dropout`` against the schema's fields), naming the key and the keys allowed
+there.
 
 ``trainer`` takes every argument of ``pytorch_lightning.Trainer`` (read from Lightning's source, so that
 checking a config does not import Lightning) besides crisp's own keys; the few that crisp sets itself
@@ -36,6 +37,8 @@ SET_BY_CRISP = {
                             "the run resumes from), or callbacks=checkpoint (the best model)",
 }
 MODEL_KEYS = frozenset({"name_or_path", "label", "tokenizer", "tokenizer_vocab_size", "from_config"})
+# conf/config.yaml's sections that are crisp's settings and no group's (their values are checked by validate)
+SECTION_KEYS = {"report": frozenset({"after_sweep"}), "sweep": frozenset({"mps", "progress_every_s"})}
 LOGGER_KEYS = {"wandb": frozenset({"name", "project", "entity", "mode"}), "csv": frozenset({"name"}),
                "none": frozenset({"name"})}
 
@@ -58,10 +61,15 @@ def _refuse(group: str, key: str, value: Any, allowed: set[str] | frozenset[str]
 
 
 def check_keys(cfg: Mapping[str, Any]) -> None:
-    """Refuse the first key of ``model``, ``trainer`` or ``logger`` that crisp would not use (see the module)."""
+    """Refuse the first key of ``model``, ``trainer``, ``logger``, ``report`` or ``sweep`` that crisp would not use
+    (see the module)."""
     for key, value in (cfg.get("model") or {}).items():
         if key not in MODEL_KEYS:
             _refuse("model", key, value, MODEL_KEYS)
+    for section, allowed in SECTION_KEYS.items():
+        for key, value in (cfg.get(section) or {}).items():
+            if key not in allowed:
+                _refuse(section, key, value, allowed)
     lightning = lightning_trainer_args()
     for key, value in (cfg.get("trainer") or {}).items():
         if key in SET_BY_CRISP:

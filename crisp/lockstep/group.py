@@ -38,7 +38,7 @@ from crisp.training import checkpoints as run_checkpoints
 from crisp.training import loggers
 from crisp.training.builder import BuiltRun, RunBuilder, check_hub
 from crisp.training.checkpoints import checkpointing
-from crisp.training.data import round_up
+from crisp.training.data import pin_memory, round_up
 from crisp.training.outcome import run_outcome
 from crisp.training.saved_model import run_model, save_model
 from crisp.training.trainer import (
@@ -122,7 +122,7 @@ def _train(members: list[Member], options: GroupOptions, resume: bool = False) -
                            stopping=RunStopping(stoppers) if stoppers else None)
     trains = [m.built.train for m in members]
     longest = max(int(s.lengths.max()) for m in members for s in (m.built.train, *m.built.vals))
-    width = max(options.row_width, round_up(longest, 16))
+    width = max(options.row_width, round_up(longest, cfg.data.pad_to_multiple_of or 16))
     random = RunRandom([m.cfg.seed for m in members], device)
     # every token id the runs' training batches can hold (0 pads packed rows)
     distinct = {id(s): s for s in trains}.values()
@@ -133,9 +133,10 @@ def _train(members: list[Member], options: GroupOptions, resume: bool = False) -
         m.built.encoder = None  # fused now: the single models' tensors can go
     workers = options.pack_workers
     vals = [list(split) for split in zip(*(m.built.vals for m in members), strict=True)]  # per split, each run's
+    on_gpu = device.type == "cuda"
     datamodule = GroupDataModule(trains, vals, [m.cfg.seed for m in members], cfg.data.batch_size,
-                                 cfg.data.eval_batch_size, width, pin_memory=device.type == "cuda",
-                                 workers=(2 if device.type == "cuda" else 0) if workers == "auto" else workers)
+                                 cfg.data.eval_batch_size, width, pin_memory=pin_memory(cfg.data, on_gpu),
+                                 workers=(2 if on_gpu else 0) if workers == "auto" else workers)
     for m in members:
         resumed = _resumed_logger(m) if resume else None
         m.fused.logger = loggers.make_logger(m.cfg, resolved_config(m.cfg), m.output_dir, written=written_config(m.cfg),

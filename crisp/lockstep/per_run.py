@@ -57,7 +57,8 @@ class RunStopping:
     def check(self, trainer, metrics: dict[str, float], epoch_end: bool) -> str | None:
         """Check the stoppers due now on this run's ``metrics``; why it stops, or None."""
         for stopper in self.stoppers:
-            if self._at_epoch_end(stopper, trainer) != epoch_end or stopper.monitor not in metrics:
+            # a monitor the run does not log: Lightning's own error when strict (as the run alone), else skipped
+            if self._at_epoch_end(stopper, trainer) != epoch_end or not stopper._validate_condition_metric(metrics):
                 continue
             stop, reason = stopper._evaluate_stopping_criteria(torch.tensor(float(metrics[stopper.monitor])))
             if stop:

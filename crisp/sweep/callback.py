@@ -46,6 +46,9 @@ class SweepCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with _config_errors_exit_2():
             validate(config)
+            if config.sweep.mps:
+                raise ConfigError("sweep.mps=true is not allowed in a single run: it runs a -m sweep's runs under "
+                                  "one NVIDIA MPS daemon (add -m, or leave it false)")
             check_writable(config.hydra.run.dir, f"hydra.run.dir={config.hydra.run.dir}")
             check_space(Path(config.hydra.run.dir))
 

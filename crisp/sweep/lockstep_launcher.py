@@ -199,12 +199,12 @@ def can_fuse(job: Job) -> bool:
 
 
 def why_not_in_lockstep(job: Job) -> str | None:
-    """Why lockstep cannot train this job's recipe, or None: DDP, torch.compile, more than one device, a Trainer
-    setting it cannot apply per run, or a model it cannot fuse (:func:`crisp.lockstep.fusable.why_not_fused`,
-    decided from the model's config)."""
+    """Why lockstep cannot train this job's recipe, or None: a strategy (DDP, FSDP, ...), torch.compile, more than
+    one device, a Trainer setting it cannot apply per run, or a model it cannot fuse
+    (:func:`crisp.lockstep.fusable.why_not_fused`, decided from the model's config)."""
     trainer = job.config.trainer
-    if "ddp" in str(trainer.strategy):
-        return f"trainer.strategy={trainer.strategy}: a fused group trains on one device"
+    if str(trainer.strategy) not in ("auto", "single_device"):
+        return f"trainer.strategy={trainer.strategy}: a fused group trains on one device, with a strategy of its own"
     if trainer.compile:
         return "trainer.compile=true: a fused group is not compiled"
     if str(trainer.devices) not in ("1", "auto"):

@@ -99,6 +99,8 @@ class LocalOptions:
     ALLOWED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
         "nodes": (lambda v: v == 1, "1: the local launcher runs on this machine"),
         "tasks_per_node": (lambda v: v == 1, "1: one process per run (each runs the whole run)"),
+        "cpus_per_task": (lambda v: v is None, "null: submitit's local mode does not limit a run's CPUs"),
+        "mem_gb": (lambda v: v is None, "null: submitit's local mode does not limit a run's memory"),
     }
 
 

@@ -28,6 +28,9 @@ from crisp.training.tasks import Task
 PRIMARY = "primary"
 # the callbacks a lockstep group applies to each of its runs (crisp.lockstep.per_run)
 PER_RUN = (EarlyStopping, LearningRateMonitor)
+# the LearningRateMonitor settings a group applies per run (crisp.lockstep.per_run.RunLearningRates)
+LR_MONITOR_IN_LOCKSTEP = {"logging_interval": (None, "step"), "log_momentum": (None, False),
+                          "log_weight_decay": (None, False)}
 
 
 def logged_name(metric: str) -> str:
@@ -79,4 +82,7 @@ def not_in_lockstep(cfg: DictConfig) -> list[str]:
         cls = _class(name, entry["_target_"])
         if cls not in PER_RUN:  # a subclass may change what it does: it runs alone
             blocked.append(f"callbacks.{name} ({cls.__name__})")
+        elif cls is LearningRateMonitor:  # a group logs each run's learning rate at each step, and nothing else
+            blocked += [f"callbacks.{name}.{key}={entry[key]}" for key, per_run in LR_MONITOR_IN_LOCKSTEP.items()
+                        if entry.get(key) not in per_run]
     return blocked

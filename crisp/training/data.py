@@ -278,6 +278,11 @@ class ResumableBatches(BatchSampler):
                 yield batch
 
 
+def pin_memory(data: DictConfig, on_gpu: bool) -> bool:
+    """Whether batches are loaded into pinned memory: ``data.pin_memory``, where ``auto`` is on when training on GPU."""
+    return on_gpu if data.get("pin_memory", "auto") == "auto" else bool(data.pin_memory)
+
+
 class TaskDataModule(pl.LightningDataModule):
     """The training split in the seed's order and every validation split of the task, in order."""
 

@@ -22,7 +22,7 @@ from crisp.training import callbacks as user_callbacks
 from crisp.training import checkpoints, loggers
 from crisp.training.builder import RunBuilder, check_hub
 from crisp.training.classifier import SparseClassifier
-from crisp.training.data import TaskDataModule
+from crisp.training.data import TaskDataModule, pin_memory
 from crisp.training.ddp import use_crisp_rank_command
 from crisp.training.outcome import run_outcome, stopped_early
 from crisp.training.saved_model import save_model
@@ -52,7 +52,7 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path, *, written:
     built = RunBuilder(device).build(cfg, cfg.name)
     datamodule = TaskDataModule(
         cfg.data, built.train, built.vals, seed=cfg.seed, pad_to_multiple_of=settings["pad_to_multiple_of"],
-        pin_memory=settings["accelerator"] == "gpu" if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory),
+        pin_memory=pin_memory(cfg.data, settings["accelerator"] == "gpu"),
     )
     module = SparseClassifier(built.encoder, cfg, built.task, cuda_graphs=settings["cuda_graphs"],
                               layer_sparsity=built.layer_sparsity)

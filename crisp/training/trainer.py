@@ -91,7 +91,7 @@ class Progress(pl.Callback):
 def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
     """Concrete accelerator, devices, precision and progress-bar refresh for this machine and job."""
     t = cfg.trainer
-    accelerator = t.accelerator
+    accelerator = "gpu" if t.accelerator == "cuda" else t.accelerator  # Lightning's two names for an NVIDIA GPU
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if accelerator == "gpu" else "32-true")
@@ -165,10 +165,12 @@ def not_in_lockstep(cfg: DictConfig) -> list[str]:
 
 
 def lockstep_blockers(cfg: DictConfig) -> list[str]:
-    """What a fused lockstep group cannot apply to each of its runs: trainer settings and callbacks, by name."""
+    """What a fused lockstep group cannot apply to each of its runs: trainer settings, callbacks and data loader
+    workers (a group packs its batches with ``hydra.launcher.pack_workers``), by name."""
     from crisp.training.callbacks import not_in_lockstep as callbacks_not_in_lockstep
 
-    return not_in_lockstep(cfg) + callbacks_not_in_lockstep(cfg)
+    workers = [f"data.num_workers={cfg.data.num_workers}"] if cfg.data.get("num_workers") else []
+    return not_in_lockstep(cfg) + callbacks_not_in_lockstep(cfg) + workers
 
 
 def manual_settings(cfg: DictConfig) -> dict[str, Any]:
