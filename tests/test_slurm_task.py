@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+from types import SimpleNamespace
+
 import pytest
 from hydra._internal.callbacks import Callbacks
 from hydra.core.hydra_config import HydraConfig
@@ -48,3 +51,23 @@ def test_a_run_the_last_time_limit_stopped_is_recorded_so_whatever_error_it_ende
         assert record["error"]["type"] == "SlurmTimeLimit" and record["error"]["message"] == LIMIT
     stopped = results.read(jobs[0].output_dir)["error"]["traceback"]
     assert stopped.startswith("the run ended with TypeError: softmax() received an invalid combination")
+
+
+def test_a_task_out_of_requeues_before_it_started_its_runs_records_them_stopped_by_the_time_limit(tmp_path):
+    """At the last limit before the task has started its runs (still loading), submitit raises its own error and
+    writes it as the task's result: the runs are recorded as stopped by the time limit, not as a crash."""
+    from crisp.sweep import slurm
+
+    job = _job(tmp_path / "run", "seed=1")
+    job.record = {"run_key": "run", "name": "run", "schema": results.SCHEMA_VERSION}
+    result = tmp_path / "7_0_result.pkl"
+    result.write_bytes(pickle.dumps(("error", "Traceback (most recent call last):\n  ...\n"
+                                              "submitit.core.utils.UncompletedJobError: Job not requeued because: "
+                                              "timed-out too many times.\n")))
+    paths = SimpleNamespace(result_pickle=result, stdout=tmp_path / "7_0_log.out")
+    tracked = slurm.Tracked(SimpleNamespace(jobs=[job]), SimpleNamespace(job_id="7_0", paths=paths))
+    [ret] = slurm._outcome(tracked, "COMPLETED", "node1", "0:0", {"timeout_min": 1, "max_num_timeout": 2})
+    record = results.read(job.output_dir)
+    assert ret.return_value == record and record["error"]["type"] == "SlurmTimeLimit"
+    assert record["error"]["message"].startswith("SLURM task 7_0 reached its time limit (timeout_min=1) and has no "
+                                                 "requeue left (max_num_timeout=2)")

@@ -248,7 +248,11 @@ def _outcome(t: Tracked, state: str, node: str, exit_code: str, params: dict[str
             launch.log_outcome(job, ret.return_value, seconds, task=t.id)
         return returns
     log_path = t.slurm.paths.stdout
-    if result is not None:  # ("error", traceback): the task raised outside the runs' own error handling
+    if result is not None and "UncompletedJobError" in _exception_line(result[1]):
+        # submitit's own "timed-out too many times", at the last limit before the task had started its runs
+        kind, why, details = ("SlurmTimeLimit", f"reached its time limit (timeout_min={params['timeout_min']}) and has "
+                              f"no requeue left (max_num_timeout={params['max_num_timeout']})", result[1])
+    elif result is not None:  # ("error", traceback): the task raised outside the runs' own error handling
         kind, why, details = "SlurmTaskError", f"raised {_exception_line(result[1])}", result[1]
     else:
         kind, template = ENDINGS.get(state, ("SlurmTaskEnded", f"ended {state}"))
