@@ -132,7 +132,7 @@ GENERATED = {"text_fields": ["sentence"], "label_field": "label", "regression": 
 def _check_generated(data: DictConfig) -> None:
     """Generated data has the columns and labels it is generated with: a task declared otherwise would not read it."""
     for key, value in GENERATED.items():
-        if _plain(data.get(key)) != value and as_list(data.get(key)) != as_list(value):
+        if as_list(data.get(key)) != as_list(value):
             _fail(f"data.{key}", _plain(data.get(key)), f"data={data.get('name')} generates {key}={value} "
                   "(your own columns: data=files, hub or disk)")
     if (labels := as_list(data.get("labels"))) and len(labels) != 2:

@@ -138,7 +138,8 @@ def _train(members: list[Member], options: GroupOptions, resume: bool = False) -
                                  cfg.data.eval_batch_size, width, pin_memory=pin_memory(cfg.data, on_gpu),
                                  workers=(2 if on_gpu else 0) if workers == "auto" else workers)
     for m in members:
-        resumed = _resumed_logger(m) if resume else None
+        resumed = run_checkpoints.resumed_logger(m.output_dir / run_checkpoints.DIR / run_checkpoints.LAST) \
+            if resume else None
         m.fused.logger = loggers.make_logger(m.cfg, resolved_config(m.cfg), m.output_dir, written=written_config(m.cfg),
                                              sweep_id=options.sweep_id, resume=resumed) or None
         m.fused.wandb_id = loggers.wandb_id(m.fused.logger or False)
@@ -187,13 +188,6 @@ def _save_run(m: Member, encoder: torch.nn.Module, position: int) -> None:
     (:func:`crisp.save_pretrained`)."""
     model = run_model(m.model_config, run_state_dict(encoder, position), m.fused.layer_sparsity, m.cfg.sparsifier)
     save_model(m.output_dir, model, m.built.tokenizer)
-
-
-def _resumed_logger(m: Member) -> dict[str, Any]:
-    folder = m.output_dir / run_checkpoints.DIR
-    info = run_checkpoints.read_info(folder)  # its W&B run (the same at every save)
-    return {"global_step": run_checkpoints.saved_position(folder / run_checkpoints.LAST)["global_step"],
-            "wandb_id": info.get("wandb_id")}
 
 
 class KeepOnDevice(SingleDeviceStrategy):

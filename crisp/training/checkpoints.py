@@ -101,6 +101,12 @@ def saved_position(path: Path) -> dict[str, int]:
     return dict(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["crisp_position"])
 
 
+def resumed_logger(path: Path) -> dict[str, Any]:
+    """What a run's logger resumes from the checkpoint at ``path``: its step (from the file, see
+    :func:`saved_position`) and its W&B run (from ``last.json``: the same at every save)."""
+    return {"global_step": saved_position(path)["global_step"], "wandb_id": read_info(path.parent).get("wandb_id")}
+
+
 def read_info(folder: Path) -> dict[str, Any]:
     """``last.json`` in a run's checkpoint folder: which run, where it was, its W&B run."""
     return results.read(Path(folder) / INFO) or {}

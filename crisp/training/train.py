@@ -61,7 +61,7 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path, *, written:
     key = run_key(config)
     keeping = checkpoints.checkpointing(cfg)
     resume_from = checkpoints.resume_point(output_dir, key)
-    resume = _resume_info(resume_from)
+    resume = None if resume_from is None else checkpoints.resumed_logger(resume_from)
     if resume_from is not None:
         log.info("%s: resuming from %s (step %d)", cfg.name, resume_from, resume["global_step"])
     plugins = []
@@ -110,11 +110,3 @@ def train(cfg: DictConfig, config: dict[str, Any], output_dir: Path, *, written:
     if keeping is None or not keeping.keep:
         checkpoints.remove(output_dir)
     return {**outcome, "wandb": wandb_run}
-
-
-def _resume_info(path: Path | None) -> dict[str, Any] | None:
-    """What the checkpoint says of itself (its step, its W&B run), read without loading the model's tensors."""
-    if path is None:
-        return None
-    info = checkpoints.read_info(path.parent)  # its W&B run (the same at every save)
-    return {"global_step": checkpoints.saved_position(path)["global_step"], "wandb_id": info.get("wandb_id")}
